@@ -1,0 +1,367 @@
+"""Routed-expert throughput: fused_moe against mlx-lm's stock SwitchGLU.
+
+Measures one MoE layer's routed experts (default: the MiniMax-M2.5-REAP
+shapes D=3072, H=1536, E=154, k=8, 3-bit, group size 64, bfloat16) with
+random weights and fresh random routing on every call (k distinct experts
+per token, positive weights summing to 1). ``--layers`` distinct layers are
+rotated through, one per call, so the weights do not stay in the caches.
+
+For each token count T it times, after one warm-up call, the median of
+``--repeats`` calls (``mx.eval`` between ``time.perf_counter`` reads) of:
+
+* stock: ``SwitchGLU(x, indices)`` then ``(y * weights[..., None]).sum(-2)``;
+* fused: ``fm.down_combine(fm.gate_up_swiglu(x, ...), ...)`` (A+B);
+* the parts on their own: A = ``gate_up_swiglu``, B = ``down_combine``,
+  stock A = ``silu(gate_proj) * up_proj``, stock B = ``down_proj`` plus the
+  weighted sum (both through the unsorted gather path, whereas SwitchGLU
+  sorts the tokens by expert once T*k >= 64).
+
+The stock path is very slow on CPU, so it gets at most STOCK_SECONDS_PER_OP
+seconds of calls per op and T (at least one call; a warm-up call longer than
+WARMUP_IS_SAMPLE_S counts as a sample), and for T above
+``--stock-max-tokens`` it is not run: its times are extrapolated linearly
+per token from the largest measured T and marked with ``*``.
+
+Reading a result line:
+
+* ``stock ms`` / ``fused ms``: one layer's routed experts for T tokens;
+* ``speedup``: stock ms / fused ms;
+* ``tok/s``: T / fused time, i.e. tokens per second through one layer;
+* ``GB/s``: the bytes of weights, scales and biases of the distinct experts
+  the call selected (all three projections), averaged over the calls, over
+  the fused time: how close the fused path gets to memory bandwidth;
+* ``A``, ``B``, ``stock A``, ``stock B``: the per-op breakdown in ms.
+
+It only measures and reports; it exits 0 however slow either path is.
+"""
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+
+import fused_moe as fm
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+# Most seconds of stock calls per op and token count (at least one call).
+STOCK_SECONDS_PER_OP = 20.0
+# A warm-up call at least this long is kept as a sample: its one-time costs
+# are noise at that length, and repeating it would only cost time.
+WARMUP_IS_SAMPLE_S = 1.0
+
+
+@dataclass
+class Shapes:
+    D: int
+    H: int
+    E: int
+    k: int
+    bits: int
+    group_size: int
+    dtype: mx.Dtype
+
+
+@dataclass
+class Layer:
+    packed: fm.PackedExperts
+    stock: Optional[SwitchGLU]
+
+
+@dataclass
+class Inputs:
+    """One call's inputs, evaluated before the clock starts."""
+
+    x: mx.array  # [T, D]
+    indices: mx.array  # [T, k] uint32
+    weights: mx.array  # [T, k]
+    h: mx.array  # [T, k, H]: the input of the down projection alone
+    distinct_experts: int
+
+
+@dataclass
+class Timing:
+    ms: float
+    extrapolated: bool = False
+
+
+# ----------------------------------------------------------------- setup
+
+
+def pick_device() -> str:
+    """Sets the device to run on; returns how it was chosen."""
+    device = mx.default_device()
+    if device.type == mx.gpu and not mx.metal.is_available():
+        mx.set_default_device(mx.cpu)
+        return "cpu (MLX's default is a non-Metal GPU, i.e. CUDA; fused_moe has no CUDA kernels)"
+    return f"{device.type.name} (MLX default)"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def random_projection(s: Shapes, out_dims: int, in_dims: int) -> QuantizedSwitchLinear:
+    """A stock quantized projection [E, out, in] with random codes, and scales
+    and biases spanning about +-1/sqrt(in) like mlx-lm's initialization."""
+    proj = QuantizedSwitchLinear(
+        in_dims, out_dims, 1, bias=False, group_size=s.group_size, bits=s.bits
+    )
+    words = in_dims * s.bits // 32
+    codes = mx.random.randint(-(2**31), 2**31 - 1, (s.E, out_dims, words), dtype=mx.int32)
+    levels = 2**s.bits - 1
+    step = 2 * in_dims**-0.5 / levels
+    scales = mx.random.uniform(0.5, 1.5, (s.E, out_dims, in_dims // s.group_size)) * step
+    proj.weight = codes.view(mx.uint32)
+    proj.scales = scales.astype(s.dtype)
+    proj.biases = (-scales * levels / 2).astype(s.dtype)
+    return proj
+
+
+def random_layer(s: Shapes, with_stock: bool) -> Layer:
+    # SwitchGLU's float weights are lazy and replaced before they are evaluated.
+    glu = SwitchGLU(s.D, s.H, s.E)
+    glu.gate_proj = random_projection(s, s.H, s.D)
+    glu.up_proj = random_projection(s, s.H, s.D)
+    glu.down_proj = random_projection(s, s.D, s.H)
+    mx.eval(glu.parameters())
+    packed = fm.pack_experts(glu)
+    mx.eval(packed.parameters())
+    return Layer(packed, glu if with_stock else None)
+
+
+def bytes_per_expert(layer: Layer) -> int:
+    arrays = [a for proj in ("gate_up", "down") for a in layer.packed[proj].values()]
+    return sum(a.nbytes for a in arrays) // layer.packed.num_experts
+
+
+def random_inputs(s: Shapes, T: int) -> Inputs:
+    scores = mx.random.uniform(shape=(T, s.E))
+    indices = mx.argpartition(scores, kth=s.E - s.k, axis=-1)[:, s.E - s.k :]
+    indices = indices.astype(mx.uint32)
+    weights = mx.random.uniform(0.05, 1.0, (T, s.k))
+    weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(s.dtype)
+    x = mx.random.normal((T, s.D)).astype(s.dtype)
+    h = (0.1 * mx.random.normal((T, s.k, s.H))).astype(s.dtype)
+    mx.eval(x, indices, weights, h)
+    distinct = len(set(indices.reshape(-1).tolist()))
+    return Inputs(x, indices, weights, h, distinct)
+
+
+# ------------------------------------------------------------------- ops
+
+Op = Callable[[Layer, Inputs], mx.array]
+
+
+def fused_a(layer: Layer, inp: Inputs) -> mx.array:
+    return fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
+
+
+def fused_b(layer: Layer, inp: Inputs) -> mx.array:
+    return fm.down_combine(inp.h, layer.packed, inp.indices, inp.weights)
+
+
+def fused_ab(layer: Layer, inp: Inputs) -> mx.array:
+    h = fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
+    return fm.down_combine(h, layer.packed, inp.indices, inp.weights)
+
+
+def weighted_sum(y: mx.array, weights: mx.array) -> mx.array:
+    return (y * weights[..., None]).sum(axis=-2)
+
+
+def stock_a(layer: Layer, inp: Inputs) -> mx.array:
+    glu = layer.stock
+    x = mx.expand_dims(inp.x, (-2, -3))
+    up = glu.up_proj(x, inp.indices)
+    gate = glu.gate_proj(x, inp.indices)
+    return glu.activation(up, gate).squeeze(-2)
+
+
+def stock_b(layer: Layer, inp: Inputs) -> mx.array:
+    y = layer.stock.down_proj(mx.expand_dims(inp.h, -2), inp.indices)
+    return weighted_sum(y.squeeze(-2), inp.weights)
+
+
+def stock_ab(layer: Layer, inp: Inputs) -> mx.array:
+    return weighted_sum(layer.stock(inp.x, inp.indices), inp.weights)
+
+
+# ---------------------------------------------------------------- timing
+
+
+class Bench:
+    """Runs ops on fresh inputs, one layer per call, round robin."""
+
+    def __init__(self, shapes: Shapes, layers: list[Layer]):
+        self.shapes = shapes
+        self.layers = itertools.cycle(layers)
+        self.expert_bytes = bytes_per_expert(layers[0])
+
+    def call(self, op: Op, T: int) -> tuple[float, int]:
+        """One timed call: (seconds, bytes of the distinct experts selected)."""
+        inp = random_inputs(self.shapes, T)
+        layer = next(self.layers)
+        start = time.perf_counter()
+        mx.eval(op(layer, inp))
+        return time.perf_counter() - start, inp.distinct_experts * self.expert_bytes
+
+    def median_s(self, op: Op, T: int, repeats: int, budget_s: float = float("inf")) -> tuple[float, float]:
+        """(median seconds, mean bytes touched) over up to `repeats` calls
+        after a warm-up, stopping early once `budget_s` is spent."""
+        warmup_s, warmup_bytes = self.call(op, T)
+        samples = [(warmup_s, warmup_bytes)] if warmup_s >= WARMUP_IS_SAMPLE_S else []
+        spent = warmup_s
+        while len(samples) < repeats and (not samples or spent + warmup_s <= budget_s):
+            sample = self.call(op, T)
+            samples.append(sample)
+            spent += sample[0]
+        return (
+            statistics.median(s for s, _ in samples),
+            statistics.fmean(b for _, b in samples),
+        )
+
+
+@dataclass
+class Row:
+    T: int
+    fused: float  # ms
+    a: float
+    b: float
+    gb_s: float
+    stock: Optional[Timing] = None
+    stock_a: Optional[Timing] = None
+    stock_b: Optional[Timing] = None
+
+
+def measure_fused(bench: Bench, T: int, repeats: int) -> Row:
+    fused_s, touched = bench.median_s(fused_ab, T, repeats)
+    a_s, _ = bench.median_s(fused_a, T, repeats)
+    b_s, _ = bench.median_s(fused_b, T, repeats)
+    return Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9)
+
+
+def measure_stock(bench: Bench, row: Row, repeats: int) -> None:
+    def ms(op: Op) -> Timing:
+        return Timing(1e3 * bench.median_s(op, row.T, repeats, STOCK_SECONDS_PER_OP)[0])
+
+    row.stock, row.stock_a, row.stock_b = ms(stock_ab), ms(stock_a), ms(stock_b)
+
+
+def extrapolate_stock(row: Row, ref: Row) -> None:
+    """Stock times for row.T scaled linearly per token from `ref`."""
+
+    def scale(t: Timing) -> Timing:
+        return Timing(t.ms * row.T / ref.T, extrapolated=True)
+
+    row.stock, row.stock_a, row.stock_b = scale(ref.stock), scale(ref.stock_a), scale(ref.stock_b)
+
+
+# ---------------------------------------------------------------- output
+
+COLUMNS = (
+    f"{'tokens':>6}  {'stock ms':>10}  {'fused ms':>9}  {'speedup':>8}  "
+    f"{'tok/s':>9}  {'GB/s':>6}  |  {'A ms':>8}  {'B ms':>8}  "
+    f"{'stock A ms':>10}  {'stock B ms':>10}"
+)
+
+
+def fmt_stock(t: Optional[Timing], width: int) -> str:
+    if t is None:
+        return f"{'-':>{width}}"
+    return f"{t.ms:>{width - 1}.1f}{'*' if t.extrapolated else ' '}"
+
+
+def format_row(r: Row) -> str:
+    speedup = f"{r.stock.ms / r.fused:>7.1f}x" if r.stock else f"{'-':>8}"
+    return (
+        f"{r.T:>6}  {fmt_stock(r.stock, 10)}  {r.fused:>9.2f}  {speedup}  "
+        f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
+        f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}"
+    ).rstrip()
+
+
+def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> list[str]:
+    return [
+        "fused_moe routed-expert benchmark (one MoE layer, random weights and routing)",
+        f"device:    {device}",
+        f"cpu:       {cpu_model()} ({os.cpu_count()} logical CPUs), "
+        f"fused_moe ISA {fm.cpu_isa()}, {fm.get_num_threads()} threads",
+        f"versions:  mlx {mx.__version__}, fused_moe {fm.__version__}",
+        f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, group size "
+        f"{s.group_size}, {args.dtype}",
+        f"weights:   {args.layers} layers x {layer_gb:.2f} GB packed"
+        f"{' (+ as much stock)' if not args.no_stock else ''}, "
+        f"{expert_mb:.2f} MB per expert; {args.repeats} repeats (median)",
+    ]
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--layers", type=int, default=3,
+                   help="distinct layers rotated through, one per call (default 3)")
+    p.add_argument("--threads", type=int, help="fused_moe CPU threads (default: its own)")
+    p.add_argument("--stock-max-tokens", type=int, default=64,
+                   help="largest T the stock path runs at; above it, it is extrapolated")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-stock", action="store_true", help="time the fused path only")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device()
+    if args.threads:
+        fm.set_num_threads(args.threads)
+    s = Shapes(3072, 1536, 154, 8, args.bits, args.group_size, DTYPES[args.dtype])
+    layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
+    bench = Bench(s, layers)
+    layer_gb = bench.expert_bytes * s.E / 1e9
+    print("\n".join(header(args, s, device, layer_gb, bench.expert_bytes / 1e6)))
+    print()
+    print(COLUMNS, flush=True)
+
+    ref = None  # the row of the largest T the stock path was measured at
+    extrapolated = False
+    for T in sorted(args.tokens):
+        row = measure_fused(bench, T, args.repeats)
+        if not args.no_stock and T <= args.stock_max_tokens:
+            measure_stock(bench, row, args.repeats)
+            ref = row
+        elif ref is not None:
+            extrapolate_stock(row, ref)
+            extrapolated = True
+        print(format_row(row), flush=True)
+
+    print()
+    print("tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
+          "distinct experts selected / fused time")
+    if extrapolated:
+        print(f"* extrapolated linearly per token from stock at T={ref.T} "
+              f"(--stock-max-tokens {args.stock_max_tokens})")
+
+
+if __name__ == "__main__":
+    main()

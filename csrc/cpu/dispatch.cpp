@@ -1,0 +1,203 @@
+// CPU evaluation of the fused MoE Primitives: group (token, slot) pairs by
+// expert, convert activations to fp32, and spread the row-range kernels of
+// the active instruction set over the thread pool.
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "ops.h"
+
+namespace fused_moe {
+
+namespace {
+
+using cpu::ExpertGroups;
+using cpu::FloatType;
+
+// Rows of output per task: enough tasks to balance threads at decode, long
+// enough that one task amortizes its dequantized tiles.
+constexpr int kGateUpRowsPerTask = 32; // even: kernel A emits rows in pairs
+constexpr int kDownRowsPerTask = 32; // a multiple of the 4-row tile
+
+FloatType float_type(mx::Dtype t) {
+  if (t == mx::float32) {
+    return FloatType::f32;
+  }
+  if (t == mx::float16) {
+    return FloatType::f16;
+  }
+  return FloatType::bf16;
+}
+
+cpu::QuantMatrix quant_matrix(
+    const mx::array& w,
+    const mx::array& s,
+    const mx::array& b,
+    int cols,
+    int bits,
+    int group_size) {
+  return {
+      w.data<uint8_t>(), s.data<void>(), b.data<void>(),
+      float_type(s.dtype()), static_cast<int>(w.shape(1)), cols, bits,
+      group_size};
+}
+
+// Counting sort of pairs by expert, with the range check that keeps every
+// weight access in bounds.
+struct Grouping {
+  std::vector<int32_t> experts, offsets, pairs;
+
+  Grouping(const char* op, const mx::array& indices, int num_experts) {
+    const int64_t n = indices.size();
+    const int k = indices.shape(1);
+    std::vector<int64_t> ids(n);
+    if (indices.dtype() == mx::uint32) {
+      const uint32_t* p = indices.data<uint32_t>();
+      for (int64_t i = 0; i < n; ++i) ids[i] = p[i];
+    } else {
+      const int32_t* p = indices.data<int32_t>();
+      for (int64_t i = 0; i < n; ++i) ids[i] = p[i];
+    }
+    std::vector<int32_t> count(num_experts, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (ids[i] < 0 || ids[i] >= num_experts) {
+        std::ostringstream msg;
+        msg << "fused_moe." << op << ": indices[" << i / k << ", " << i % k
+            << "] = " << ids[i] << " is out of range for " << num_experts
+            << " experts (valid: 0.." << num_experts - 1 << ")";
+        throw std::out_of_range(msg.str());
+      }
+      ++count[ids[i]];
+    }
+    std::vector<int32_t> start(num_experts, 0);
+    offsets.push_back(0);
+    for (int e = 0; e < num_experts; ++e) {
+      if (count[e] > 0) {
+        experts.push_back(e);
+        start[e] = offsets.back();
+        offsets.push_back(offsets.back() + count[e]);
+      }
+    }
+    pairs.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      pairs[start[ids[i]]++] = static_cast<int32_t>(i);
+    }
+  }
+
+  ExpertGroups view(int k) const {
+    return {experts.data(), offsets.data(), pairs.data(),
+            static_cast<int>(experts.size()), k};
+  }
+};
+
+// fp32 copy of a float array, converted in parallel blocks.
+std::vector<float> to_fp32(const mx::array& a) {
+  const int64_t n = a.size();
+  std::vector<float> out(n);
+  constexpr int64_t kBlock = 1 << 16;
+  const int blocks = static_cast<int>((n + kBlock - 1) / kBlock);
+  cpu::parallel_for(blocks, [&](int b) {
+    const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+    if (a.dtype() == mx::float32) {
+      std::copy(a.data<float>() + lo, a.data<float>() + hi, out.data() + lo);
+    } else if (a.dtype() == mx::float16) {
+      const auto* p = a.data<mx::float16_t>();
+      for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<float>(p[i]);
+    } else {
+      const auto* p = a.data<mx::bfloat16_t>();
+      for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<float>(p[i]);
+    }
+  });
+  return out;
+}
+
+// Allocates `out` and runs `body` on this primitive's CPU stream once the
+// inputs are ready.
+template <typename Body>
+void launch(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out,
+    Body body) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+  // The arrays are captured by value so their buffers outlive the task.
+  encoder.dispatch([inputs, out, body]() mutable { body(inputs, out); });
+}
+
+} // namespace
+
+void GateUpSwiglu::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    mx::array& out) {
+  launch(
+      stream(), inputs, out,
+      [bits = bits_, group_size = group_size_](
+          const std::vector<mx::array>& in, mx::array& h) {
+        const auto& x = in[0];
+        const auto& indices = in[4];
+        const int D = x.shape(1);
+        const int k = indices.shape(1);
+        const int H = in[1].shape(1) / 2;
+        if (x.shape(0) == 0) {
+          return;
+        }
+        const Grouping grouping("gate_up_swiglu", indices, in[1].shape(0));
+        const std::vector<float> x32 = to_fp32(x);
+        const cpu::GateUpArgs args = {
+            quant_matrix(in[1], in[2], in[3], D, bits, group_size),
+            grouping.view(k), x32.data(), h.data<void>(),
+            float_type(h.dtype())};
+        const auto& kernels = cpu::active_kernels();
+        const int blocks = (H + kGateUpRowsPerTask - 1) / kGateUpRowsPerTask;
+        cpu::parallel_for(args.groups.n_used * blocks, [&](int task) {
+          const int r0 = (task % blocks) * kGateUpRowsPerTask;
+          kernels.gate_up_rows(
+              args, task / blocks, r0, std::min(H, r0 + kGateUpRowsPerTask));
+        });
+      });
+}
+
+void DownCombine::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    mx::array& out) {
+  launch(
+      stream(), inputs, out,
+      [bits = bits_, group_size = group_size_](
+          const std::vector<mx::array>& in, mx::array& y) {
+        const auto& h = in[0];
+        const auto& indices = in[4];
+        const int T = h.shape(0);
+        const int k = h.shape(1);
+        const int H = h.shape(2);
+        const int D = in[1].shape(1);
+        if (T == 0) {
+          return;
+        }
+        const Grouping grouping("down_combine", indices, in[1].shape(0));
+        const std::vector<float> h32 = to_fp32(h);
+        const std::vector<float> w32 = to_fp32(in[5]);
+        std::vector<float> y_acc(static_cast<size_t>(T) * D);
+        const cpu::DownArgs args = {
+            quant_matrix(in[1], in[2], in[3], H, bits, group_size),
+            grouping.view(k), h32.data(), w32.data(), y_acc.data(),
+            y.data<void>(), float_type(y.dtype()), T};
+        const auto& kernels = cpu::active_kernels();
+        const int blocks = (D + kDownRowsPerTask - 1) / kDownRowsPerTask;
+        cpu::parallel_for(blocks, [&](int task) {
+          const int d0 = task * kDownRowsPerTask;
+          kernels.down_rows(args, d0, std::min(D, d0 + kDownRowsPerTask));
+        });
+      });
+}
+
+} // namespace fused_moe

@@ -1,0 +1,70 @@
+// Interface between the CPU host code (dispatch.cpp) and the per-ISA kernel
+// bodies (kernels_impl.h, compiled once per instruction set).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_moe::cpu {
+
+enum class FloatType { f32, f16, bf16 };
+
+// One stacked affine-quantized matrix [E, rows, cols] in MLX's packing.
+struct QuantMatrix {
+  const uint8_t* weight; // [E, rows, cols*bits/8] bytes
+  const void* scales; // [E, rows, cols/group_size], `scale_type`
+  const void* biases; // same shape and type as scales
+  FloatType scale_type;
+  int rows;
+  int cols;
+  int bits;
+  int group_size;
+};
+
+// (token, slot) pairs grouped by expert. Pair p = t*k + j. Experts appear in
+// increasing id order, so every reduction order is fixed before threading.
+struct ExpertGroups {
+  const int32_t* experts; // [n_used] expert ids, increasing
+  const int32_t* offsets; // [n_used + 1] into `pairs`
+  const int32_t* pairs; // [T*k] pair ids, grouped by expert
+  int n_used;
+  int k;
+};
+
+// Kernel A: packed gate/up rows 2r and 2r+1 give h[p, r].
+struct GateUpArgs {
+  QuantMatrix w; // rows = 2H, cols = D
+  ExpertGroups groups;
+  const float* x; // [T, D] fp32 copy of the activations
+  void* h; // [T*k, H] output
+  FloatType h_type;
+};
+
+// Kernel B: y[t, d] = Σ over pairs of token t of weight[p] · (h[p] · D_e[d]).
+struct DownArgs {
+  QuantMatrix w; // rows = D, cols = H
+  ExpertGroups groups;
+  const float* h; // [T*k, H] fp32 copy of h
+  const float* pair_weights; // [T*k] fp32 router weights
+  float* y_acc; // [T, D] fp32 accumulator, owned per row range
+  void* y; // [T, D] output
+  FloatType y_type;
+  int T;
+};
+
+// The kernels one instruction-set build provides. Each call covers a disjoint
+// slice of the output, so any number of threads gives identical bits.
+struct KernelTable {
+  const char* isa_name;
+  // h rows [r_begin, r_end) of every pair routed to expert slot `u`.
+  void (*gate_up_rows)(const GateUpArgs&, int u, int r_begin, int r_end);
+  // y rows [d_begin, d_end) of every token, summed over all experts.
+  void (*down_rows)(const DownArgs&, int d_begin, int d_end);
+};
+
+const KernelTable& kernels_generic();
+#if defined(FUSED_MOE_X86)
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+#endif
+
+} // namespace fused_moe::cpu

@@ -1,0 +1,360 @@
+// CPU kernel bodies for the fused MoE ops.
+//
+// This header is compiled once per instruction set (kernels_generic.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp), each time inside its own namespace
+// FUSED_MOE_ISA_NS and with that ISA's compiler flags. The arithmetic is
+// written once with GCC/Clang vector extensions; only the 3/4-bit unpacking
+// has hand-written intrinsics, because compilers do not find that pattern.
+//
+// Scheme (both kernels): dequantize a few weight rows into an fp32 scratch
+// tile (w = scale·q + bias), then take dot products of that tile with every
+// activation row routed to the expert, several rows × several tokens at a
+// time. A tile is dequantized once per call however many tokens use it: at
+// decode each selected expert's rows stream once; at prefill the tile is
+// reused across all tokens of the expert.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/kernels.h"
+#include "mlx/types/half_types.h"
+
+#ifndef FUSED_MOE_ISA_NS
+#error "define FUSED_MOE_ISA_NS before including kernels_impl.h"
+#endif
+
+namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
+
+// Lanes of one fp32 vector for this build.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+// Rows dequantized per tile: 4 = two (gate, up) pairs for kernel A.
+constexpr int kTileRows = 4;
+// Tokens per micro-tile: kTileRows × kTileTokens accumulators must fit in
+// the register file (32 zmm on AVX-512, 16 ymm/xmm elsewhere).
+constexpr int kTileTokens = kLanes == 16 ? 4 : 2;
+
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+
+static inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+static inline float horizontal_sum(vfloat v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+
+static inline float to_float(const void* p, FloatType t, int64_t i) {
+  switch (t) {
+    case FloatType::f32:
+      return static_cast<const float*>(p)[i];
+    case FloatType::f16:
+      return static_cast<float>(static_cast<const mlx::core::float16_t*>(p)[i]);
+    case FloatType::bf16:
+      return static_cast<float>(
+          static_cast<const mlx::core::bfloat16_t*>(p)[i]);
+  }
+  return 0.0f;
+}
+
+static inline void store_as(void* p, FloatType t, int64_t i, float v) {
+  switch (t) {
+    case FloatType::f32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case FloatType::f16:
+      static_cast<mlx::core::float16_t*>(p)[i] = mlx::core::float16_t(v);
+      break;
+    case FloatType::bf16:
+      static_cast<mlx::core::bfloat16_t*>(p)[i] = mlx::core::bfloat16_t(v);
+      break;
+  }
+}
+
+// Little-endian load of `n` <= 4 bytes; never touches bytes past p + n.
+static inline uint32_t load_le(const uint8_t* p, int n) {
+  uint32_t w = 0;
+  std::memcpy(&w, p, n);
+  return w;
+}
+
+// ---------------------------------------------------------------------------
+// Dequantization of 8·kLanes/8 codes at a time.
+// ---------------------------------------------------------------------------
+
+// Writes out[i] = scale·q_i + bias for the `group_size` codes of one group.
+// `q` points at the group's first byte. `tail_safe` marks the last group of a
+// row, whose final step must not read past the row's last byte.
+template <int BITS>
+static inline void dequant_group(
+    const uint8_t* q,
+    float scale,
+    float bias,
+    int group_size,
+    bool tail_safe,
+    float* out) {
+#if defined(__AVX512F__)
+  // 16 codes per step: lanes 0-7 take the 32-bit word holding codes 0-7,
+  // lanes 8-15 the word holding codes 8-15; a variable shift isolates each.
+  constexpr int kStepBytes = 2 * BITS; // 16 codes
+  const __m512i shifts = BITS == 3
+      ? _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21)
+      : _mm512_setr_epi32(
+            0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 vb = _mm512_set1_ps(bias);
+  const int steps = group_size / 16;
+  for (int s = 0; s < steps; ++s, q += kStepBytes, out += 16) {
+    uint32_t lo, hi;
+    if (BITS == 3 && tail_safe && s == steps - 1) {
+      lo = load_le(q, 3);
+      hi = load_le(q + 3, 3);
+    } else {
+      lo = load_le(q, 4);
+      hi = load_le(q + BITS, 4);
+    }
+    __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(lo))),
+        _mm256_set1_epi32(static_cast<int>(hi)),
+        1);
+    v = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask);
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), vs, vb));
+  }
+#elif defined(__AVX2__)
+  // 8 codes per step from one 32-bit word.
+  const __m256i shifts = BITS == 3
+      ? _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)
+      : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256 vb = _mm256_set1_ps(bias);
+  const int steps = group_size / 8;
+  for (int s = 0; s < steps; ++s, q += BITS, out += 8) {
+    uint32_t w = (BITS == 3 && tail_safe && s == steps - 1) ? load_le(q, 3)
+                                                          : load_le(q, 4);
+    __m256i v = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shifts),
+        mask);
+    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vs, vb));
+  }
+#else
+  // Portable: 8 codes per BITS bytes, least-significant bits first.
+  (void)tail_safe;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  for (int s = 0; s < group_size / 8; ++s, q += BITS, out += 8) {
+    const uint32_t w = load_le(q, BITS);
+    for (int i = 0; i < 8; ++i) {
+      out[i] = static_cast<float>((w >> (BITS * i)) & mask) * scale + bias;
+    }
+  }
+#endif
+}
+
+// Dequantizes `n_rows` consecutive rows starting at `row` of expert `e`.
+template <int BITS>
+static void dequant_rows(
+    const QuantMatrix& m,
+    int e,
+    int row,
+    int n_rows,
+    float* out) {
+  const int64_t row_bytes = static_cast<int64_t>(m.cols) * BITS / 8;
+  const int groups = m.cols / m.group_size;
+  const int64_t group_bytes = static_cast<int64_t>(m.group_size) * BITS / 8;
+  for (int r = 0; r < n_rows; ++r) {
+    const int64_t row_id = static_cast<int64_t>(e) * m.rows + row + r;
+    const uint8_t* q = m.weight + row_id * row_bytes;
+    const int64_t sb = row_id * groups;
+    float* o = out + static_cast<int64_t>(r) * m.cols;
+    for (int g = 0; g < groups; ++g) {
+      dequant_group<BITS>(
+          q + g * group_bytes,
+          to_float(m.scales, m.scale_type, sb + g),
+          to_float(m.biases, m.scale_type, sb + g),
+          m.group_size,
+          g == groups - 1,
+          o + static_cast<int64_t>(g) * m.group_size);
+    }
+  }
+}
+
+static void dequant(const QuantMatrix& m, int e, int row, int n, float* out) {
+  if (m.bits == 3) {
+    dequant_rows<3>(m, e, row, n, out);
+  } else {
+    dequant_rows<4>(m, e, row, n, out);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dot products of a dequantized tile with activation rows.
+// ---------------------------------------------------------------------------
+
+// out[r][t] = w[r] · x[t] for kTileRows rows and TOKENS rows of length n
+// (a multiple of kLanes). Summation order depends only on n.
+template <int TOKENS>
+static inline void tile_dot(
+    const float* w,
+    const float* const* x,
+    int n,
+    float out[kTileRows][kTileTokens]) {
+  vfloat acc[kTileRows][TOKENS] = {};
+  for (int i = 0; i < n; i += kLanes) {
+    vfloat xv[TOKENS];
+    for (int t = 0; t < TOKENS; ++t) {
+      xv[t] = load(x[t] + i);
+    }
+    for (int r = 0; r < kTileRows; ++r) {
+      const vfloat wv = load(w + static_cast<int64_t>(r) * n + i);
+      for (int t = 0; t < TOKENS; ++t) {
+        acc[r][t] += wv * xv[t];
+      }
+    }
+  }
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int t = 0; t < TOKENS; ++t) {
+      out[r][t] = horizontal_sum(acc[r][t]);
+    }
+  }
+}
+
+// Runs `emit(first_pair_index, count, out)` over the pairs [begin, end) in
+// micro-tiles of kTileTokens, gathering each pair's activation row.
+template <typename RowOf, typename Emit>
+static inline void for_each_token_tile(
+    const float* w,
+    int n,
+    const int32_t* pairs,
+    int count,
+    RowOf row_of,
+    Emit emit) {
+  float out[kTileRows][kTileTokens];
+  const float* x[kTileTokens];
+  int i = 0;
+  for (; i + kTileTokens <= count; i += kTileTokens) {
+    for (int t = 0; t < kTileTokens; ++t) {
+      x[t] = row_of(pairs[i + t]);
+    }
+    tile_dot<kTileTokens>(w, x, n, out);
+    emit(i, kTileTokens, out);
+  }
+  // Each (row, token) accumulator sees the same operations in the same order
+  // in tile_dot<1> and tile_dot<kTileTokens>, so tiling never changes bits.
+  for (; i < count; ++i) {
+    x[0] = row_of(pairs[i]);
+    tile_dot<1>(w, x, n, out);
+    emit(i, 1, out);
+  }
+}
+
+static inline float silu(float g) {
+  return g / (1.0f + std::exp(-g));
+}
+
+static std::vector<float>& scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) {
+    buf.resize(n);
+  }
+  return buf;
+}
+
+// ---------------------------------------------------------------------------
+// Kernel A: gate_up_swiglu
+// ---------------------------------------------------------------------------
+
+static void gate_up_rows(
+    const GateUpArgs& a,
+    int u,
+    int r_begin,
+    int r_end) {
+  const int D = a.w.cols;
+  const int H = a.w.rows / 2;
+  const int e = a.groups.experts[u];
+  const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
+  const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
+  const int k = a.groups.k;
+  float* tile = scratch(static_cast<size_t>(kTileRows) * D).data();
+  auto row_of = [&](int32_t p) {
+    return a.x + static_cast<int64_t>(p / k) * D;
+  };
+  // Tile rows: gate r, up r, gate r+1, up r+1 (packed rows 2r .. 2r+3).
+  for (int r = r_begin; r < r_end; r += 2) {
+    dequant(a.w, e, 2 * r, kTileRows, tile);
+    for_each_token_tile(
+        tile, D, pairs, count, row_of,
+        [&](int first, int n, float out[kTileRows][kTileTokens]) {
+          for (int t = 0; t < n; ++t) {
+            const int64_t base = static_cast<int64_t>(pairs[first + t]) * H;
+            store_as(a.h, a.h_type, base + r, silu(out[0][t]) * out[1][t]);
+            store_as(
+                a.h, a.h_type, base + r + 1, silu(out[2][t]) * out[3][t]);
+          }
+        });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel B: down_combine
+// ---------------------------------------------------------------------------
+
+static void down_rows(const DownArgs& a, int d_begin, int d_end) {
+  const int D = a.w.rows;
+  const int H = a.w.cols;
+  float* tile = scratch(static_cast<size_t>(kTileRows) * H).data();
+  for (int t = 0; t < a.T; ++t) {
+    float* y = a.y_acc + static_cast<int64_t>(t) * D;
+    std::fill(y + d_begin, y + d_end, 0.0f);
+  }
+  auto row_of = [&](int32_t p) { return a.h + static_cast<int64_t>(p) * H; };
+  const int k = a.groups.k;
+  // Experts in increasing id order, pairs in increasing order within each:
+  // the sum for every y[t, d] is taken in one fixed order.
+  for (int u = 0; u < a.groups.n_used; ++u) {
+    const int e = a.groups.experts[u];
+    const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
+    const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
+    for (int d = d_begin; d < d_end; d += kTileRows) {
+      dequant(a.w, e, d, kTileRows, tile);
+      for_each_token_tile(
+          tile, H, pairs, count, row_of,
+          [&](int first, int n, float out[kTileRows][kTileTokens]) {
+            for (int t = 0; t < n; ++t) {
+              const int32_t p = pairs[first + t];
+              const float wp = a.pair_weights[p];
+              float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
+              for (int r = 0; r < kTileRows; ++r) {
+                y[r] += wp * out[r][t];
+              }
+            }
+          });
+    }
+  }
+  for (int t = 0; t < a.T; ++t) {
+    const float* y = a.y_acc + static_cast<int64_t>(t) * D;
+    for (int d = d_begin; d < d_end; ++d) {
+      store_as(a.y, a.y_type, static_cast<int64_t>(t) * D + d, y[d]);
+    }
+  }
+}
+
+} // namespace fused_moe::cpu::FUSED_MOE_ISA_NS

@@ -1,0 +1,188 @@
+#include "cpu/thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fused_moe::cpu {
+
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("FUSED_MOE_NUM_THREADS")) {
+    char* end = nullptr;
+    long n = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || n < 1 || n > 4096) {
+      throw std::invalid_argument(
+          "FUSED_MOE_NUM_THREADS must be a positive integer, got '" +
+          std::string(env) + "'");
+    }
+    return static_cast<int>(n);
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// One batch of work shared by all participating threads.
+struct Job {
+  const std::function<void(int)>* fn = nullptr;
+  int n = 0;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+
+  void run() {
+    for (int i; (i = next.fetch_add(1)) < n;) {
+      try {
+        (*fn)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) {
+          error = std::current_exception();
+        }
+        next.store(n); // stop handing out work
+      }
+    }
+  }
+};
+
+class Pool {
+ public:
+  ~Pool() {
+    resize(0);
+  }
+
+  void resize(int workers) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) {
+      t.join();
+    }
+    threads_.clear();
+    stop_ = false;
+    // Workers start from the current generation, read here rather than in
+    // the new thread, which might only run after the next job is posted.
+    for (int i = 0; i < workers; ++i) {
+      threads_.emplace_back([this, g = generation_] { worker(g); });
+    }
+  }
+
+  int workers() const {
+    return static_cast<int>(threads_.size());
+  }
+
+  void run(Job& job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      ++generation_;
+      active_ = workers();
+    }
+    wake_.notify_all();
+    job.run();
+    std::unique_lock<std::mutex> lock(mutex_);
+    finished_.wait(lock, [this] { return active_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void worker(uint64_t seen) {
+    for (;;) {
+      Job* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) {
+          return;
+        }
+        seen = generation_;
+        job = job_;
+      }
+      job->run();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (--active_ == 0) {
+          finished_.notify_one();
+        }
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable finished_;
+  Job* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0;
+  bool stop_ = false;
+};
+
+std::mutex& config_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+int& requested_threads() {
+  static int n = default_threads();
+  return n;
+}
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+} // namespace
+
+int num_threads() {
+  std::lock_guard<std::mutex> lock(config_mutex());
+  return requested_threads();
+}
+
+void set_num_threads(int n) {
+  if (n < 1) {
+    throw std::invalid_argument(
+        "set_num_threads: n must be >= 1, got " + std::to_string(n));
+  }
+  std::lock_guard<std::mutex> lock(config_mutex());
+  requested_threads() = n;
+}
+
+void parallel_for(int n, const std::function<void(int)>& fn) {
+  if (n <= 0) {
+    return;
+  }
+  // One parallel_for at a time: MLX may evaluate on several CPU streams.
+  std::lock_guard<std::mutex> lock(config_mutex());
+  const int threads = requested_threads();
+  Job job;
+  job.fn = &fn;
+  job.n = n;
+  if (threads <= 1 || n == 1) {
+    job.run();
+  } else {
+    // The pool keeps requested - 1 workers; it is rebuilt only when the
+    // requested count changes, never per call.
+    Pool& p = pool();
+    if (p.workers() != threads - 1) {
+      p.resize(threads - 1);
+    }
+    p.run(job);
+  }
+  if (job.error) {
+    std::rethrow_exception(job.error);
+  }
+}
+
+} // namespace fused_moe::cpu

@@ -1,0 +1,15 @@
+// The supported grid of the fused MoE ops: the one place it is written.
+// Python reads it through fused_moe._ext (SUPPORTED_BITS, ...), the README
+// table mirrors it, and every kernel backend instantiates exactly this set.
+#pragma once
+
+#include <array>
+
+namespace fused_moe {
+
+inline constexpr std::array<int, 2> kSupportedBits = {3, 4};
+inline constexpr std::array<int, 3> kSupportedGroupSizes = {32, 64, 128};
+inline constexpr int kMinTopK = 1;
+inline constexpr int kMaxTopK = 16;
+
+} // namespace fused_moe

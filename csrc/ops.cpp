@@ -1,0 +1,321 @@
+// The fused MoE ops: argument checking, the Primitive objects, and the GPU
+// entry points. CPU evaluation lives in cpu/dispatch.cpp.
+#include "ops.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+#include "grid.h"
+
+namespace fused_moe {
+
+// ---------------------------------------------------------------------------
+// Argument checking
+// ---------------------------------------------------------------------------
+
+namespace {
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << "]";
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype t) {
+  std::ostringstream os;
+  os << t;
+  return os.str();
+}
+
+template <size_t N>
+std::string set_str(const std::array<int, N>& values) {
+  std::ostringstream os;
+  os << "{";
+  for (size_t i = 0; i < N; ++i) {
+    os << (i ? ", " : "") << values[i];
+  }
+  os << "}";
+  return os.str();
+}
+
+// Raised as ValueError in Python.
+[[noreturn]] void fail(const char* op, const std::string& msg) {
+  throw std::invalid_argument(std::string("fused_moe.") + op + ": " + msg);
+}
+
+bool is_float(mx::Dtype t) {
+  return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
+}
+
+void check_grid(const char* op, const char* which, int bits, int group_size) {
+  const auto& B = kSupportedBits;
+  const auto& G = kSupportedGroupSizes;
+  if (std::find(B.begin(), B.end(), bits) == B.end()) {
+    fail(op, std::string(which) + " bits=" + std::to_string(bits) +
+             " is not supported; supported bits: " + set_str(B));
+  }
+  if (std::find(G.begin(), G.end(), group_size) == G.end()) {
+    fail(op, std::string(which) + " group_size=" + std::to_string(group_size) +
+             " is not supported; supported group sizes: " + set_str(G));
+  }
+}
+
+// Checks one stacked quantized matrix [E, rows, cols] against the expected
+// rows and cols; returns E.
+int check_quant_matrix(
+    const char* op,
+    const char* name, // e.g. "gate_up" -> gate_up_weight, ...
+    const mx::array& weight,
+    const mx::array& scales,
+    const mx::array& biases,
+    int rows,
+    int cols,
+    int bits,
+    int group_size,
+    mx::Dtype act_dtype,
+    const char* act_name) {
+  const std::string n(name);
+  if (weight.dtype() != mx::uint32) {
+    fail(op, n + "_weight must be uint32, got " + dtype_str(weight.dtype()));
+  }
+  if (weight.ndim() != 3 || weight.shape(0) < 1) {
+    fail(op, n + "_weight must be [E, " + std::to_string(rows) + ", " +
+             std::to_string(cols * bits / 32) + "] with E >= 1, got " +
+             shape_str(weight.shape()));
+  }
+  const int E = weight.shape(0);
+  const mx::Shape w_shape = {E, rows, cols * bits / 32};
+  const mx::Shape s_shape = {E, rows, cols / group_size};
+  if (weight.shape() != w_shape) {
+    fail(op, n + "_weight has shape " + shape_str(weight.shape()) +
+             " but " + std::to_string(bits) + "-bit rows of " +
+             std::to_string(cols) + " inputs need " + shape_str(w_shape));
+  }
+  for (const auto* a : {&scales, &biases}) {
+    const std::string an = n + (a == &scales ? "_scales" : "_biases");
+    if (a->shape() != s_shape) {
+      fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
+               shape_str(s_shape) + " for group_size=" +
+               std::to_string(group_size));
+    }
+    if (a->dtype() != act_dtype) {
+      fail(op, an + " has dtype " + dtype_str(a->dtype()) + " but " +
+               act_name + " has dtype " + dtype_str(act_dtype) + "; " +
+               act_name + " must have the dtype of the packed scales and "
+               "biases");
+    }
+  }
+  return E;
+}
+
+// Checks indices [..., k] against the leading shape; returns k.
+int check_indices(const char* op, const mx::array& indices, const mx::Shape& lead) {
+  if (indices.dtype() != mx::uint32 && indices.dtype() != mx::int32) {
+    fail(op, "indices must be uint32 or int32, got " +
+             dtype_str(indices.dtype()));
+  }
+  mx::Shape got_lead(indices.shape().begin(), indices.shape().end());
+  if (indices.ndim() >= 1) {
+    got_lead.pop_back();
+  }
+  if (indices.ndim() < 1 || got_lead != lead) {
+    fail(op, "indices must have shape " + shape_str(lead) +
+             " + [k], got " + shape_str(indices.shape()));
+  }
+  const int k = indices.shape(-1);
+  if (k < kMinTopK || k > kMaxTopK) {
+    fail(op, "k=" + std::to_string(k) + " experts per token is not "
+             "supported; supported k: " + std::to_string(kMinTopK) + ".." +
+             std::to_string(kMaxTopK));
+  }
+  return k;
+}
+
+void check_multiple_of_32(const char* op, const char* what, int v) {
+  // D and H are each the input width of one projection, so a multiple of its
+  // group size; the kernels rely on that for whole 32-code blocks.
+  if (v % 32 != 0 || v <= 0) {
+    fail(op, std::string(what) + "=" + std::to_string(v) +
+             " must be a positive multiple of 32");
+  }
+}
+
+mx::array flatten_rows(const mx::array& a, int cols, mx::StreamOrDevice s) {
+  return mx::contiguous(mx::reshape(a, {-1, cols}, s), false, s);
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------
+
+mx::array gate_up_swiglu(
+    const mx::array& x,
+    const mx::array& gate_up_weight,
+    const mx::array& gate_up_scales,
+    const mx::array& gate_up_biases,
+    const mx::array& indices,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "gate_up_swiglu";
+  check_grid(op, "gate_up", bits, group_size);
+  if (!is_float(x.dtype())) {
+    fail(op, "x must be float16, bfloat16 or float32, got " +
+             dtype_str(x.dtype()));
+  }
+  if (x.ndim() < 1) {
+    fail(op, "x must have shape [..., D], got a scalar");
+  }
+  const int D = x.shape(-1);
+  check_multiple_of_32(op, "D (x.shape[-1])", D);
+  if (D % group_size != 0) {
+    fail(op, "D=" + std::to_string(D) + " is not a multiple of group_size=" +
+             std::to_string(group_size));
+  }
+  if (gate_up_weight.ndim() != 3 || gate_up_weight.shape(1) % 2 != 0) {
+    fail(op, "gate_up_weight must be [E, 2H, D*bits/32] with gate and up "
+             "rows interleaved, got " + shape_str(gate_up_weight.shape()));
+  }
+  const int H = gate_up_weight.shape(1) / 2;
+  check_multiple_of_32(op, "H (gate_up_weight.shape[1] / 2)", H);
+  check_quant_matrix(
+      op, "gate_up", gate_up_weight, gate_up_scales, gate_up_biases, 2 * H, D,
+      bits, group_size, x.dtype(), "x");
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  const int k = check_indices(op, indices, lead);
+
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {
+      flatten_rows(x, D, stream),
+      mx::contiguous(gate_up_weight, false, stream),
+      mx::contiguous(gate_up_scales, false, stream),
+      mx::contiguous(gate_up_biases, false, stream),
+      flatten_rows(indices, k, stream)};
+  const int T = inputs[0].shape(0);
+  auto h = mx::array(
+      {T, k, H},
+      x.dtype(),
+      std::make_shared<GateUpSwiglu>(stream, bits, group_size),
+      std::move(inputs));
+  mx::Shape out_shape = lead;
+  out_shape.push_back(k);
+  out_shape.push_back(H);
+  return mx::reshape(h, out_shape, stream);
+}
+
+mx::array down_combine(
+    const mx::array& h,
+    const mx::array& down_weight,
+    const mx::array& down_scales,
+    const mx::array& down_biases,
+    const mx::array& indices,
+    const mx::array& weights,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "down_combine";
+  check_grid(op, "down", bits, group_size);
+  if (!is_float(h.dtype())) {
+    fail(op, "h must be float16, bfloat16 or float32, got " +
+             dtype_str(h.dtype()));
+  }
+  if (h.ndim() < 2) {
+    fail(op, "h must have shape [..., k, H], got " + shape_str(h.shape()));
+  }
+  const int H = h.shape(-1);
+  check_multiple_of_32(op, "H (h.shape[-1])", H);
+  if (H % group_size != 0) {
+    fail(op, "H=" + std::to_string(H) + " is not a multiple of group_size=" +
+             std::to_string(group_size));
+  }
+  if (down_weight.ndim() != 3) {
+    fail(op, "down_weight must be [E, D, H*bits/32], got " +
+             shape_str(down_weight.shape()));
+  }
+  const int D = down_weight.shape(1);
+  check_multiple_of_32(op, "D (down_weight.shape[1])", D);
+  check_quant_matrix(
+      op, "down", down_weight, down_scales, down_biases, D, H, bits,
+      group_size, h.dtype(), "h");
+  mx::Shape lead(h.shape().begin(), h.shape().end() - 2);
+  const int k = check_indices(op, indices, lead);
+  if (h.shape(-2) != k) {
+    fail(op, "h has " + std::to_string(h.shape(-2)) + " expert slots (shape " +
+             shape_str(h.shape()) + ") but indices has k=" +
+             std::to_string(k));
+  }
+  if (weights.shape() != indices.shape()) {
+    fail(op, "weights must have the shape of indices " +
+             shape_str(indices.shape()) + ", got " +
+             shape_str(weights.shape()));
+  }
+  if (weights.dtype() != mx::float32 && weights.dtype() != h.dtype()) {
+    fail(op, "weights must be float32 or the dtype of h (" +
+             dtype_str(h.dtype()) + "), got " + dtype_str(weights.dtype()));
+  }
+
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {
+      mx::contiguous(mx::reshape(h, {-1, k, H}, stream), false, stream),
+      mx::contiguous(down_weight, false, stream),
+      mx::contiguous(down_scales, false, stream),
+      mx::contiguous(down_biases, false, stream),
+      flatten_rows(indices, k, stream),
+      flatten_rows(weights, k, stream)};
+  const int T = inputs[0].shape(0);
+  auto y = mx::array(
+      {T, D},
+      h.dtype(),
+      std::make_shared<DownCombine>(stream, bits, group_size),
+      std::move(inputs));
+  mx::Shape out_shape = lead;
+  out_shape.push_back(D);
+  return mx::reshape(y, out_shape, stream);
+}
+
+// ---------------------------------------------------------------------------
+// Primitives: common parts
+// ---------------------------------------------------------------------------
+
+bool GateUpSwiglu::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const GateUpSwiglu&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+std::vector<mx::Shape> GateUpSwiglu::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), inputs[4].shape(1), inputs[1].shape(1) / 2}};
+}
+
+bool DownCombine::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DownCombine&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+std::vector<mx::Shape> DownCombine::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), inputs[1].shape(1)}};
+}
+
+// ---------------------------------------------------------------------------
+// Primitives: GPU
+// ---------------------------------------------------------------------------
+
+// The Metal kernels come with their own issue; until then every GPU backend
+// (Metal and CUDA alike) refuses loudly rather than falling back.
+void GateUpSwiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("GateUpSwiglu has no GPU implementation yet.");
+}
+
+void DownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("DownCombine has no GPU implementation yet.");
+}
+
+} // namespace fused_moe

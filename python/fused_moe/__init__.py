@@ -1,0 +1,55 @@
+"""fused_moe: fused low-bit Mixture-of-Experts kernels for MLX."""
+
+from fused_moe._version import __version__
+from fused_moe import _ext
+from fused_moe.format import FORMAT_VERSION
+from fused_moe.ops import down_combine, gate_up_swiglu
+from fused_moe.packing import (
+    SUPPORTED_BITS,
+    SUPPORTED_DTYPES,
+    SUPPORTED_GROUP_SIZES,
+    PackedExperts,
+    QuantizedProjection,
+    pack_experts,
+    unpack_experts,
+)
+
+MIN_TOP_K = _ext.MIN_TOP_K
+MAX_TOP_K = _ext.MAX_TOP_K
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads used by the CPU kernels (default: ``FUSED_MOE_NUM_THREADS``
+    or all hardware threads). Results are bit-identical for any count."""
+    _ext.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use."""
+    return _ext.get_num_threads()
+
+
+def cpu_isa() -> str:
+    """The CPU kernel build in use: ``"avx512"``, ``"avx2"`` or ``"generic"``.
+    ``FUSED_MOE_ISA`` forces a lower level."""
+    return _ext.cpu_isa()
+
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "MAX_TOP_K",
+    "MIN_TOP_K",
+    "PackedExperts",
+    "QuantizedProjection",
+    "SUPPORTED_BITS",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_GROUP_SIZES",
+    "cpu_isa",
+    "down_combine",
+    "gate_up_swiglu",
+    "get_num_threads",
+    "pack_experts",
+    "set_num_threads",
+    "unpack_experts",
+]

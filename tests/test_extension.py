@@ -1,0 +1,99 @@
+"""The native extension itself: ABI, streams, thread and ISA controls."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import fused_moe as fm
+from fused_moe import _ext
+from moe_reference import make_experts, random_routing
+
+
+def test_arrays_pass_through_the_extension():
+    # A nanobind ABI mismatch with MLX makes every mx.array argument fail to
+    # convert (TypeError: incompatible function arguments).
+    ex = make_experts(2, 256, 128, mx.float32)
+    w, s, b, bits, gs = ex.packed.projection("gate_up")
+    x = mx.ones((1, 256))
+    idx = mx.array([[1]], dtype=mx.uint32)
+    h = _ext.gate_up_swiglu(x, w, s, b, idx, bits, gs)
+    assert isinstance(h, mx.array) and h.shape == (1, 1, 128)
+    mx.eval(h)
+
+
+@pytest.mark.parametrize("stream", [None, mx.cpu, "new"])
+def test_stream_argument(stream):
+    if stream == "new":
+        stream = mx.new_stream(mx.cpu)
+    ex = make_experts(3, 256, 128, mx.float32)
+    indices, weights = random_routing(2, 3, 2)
+    x = mx.random.normal((2, 256))
+    h = fm.gate_up_swiglu(x, ex.packed, indices, stream=stream)
+    y = fm.down_combine(h, ex.packed, indices, weights, stream=stream)
+    h0 = fm.gate_up_swiglu(x, ex.packed, indices)
+    assert mx.array_equal(y, fm.down_combine(h0, ex.packed, indices, weights)).item()
+
+
+def test_grid_constants():
+    assert fm.SUPPORTED_BITS == (3, 4)
+    assert fm.SUPPORTED_GROUP_SIZES == (32, 64, 128)
+    assert (fm.MIN_TOP_K, fm.MAX_TOP_K) == (1, 16)
+
+
+def _run_python(code, **env):
+    full_env = dict(os.environ)
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120
+    )
+
+
+def test_isa_forced_by_environment():
+    for isa in _ext.available_cpu_isas():
+        r = _run_python("import fused_moe; print(fused_moe.cpu_isa())", FUSED_MOE_ISA=isa)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == isa
+
+
+def test_unknown_isa_is_an_error():
+    r = _run_python("import fused_moe; fused_moe.cpu_isa()", FUSED_MOE_ISA="avx9000")
+    assert r.returncode != 0
+    assert "FUSED_MOE_ISA=avx9000 is not a CPU level of this build" in r.stderr
+
+
+def test_num_threads_from_environment():
+    r = _run_python("import fused_moe; print(fused_moe.get_num_threads())", FUSED_MOE_NUM_THREADS="3")
+    assert r.stdout.strip() == "3", r.stderr
+    r = _run_python("import fused_moe; fused_moe.get_num_threads()", FUSED_MOE_NUM_THREADS="many")
+    assert "FUSED_MOE_NUM_THREADS must be a positive integer, got 'many'" in r.stderr
+
+
+def test_every_isa_agrees_with_the_active_one():
+    """Each forced level gives the same result as this process, within fp32 rounding."""
+    code = (
+        "import mlx.core as mx, numpy as np, fused_moe as fm, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from moe_reference import make_experts, random_routing\n"
+        "ex = make_experts(5, 256, 128, mx.float32, bits=3, group_size=32, down_bits=4)\n"
+        "i, w = random_routing(9, 5, 3)\n"
+        "x = mx.random.normal((9, 256), key=mx.random.key(1))\n"
+        "y = fm.down_combine(fm.gate_up_swiglu(x, ex.packed, i), ex.packed, i, w)\n"
+        "np.save(sys.argv[1] if len(sys.argv) > 1 else 'y.npy', np.array(y))\n"
+    ) % os.path.dirname(__file__)
+    import numpy as np
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {}
+        for isa in _ext.available_cpu_isas():
+            path = os.path.join(tmp, f"{isa}.npy")
+            env = dict(os.environ, FUSED_MOE_ISA=isa)
+            r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=120)
+            assert r.returncode == 0, r.stderr
+            outs[isa] = np.load(path)
+        ref = next(iter(outs.values()))
+        for isa, y in outs.items():
+            np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=isa)

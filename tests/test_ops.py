@@ -1,0 +1,213 @@
+"""The fused ops against the fp64 reference, under the tolerance rule."""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import fused_moe as fm
+from moe_reference import (
+    make_experts,
+    random_routing,
+    reference_h,
+    reference_y,
+    stock_h,
+    stock_y,
+)
+from tolerance import assert_within_tolerance
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def check_case(ex, x, indices, weights, device, compile_=False):
+    """Runs A, B and A+B, checking each against reference and stock."""
+    dtype = ex.dtype
+
+    def fused(x, indices, weights):
+        h = fm.gate_up_swiglu(x, ex.packed, indices, stream=device)
+        return h, fm.down_combine(h, ex.packed, indices, weights, stream=device)
+
+    run = mx.compile(fused) if compile_ else fused
+    h, y = run(x, indices, weights)
+    lead = x.shape[:-1]
+    k = indices.shape[-1]
+    assert h.shape == (*lead, k, ex.packed.intermediate_dims) and h.dtype == dtype
+    assert y.shape == (*lead, ex.packed.hidden_dims) and y.dtype == dtype
+
+    # Flatten leading dims for the references.
+    D, H = ex.packed.hidden_dims, ex.packed.intermediate_dims
+    x2, i2, w2 = x.reshape(-1, D), indices.reshape(-1, k), weights.reshape(-1, k)
+    h2 = h.reshape(-1, k, H)
+    assert_within_tolerance(
+        h2, stock_h(ex, x2, i2), reference_h(ex, x2, i2), dtype, "gate_up_swiglu"
+    )
+    # Kernel B alone: from the fused h, against reference and stock on that h.
+    assert_within_tolerance(
+        y.reshape(-1, D),
+        stock_y(ex, h2, i2, w2),
+        reference_y(ex, h2, i2, w2),
+        dtype,
+        "down_combine",
+    )
+    # A+B end to end against stock A+B, both judged from the exact h.
+    h_ref = reference_h(ex, x2, i2)
+    y_ref = reference_y(ex, h_ref, i2, w2)
+    y_stock = stock_y(ex, stock_h(ex, x2, i2), i2, w2)
+    assert_within_tolerance(y.reshape(-1, D), y_stock, y_ref, dtype, "A+B")
+
+
+# ---------------------------------------------------------------------------
+# The full supported grid at small shapes
+# ---------------------------------------------------------------------------
+
+GRID = list(
+    itertools.product(
+        fm.SUPPORTED_BITS, fm.SUPPORTED_GROUP_SIZES, fm.SUPPORTED_BITS, fm.SUPPORTED_GROUP_SIZES, DTYPES
+    )
+)
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,down_bits,down_group_size,dtype",
+    GRID,
+    ids=[f"gu{b}g{g}-d{db}g{dg}-{str(t).split('.')[-1]}" for b, g, db, dg, t in GRID],
+)
+def test_full_grid(bits, group_size, down_bits, down_group_size, dtype, device):
+    case = GRID.index((bits, group_size, down_bits, down_group_size, dtype))
+    k = fm.MIN_TOP_K + case % (fm.MAX_TOP_K - fm.MIN_TOP_K + 1)  # every k appears
+    E = max(k, 5)
+    ex = make_experts(
+        E, 256, 128, dtype, bits, group_size, down_bits, down_group_size, seed=case
+    )
+    indices, weights = random_routing(3, E, k, seed=case)
+    x = mx.random.normal((3, 256), key=mx.random.key(case)).astype(dtype)
+    check_case(ex, x, indices, weights, device)
+
+
+# ---------------------------------------------------------------------------
+# Pairwise coverage of the remaining features
+# ---------------------------------------------------------------------------
+
+# Each case mixes several features so that every pair of (T, E, routing,
+# layout, batching, compile) values meets at least once.
+PAIRWISE = [
+    # T, E, D, H, routing, layout, lead, compile, dtype, bits
+    (1, 4, 256, 128, "random", "contiguous", None, False, mx.bfloat16, 3),
+    (2, 154, 256, 128, "same_expert", "transposed", None, True, mx.float16, 4),
+    (7, 4, 256, 128, "duplicates", "contiguous", (7,), True, mx.float32, 3),
+    (64, 154, 256, 128, "random", "sliced", (4, 16), False, mx.bfloat16, 4),
+    (300, 4, 256, 128, "same_expert", "contiguous", (3, 100), False, mx.float32, 3),
+    (300, 154, 256, 128, "duplicates", "transposed", None, False, mx.bfloat16, 3),
+    (64, 4, 256, 128, "duplicates", "sliced", None, True, mx.float16, 3),
+    (1, 154, 256, 128, "duplicates", "sliced", (1, 1), False, mx.float32, 4),
+    (2, 4, 256, 128, "random", "contiguous", (2, 1), True, mx.bfloat16, 4),
+    (7, 154, 256, 128, "same_expert", "sliced", None, False, mx.bfloat16, 3),
+    (64, 154, 256, 128, "same_expert", "contiguous", (8, 8), True, mx.float32, 4),
+    (300, 4, 256, 128, "random", "sliced", None, True, mx.float16, 4),
+    # The MiniMax shapes, once.
+    (7, 4, 3072, 1536, "random", "contiguous", None, False, mx.float32, 3),
+]
+
+
+def routing(kind, T, E, k, seed):
+    if kind == "random":
+        return random_routing(T, E, k, seed)
+    indices, weights = random_routing(T, E, k, seed, distinct=False)
+    if kind == "same_expert":
+        indices = mx.full((T, k), E - 1, dtype=mx.uint32)
+    else:  # duplicates: every token repeats its first choice in its last slot
+        indices = mx.concatenate([indices[:, :-1], indices[:, :1]], axis=1)
+    return indices, weights
+
+
+def activations(layout, T, D, dtype, seed):
+    key = mx.random.key(seed)
+    if layout == "transposed":  # a [D, T] array viewed as [T, D]
+        return mx.random.normal((D, T), key=key).astype(dtype).T
+    if layout == "sliced":  # every other row and a column window of a wider array
+        return mx.random.normal((2 * T, D + 64), key=key).astype(dtype)[::2, 32 : 32 + D]
+    return mx.random.normal((T, D), key=key).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "T,E,D,H,kind,layout,lead,compile_,dtype,bits",
+    PAIRWISE,
+    ids=[f"T{c[0]}-E{c[1]}-D{c[2]}-{c[4]}-{c[5]}-lead{c[6]}-compile{c[7]}" for c in PAIRWISE],
+)
+def test_pairwise(T, E, D, H, kind, layout, lead, compile_, dtype, bits, device):
+    seed = PAIRWISE.index((T, E, D, H, kind, layout, lead, compile_, dtype, bits))
+    k = 8 if E >= 8 else 4
+    ex = make_experts(E, D, H, dtype, bits, 64, seed=seed)
+    indices, weights = routing(kind, T, E, k, seed)
+    x = activations(layout, T, D, dtype, seed)
+    if lead is not None:
+        x = x.reshape(*lead, D)
+        indices = indices.reshape(*lead, k)
+        weights = weights.reshape(*lead, k)
+    check_case(ex, x, indices, weights, device, compile_=compile_)
+
+
+# ---------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------
+
+
+def test_int32_and_uint32_indices_agree(device):
+    ex = make_experts(6, 256, 128, mx.bfloat16)
+    indices, weights = random_routing(5, 6, 3)
+    x = mx.random.normal((5, 256)).astype(mx.bfloat16)
+    a = fm.down_combine(fm.gate_up_swiglu(x, ex.packed, indices), ex.packed, indices, weights)
+    i32 = indices.astype(mx.int32)
+    b = fm.down_combine(fm.gate_up_swiglu(x, ex.packed, i32), ex.packed, i32, weights)
+    assert mx.array_equal(a, b).item()
+
+
+def test_weights_in_dtype_of_h(device):
+    ex = make_experts(6, 256, 128, mx.float16)
+    indices, weights = random_routing(4, 6, 2)
+    x = mx.random.normal((4, 256)).astype(mx.float16)
+    h = fm.gate_up_swiglu(x, ex.packed, indices, stream=device)
+    y16 = fm.down_combine(h, ex.packed, indices, weights.astype(mx.float16), stream=device)
+    ref = reference_y(ex, h, indices, weights.astype(mx.float16))
+    stock = stock_y(ex, h, indices, weights.astype(mx.float16))
+    assert_within_tolerance(y16, stock, ref, mx.float16, "float16 weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bit_identical_across_thread_counts(dtype, device):
+    ex = make_experts(16, 512, 256, dtype, 3, 64)
+    indices, weights = random_routing(40, 16, 8, seed=3)
+    x = mx.random.normal((40, 512)).astype(dtype)
+    before = fm.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            fm.set_num_threads(n)
+            h = fm.gate_up_swiglu(x, ex.packed, indices, stream=device)
+            y = fm.down_combine(h, ex.packed, indices, weights, stream=device)
+            mx.eval(h, y)
+            results.append((np.array(h.astype(mx.float32)), np.array(y.astype(mx.float32))))
+    finally:
+        fm.set_num_threads(before)
+    for h, y in results[1:]:
+        assert np.array_equal(h, results[0][0], equal_nan=True)
+        assert np.array_equal(y, results[0][1], equal_nan=True)
+
+
+def test_nan_and_inf_stay_in_their_token(device):
+    ex = make_experts(6, 256, 128, mx.bfloat16)
+    indices, weights = random_routing(4, 6, 3)
+    x = mx.random.normal((4, 256)).astype(mx.bfloat16)
+    bad = mx.array(np.where(np.arange(4)[:, None] == 1, np.nan, 0.0).astype(np.float32))
+    bad = bad + mx.array(np.where((np.arange(4)[:, None] == 2) & (np.arange(256) == 7), np.inf, 0.0).astype(np.float32))
+    x_bad = (x.astype(mx.float32) + bad).astype(mx.bfloat16)
+    h = fm.gate_up_swiglu(x_bad, ex.packed, indices, stream=device)
+    y = fm.down_combine(h, ex.packed, indices, weights, stream=device)
+    h_ok = fm.gate_up_swiglu(x, ex.packed, indices, stream=device)
+    y_ok = fm.down_combine(h_ok, ex.packed, indices, weights, stream=device)
+    yn = np.array(y.astype(mx.float32))
+    assert np.isnan(yn[1]).all()
+    assert not np.isfinite(yn[2]).all()
+    for t in (0, 3):
+        assert np.array_equal(yn[t], np.array(y_ok.astype(mx.float32))[t])
