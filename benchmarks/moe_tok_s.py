@@ -45,12 +45,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+# Routed-expert shapes of MiniMax-M2.5-REAP: D, H, E, k.
+MINIMAX_M25_REAP = (3072, 1536, 154, 8)
 
 # Most seconds of stock calls per op and token count (at least one call).
 STOCK_SECONDS_PER_OP = 20.0
@@ -221,16 +222,22 @@ class Bench:
         mx.eval(op(layer, inp))
         return time.perf_counter() - start, inp.distinct_experts * self.expert_bytes
 
-    def median_s(self, op: Op, T: int, repeats: int, budget_s: float = float("inf")) -> tuple[float, float]:
-        """(median seconds, mean bytes touched) over up to `repeats` calls
-        after a warm-up, stopping early once `budget_s` is spent."""
-        warmup_s, warmup_bytes = self.call(op, T)
-        samples = [(warmup_s, warmup_bytes)] if warmup_s >= WARMUP_IS_SAMPLE_S else []
-        spent = warmup_s
-        while len(samples) < repeats and (not samples or spent + warmup_s <= budget_s):
-            sample = self.call(op, T)
-            samples.append(sample)
-            spent += sample[0]
+    def median_s(
+        self, op: Op, T: int, repeats: int, budget_s: Optional[float] = None
+    ) -> tuple[float, float]:
+        """(median seconds, mean bytes touched) over `repeats` calls after a
+        warm-up call. With a budget (the slow stock path), calls stop once the
+        next one would exceed it, and a warm-up of WARMUP_IS_SAMPLE_S or more
+        counts as a sample."""
+        warmup = self.call(op, T)
+        budgeted = budget_s is not None
+        samples = [warmup] if budgeted and warmup[0] >= WARMUP_IS_SAMPLE_S else []
+        spent = warmup[0]
+        while len(samples) < repeats and not (
+            budgeted and samples and spent + warmup[0] > budget_s
+        ):
+            samples.append(self.call(op, T))
+            spent += samples[-1][0]
         return (
             statistics.median(s for s, _ in samples),
             statistics.fmean(b for _, b in samples),
@@ -314,20 +321,57 @@ def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> l
 # ------------------------------------------------------------------ main
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, default=3)
+    p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
-    p.add_argument("--layers", type=int, default=3,
+    p.add_argument("--tokens", type=positive, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--layers", type=positive, default=3,
                    help="distinct layers rotated through, one per call (default 3)")
-    p.add_argument("--threads", type=int, help="fused_moe CPU threads (default: its own)")
+    p.add_argument("--threads", type=positive, help="fused_moe CPU threads (default: its own)")
     p.add_argument("--stock-max-tokens", type=int, default=64,
                    help="largest T the stock path runs at; above it, it is extrapolated")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--no-stock", action="store_true", help="time the fused path only")
     return p.parse_args()
+
+
+def measure_all(bench: Bench, args: argparse.Namespace) -> list[Row]:
+    """Measures and prints one row per token count, smallest first."""
+    rows, ref = [], None  # ref: the row of the largest T stock ran at
+    for T in sorted(set(args.tokens)):
+        row = measure_fused(bench, T, args.repeats)
+        if not args.no_stock and T <= args.stock_max_tokens:
+            measure_stock(bench, row, args.repeats)
+            ref = row
+        elif not args.no_stock and ref is not None:
+            extrapolate_stock(row, ref)
+        print(format_row(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def footnotes(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    notes = [
+        "tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
+        "distinct experts selected / fused time"
+    ]
+    measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
+    if any(r.stock and r.stock.extrapolated for r in rows):
+        notes.append(f"* extrapolated linearly per token from stock at T={max(measured)} "
+                     f"(--stock-max-tokens {args.stock_max_tokens})")
+    if not args.no_stock and any(r.stock is None for r in rows):
+        notes.append(f"-: stock not run above --stock-max-tokens {args.stock_max_tokens}, "
+                     f"and no smaller T to extrapolate from")
+    return notes
 
 
 def main() -> None:
@@ -335,32 +379,16 @@ def main() -> None:
     device = pick_device()
     if args.threads:
         fm.set_num_threads(args.threads)
-    s = Shapes(3072, 1536, 154, 8, args.bits, args.group_size, DTYPES[args.dtype])
+    s = Shapes(*MINIMAX_M25_REAP, args.bits, args.group_size, DTYPES[args.dtype])
     layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
     bench = Bench(s, layers)
     layer_gb = bench.expert_bytes * s.E / 1e9
     print("\n".join(header(args, s, device, layer_gb, bench.expert_bytes / 1e6)))
     print()
     print(COLUMNS, flush=True)
-
-    ref = None  # the row of the largest T the stock path was measured at
-    extrapolated = False
-    for T in sorted(args.tokens):
-        row = measure_fused(bench, T, args.repeats)
-        if not args.no_stock and T <= args.stock_max_tokens:
-            measure_stock(bench, row, args.repeats)
-            ref = row
-        elif ref is not None:
-            extrapolate_stock(row, ref)
-            extrapolated = True
-        print(format_row(row), flush=True)
-
+    rows = measure_all(bench, args)
     print()
-    print("tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
-          "distinct experts selected / fused time")
-    if extrapolated:
-        print(f"* extrapolated linearly per token from stock at T={ref.T} "
-              f"(--stock-max-tokens {args.stock_max_tokens})")
+    print("\n".join(footnotes(rows, args)))
 
 
 if __name__ == "__main__":

@@ -284,19 +284,15 @@ mx::array down_combine(
 // Primitives: common parts
 // ---------------------------------------------------------------------------
 
-bool GateUpSwiglu::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const GateUpSwiglu&>(other);
+// MLX calls this only after checking both are of the same type.
+bool QuantizedExpertsPrimitive::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedExpertsPrimitive&>(other);
   return bits_ == o.bits_ && group_size_ == o.group_size_;
 }
 
 std::vector<mx::Shape> GateUpSwiglu::output_shapes(
     const std::vector<mx::array>& inputs) {
   return {{inputs[0].shape(0), inputs[4].shape(1), inputs[1].shape(1) / 2}};
-}
-
-bool DownCombine::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const DownCombine&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_;
 }
 
 std::vector<mx::Shape> DownCombine::output_shapes(

@@ -56,46 +56,46 @@ mx::array down_combine(
 // Primitives
 // ---------------------------------------------------------------------------
 
-// Inputs: x [T, D], weight, scales, biases, indices [T, k] (uint32 or int32).
-class GateUpSwiglu : public mx::UnaryPrimitive {
+// Shared by both ops: the quantization of the projection it reads, which is
+// all that distinguishes two instances.
+class QuantizedExpertsPrimitive : public mx::UnaryPrimitive {
  public:
-  GateUpSwiglu(mx::Stream stream, int bits, int group_size)
+  QuantizedExpertsPrimitive(mx::Stream stream, int bits, int group_size)
       : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-
-  const char* name() const override {
-    return "GateUpSwiglu";
-  }
   bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
 
- private:
+ protected:
   int bits_;
   int group_size_;
 };
 
-// Inputs: h [T, k, H], weight, scales, biases, indices [T, k], weights [T, k].
-class DownCombine : public mx::UnaryPrimitive {
+// Inputs: x [T, D], weight, scales, biases, indices [T, k] (uint32 or int32).
+class GateUpSwiglu : public QuantizedExpertsPrimitive {
  public:
-  DownCombine(mx::Stream stream, int bits, int group_size)
-      : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
+  using QuantizedExpertsPrimitive::QuantizedExpertsPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "GateUpSwiglu";
+  }
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override;
+};
 
+// Inputs: h [T, k, H], weight, scales, biases, indices [T, k], weights [T, k].
+class DownCombine : public QuantizedExpertsPrimitive {
+ public:
+  using QuantizedExpertsPrimitive::QuantizedExpertsPrimitive;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "DownCombine";
   }
-  bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override;
-
- private:
-  int bits_;
-  int group_size_;
 };
 
 } // namespace fused_moe

@@ -358,3 +358,21 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
 }
 
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
+
+// The table this build exports: fused_moe::cpu::kernels_<isa>().
+#define FUSED_MOE_CAT_(a, b) a##b
+#define FUSED_MOE_CAT(a, b) FUSED_MOE_CAT_(a, b)
+#define FUSED_MOE_STR_(a) #a
+#define FUSED_MOE_STR(a) FUSED_MOE_STR_(a)
+
+namespace fused_moe::cpu {
+
+const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
+  static const KernelTable table = {
+      FUSED_MOE_STR(FUSED_MOE_ISA_NS),
+      &FUSED_MOE_ISA_NS::gate_up_rows,
+      &FUSED_MOE_ISA_NS::down_rows};
+  return table;
+}
+
+} // namespace fused_moe::cpu
