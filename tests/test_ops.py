@@ -105,6 +105,9 @@ PAIRWISE = [
     (7, 154, 256, 128, "same_expert", "sliced", None, False, mx.bfloat16, 3),
     (64, 154, 256, 128, "same_expert", "contiguous", (8, 8), True, mx.float32, 4),
     (300, 4, 256, 128, "random", "sliced", None, True, mx.float16, 4),
+    # Widths that are multiples of 32 but not of 64 (group size 32 below).
+    (5, 6, 288, 160, "random", "contiguous", None, False, mx.bfloat16, 3),
+    (5, 6, 288, 160, "duplicates", "sliced", None, False, mx.float16, 4),
     # The MiniMax shapes, once.
     (7, 4, 3072, 1536, "random", "contiguous", None, False, mx.float32, 3),
 ]
@@ -138,7 +141,8 @@ def activations(layout, T, D, dtype, seed):
 def test_pairwise(T, E, D, H, kind, layout, lead, compile_, dtype, bits, device):
     seed = PAIRWISE.index((T, E, D, H, kind, layout, lead, compile_, dtype, bits))
     k = 8 if E >= 8 else 4
-    ex = make_experts(E, D, H, dtype, bits, 64, seed=seed)
+    group_size = 64 if D % 64 == 0 and H % 64 == 0 else 32
+    ex = make_experts(E, D, H, dtype, bits, group_size, seed=seed)
     indices, weights = routing(kind, T, E, k, seed)
     x = activations(layout, T, D, dtype, seed)
     if lead is not None:

@@ -116,6 +116,39 @@ std::vector<float> to_fp32(const mx::array& a) {
   return out;
 }
 
+// Integer-ready copy of activation rows, for kernel builds that have an
+// integer path. float32 inputs always take the exact fp32 path, and so do
+// rows whose width is not a whole number of 64-code blocks.
+struct ActPlanes {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> scale, sum;
+  cpu::QuantizedActs view{};
+  bool used = false;
+
+  ActPlanes(const cpu::KernelTable& kernels, mx::Dtype dtype,
+            const std::vector<float>& x, int64_t rows, int cols, int bits,
+            int group_size) {
+    if (!kernels.quantize_acts || dtype == mx::float32 || cols % 64 != 0) {
+      return;
+    }
+    const int64_t groups = rows * (cols / group_size);
+    hi.resize(rows * cols);
+    lo.resize(rows * cols);
+    scale.resize(groups);
+    sum.resize(groups);
+    view = {hi.data(), lo.data(), scale.data(), sum.data(), cols, group_size,
+            bits};
+    used = true;
+    cpu::parallel_for(static_cast<int>(rows), [&](int r) {
+      kernels.quantize_acts(x.data(), r, view);
+    });
+  }
+
+  const cpu::QuantizedActs* get() const {
+    return used ? &view : nullptr;
+  }
+};
+
 // Allocates `out` and runs `body` on this primitive's CPU stream once the
 // inputs are ready.
 template <typename Body>
@@ -153,11 +186,13 @@ void GateUpSwiglu::eval_cpu(
         }
         const Grouping grouping("gate_up_swiglu", indices, in[1].shape(0));
         const std::vector<float> x32 = to_fp32(x);
+        const auto& kernels = cpu::active_kernels();
+        const ActPlanes xq(
+            kernels, x.dtype(), x32, x.shape(0), D, bits, group_size);
         const cpu::GateUpArgs args = {
             quant_matrix(in[1], in[2], in[3], D, bits, group_size),
-            grouping.view(k), x32.data(), h.data<void>(),
+            grouping.view(k), x32.data(), xq.get(), h.data<void>(),
             float_type(h.dtype())};
-        const auto& kernels = cpu::active_kernels();
         const int blocks = (H + kGateUpRowsPerTask - 1) / kGateUpRowsPerTask;
         cpu::parallel_for(args.groups.n_used * blocks, [&](int task) {
           const int r0 = (task % blocks) * kGateUpRowsPerTask;
@@ -187,11 +222,13 @@ void DownCombine::eval_cpu(
         const std::vector<float> h32 = to_fp32(h);
         const std::vector<float> w32 = to_fp32(in[5]);
         std::vector<float> y_acc(static_cast<size_t>(T) * D);
+        const auto& kernels = cpu::active_kernels();
+        const ActPlanes hq(
+            kernels, h.dtype(), h32, int64_t(T) * k, H, bits, group_size);
         const cpu::DownArgs args = {
             quant_matrix(in[1], in[2], in[3], H, bits, group_size),
-            grouping.view(k), h32.data(), w32.data(), y_acc.data(),
+            grouping.view(k), h32.data(), hq.get(), w32.data(), y_acc.data(),
             y.data<void>(), float_type(y.dtype()), T};
-        const auto& kernels = cpu::active_kernels();
         const int blocks = (D + kDownRowsPerTask - 1) / kDownRowsPerTask;
         cpu::parallel_for(blocks, [&](int task) {
           const int d0 = task * kDownRowsPerTask;

@@ -30,11 +30,25 @@ struct ExpertGroups {
   int k;
 };
 
+// Activation rows quantized for integer dot products (AVX-512 build only):
+// per group of `group_size` values, x ≈ scale·(128·hi + lo), with the planes
+// laid out in the order the kernel unpacks `bits`-bit codes.
+struct QuantizedActs {
+  int8_t* hi; // [rows, cols]
+  int8_t* lo; // [rows, cols]
+  float* scale; // [rows, cols/group_size]
+  float* sum; // [rows, cols/group_size] exact Σx of each group
+  int cols;
+  int group_size;
+  int bits;
+};
+
 // Kernel A: packed gate/up rows 2r and 2r+1 give h[p, r].
 struct GateUpArgs {
   QuantMatrix w; // rows = 2H, cols = D
   ExpertGroups groups;
   const float* x; // [T, D] fp32 copy of the activations
+  const QuantizedActs* xq; // the same, quantized; null for the float path
   void* h; // [T*k, H] output
   FloatType h_type;
 };
@@ -44,6 +58,7 @@ struct DownArgs {
   QuantMatrix w; // rows = D, cols = H
   ExpertGroups groups;
   const float* h; // [T*k, H] fp32 copy of h
+  const QuantizedActs* hq; // the same, quantized; null for the float path
   const float* pair_weights; // [T*k] fp32 router weights
   float* y_acc; // [T, D] fp32 accumulator, owned per row range
   void* y; // [T, D] output
@@ -59,6 +74,9 @@ struct KernelTable {
   void (*gate_up_rows)(const GateUpArgs&, int u, int r_begin, int r_end);
   // y rows [d_begin, d_end) of every token, summed over all experts.
   void (*down_rows)(const DownArgs&, int d_begin, int d_end);
+  // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
+  // no integer path; the kernels then take fp32 activations only.
+  void (*quantize_acts)(const float* x, int64_t row, const QuantizedActs& q);
 };
 
 const KernelTable& kernels_generic();

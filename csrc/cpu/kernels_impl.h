@@ -270,41 +270,58 @@ static inline float silu(float g) {
   return g / (1.0f + std::exp(-g));
 }
 
-static std::vector<float>& scratch(size_t n) {
-  thread_local std::vector<float> buf;
+// Per-thread scratch buffer number `slot`, of at least n elements.
+template <typename T, int slot = 0>
+static T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
   if (buf.size() < n) {
     buf.resize(n);
   }
-  return buf;
+  return buf.data();
 }
+
+// The integer path for half-precision activations (AVX-512 VNNI + VBMI).
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define FUSED_MOE_INT_PATH 1
+}  // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
+#include "cpu/kernels_int_avx512.h"
+namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
+#else
+#define FUSED_MOE_INT_PATH 0
+#endif
 
 // ---------------------------------------------------------------------------
 // Kernel A: gate_up_swiglu
 // ---------------------------------------------------------------------------
 
-static void gate_up_rows(
-    const GateUpArgs& a,
-    int u,
-    int r_begin,
-    int r_end) {
+// One expert's pairs, [count] starting at `pairs`.
+struct ExpertSlice {
+  int expert;
+  const int32_t* pairs;
+  int count;
+};
+
+static ExpertSlice expert_slice(const ExpertGroups& g, int u) {
+  return {g.experts[u], g.pairs + g.offsets[u], g.offsets[u + 1] - g.offsets[u]};
+}
+
+static void gate_up_rows_float(
+    const GateUpArgs& a, ExpertSlice ex, int r_begin, int r_end) {
   const int D = a.w.cols;
   const int H = a.w.rows / 2;
-  const int e = a.groups.experts[u];
-  const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
-  const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
   const int k = a.groups.k;
-  float* tile = scratch(static_cast<size_t>(kTileRows) * D).data();
+  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * D);
   auto row_of = [&](int32_t p) {
     return a.x + static_cast<int64_t>(p / k) * D;
   };
   // Tile rows: gate r, up r, gate r+1, up r+1 (packed rows 2r .. 2r+3).
   for (int r = r_begin; r < r_end; r += 2) {
-    dequant(a.w, e, 2 * r, kTileRows, tile);
+    dequant(a.w, ex.expert, 2 * r, kTileRows, tile);
     for_each_token_tile(
-        tile, D, pairs, count, row_of,
+        tile, D, ex.pairs, ex.count, row_of,
         [&](int first, int n, float out[kTileRows][kTileTokens]) {
           for (int t = 0; t < n; ++t) {
-            const int64_t base = static_cast<int64_t>(pairs[first + t]) * H;
+            const int64_t base = static_cast<int64_t>(ex.pairs[first + t]) * H;
             store_as(a.h, a.h_type, base + r, silu(out[0][t]) * out[1][t]);
             store_as(
                 a.h, a.h_type, base + r + 1, silu(out[2][t]) * out[3][t]);
@@ -313,33 +330,64 @@ static void gate_up_rows(
   }
 }
 
+#if FUSED_MOE_INT_PATH
+static void gate_up_rows_int(
+    const GateUpArgs& a, ExpertSlice ex, int r_begin, int r_end) {
+  const int D = a.w.cols;
+  const int H = a.w.rows / 2;
+  const int k = a.groups.k;
+  const int groups = D / a.w.group_size;
+  uint8_t* codes = scratch<uint8_t>(D);
+  float* scales = scratch<float, 0>(4 * groups);
+  float* gate = scratch<float, 1>(ex.count);
+  float* up = scratch<float, 2>(ex.count);
+  auto act_row = [k](int32_t p) { return static_cast<int64_t>(p / k); };
+  for (int r = r_begin; r < r_end; ++r) {
+    for (int which = 0; which < 2; ++which) {
+      row_dot_pairs_int(
+          a.w, ex.expert, 2 * r + which, *a.xq, ex.pairs, ex.count, act_row,
+          codes, scales, which == 0 ? gate : up);
+    }
+    for (int i = 0; i < ex.count; ++i) {
+      store_as(a.h, a.h_type, static_cast<int64_t>(ex.pairs[i]) * H + r,
+               silu(gate[i]) * up[i]);
+    }
+  }
+}
+#endif
+
+static void gate_up_rows(const GateUpArgs& a, int u, int r_begin, int r_end) {
+  const ExpertSlice ex = expert_slice(a.groups, u);
+#if FUSED_MOE_INT_PATH
+  if (a.xq) {
+    return gate_up_rows_int(a, ex, r_begin, r_end);
+  }
+#endif
+  gate_up_rows_float(a, ex, r_begin, r_end);
+}
+
 // ---------------------------------------------------------------------------
 // Kernel B: down_combine
 // ---------------------------------------------------------------------------
 
-static void down_rows(const DownArgs& a, int d_begin, int d_end) {
+// Both paths visit experts in increasing id order and each expert's pairs in
+// increasing order: the sum for every y[t, d] is taken in one fixed order.
+
+static void down_rows_float(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
   const int H = a.w.cols;
-  float* tile = scratch(static_cast<size_t>(kTileRows) * H).data();
-  for (int t = 0; t < a.T; ++t) {
-    float* y = a.y_acc + static_cast<int64_t>(t) * D;
-    std::fill(y + d_begin, y + d_end, 0.0f);
-  }
-  auto row_of = [&](int32_t p) { return a.h + static_cast<int64_t>(p) * H; };
   const int k = a.groups.k;
-  // Experts in increasing id order, pairs in increasing order within each:
-  // the sum for every y[t, d] is taken in one fixed order.
+  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * H);
+  auto row_of = [&](int32_t p) { return a.h + static_cast<int64_t>(p) * H; };
   for (int u = 0; u < a.groups.n_used; ++u) {
-    const int e = a.groups.experts[u];
-    const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
-    const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
+    const ExpertSlice ex = expert_slice(a.groups, u);
     for (int d = d_begin; d < d_end; d += kTileRows) {
-      dequant(a.w, e, d, kTileRows, tile);
+      dequant(a.w, ex.expert, d, kTileRows, tile);
       for_each_token_tile(
-          tile, H, pairs, count, row_of,
+          tile, H, ex.pairs, ex.count, row_of,
           [&](int first, int n, float out[kTileRows][kTileTokens]) {
             for (int t = 0; t < n; ++t) {
-              const int32_t p = pairs[first + t];
+              const int32_t p = ex.pairs[first + t];
               const float wp = a.pair_weights[p];
               float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
               for (int r = 0; r < kTileRows; ++r) {
@@ -348,6 +396,47 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
             }
           });
     }
+  }
+}
+
+#if FUSED_MOE_INT_PATH
+static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
+  const int D = a.w.rows;
+  const int H = a.w.cols;
+  const int k = a.groups.k;
+  const int groups = H / a.w.group_size;
+  uint8_t* codes = scratch<uint8_t>(H);
+  float* scales = scratch<float, 0>(4 * groups);
+  float* out = scratch<float, 1>(a.groups.offsets[a.groups.n_used]);
+  auto act_row = [](int32_t p) { return static_cast<int64_t>(p); };
+  for (int u = 0; u < a.groups.n_used; ++u) {
+    const ExpertSlice ex = expert_slice(a.groups, u);
+    for (int d = d_begin; d < d_end; ++d) {
+      row_dot_pairs_int(
+          a.w, ex.expert, d, *a.hq, ex.pairs, ex.count, act_row, codes,
+          scales, out);
+      for (int i = 0; i < ex.count; ++i) {
+        const int32_t p = ex.pairs[i];
+        a.y_acc[static_cast<int64_t>(p / k) * D + d] += a.pair_weights[p] * out[i];
+      }
+    }
+  }
+}
+#endif
+
+static void down_rows(const DownArgs& a, int d_begin, int d_end) {
+  const int D = a.w.rows;
+  for (int t = 0; t < a.T; ++t) {
+    float* y = a.y_acc + static_cast<int64_t>(t) * D;
+    std::fill(y + d_begin, y + d_end, 0.0f);
+  }
+#if FUSED_MOE_INT_PATH
+  if (a.hq) {
+    down_rows_int(a, d_begin, d_end);
+  } else
+#endif
+  {
+    down_rows_float(a, d_begin, d_end);
   }
   for (int t = 0; t < a.T; ++t) {
     const float* y = a.y_acc + static_cast<int64_t>(t) * D;
@@ -371,7 +460,13 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
   static const KernelTable table = {
       FUSED_MOE_STR(FUSED_MOE_ISA_NS),
       &FUSED_MOE_ISA_NS::gate_up_rows,
-      &FUSED_MOE_ISA_NS::down_rows};
+      &FUSED_MOE_ISA_NS::down_rows,
+#if FUSED_MOE_INT_PATH
+      &FUSED_MOE_ISA_NS::quantize_acts,
+#else
+      nullptr,
+#endif
+  };
   return table;
 }
 
