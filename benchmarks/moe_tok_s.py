@@ -100,9 +100,12 @@ class Timing:
 def pick_device() -> str:
     """Sets the device to run on; returns how it was chosen."""
     device = mx.default_device()
-    if device.type == mx.gpu and not mx.metal.is_available():
+    if device.type == mx.gpu:
+        # fused_moe's GPU kernels (Metal) are not built yet, and it will never
+        # have CUDA ones: the ops raise on a GPU stream, so measure the CPU.
         mx.set_default_device(mx.cpu)
-        return "cpu (MLX's default is a non-Metal GPU, i.e. CUDA; fused_moe has no CUDA kernels)"
+        why = "Metal" if mx.metal.is_available() else "CUDA"
+        return f"cpu (MLX's default is a {why} GPU, where fused_moe has no kernels yet)"
     return f"{device.type.name} (MLX default)"
 
 
