@@ -101,8 +101,8 @@ def pick_device() -> str:
     """Sets the device to run on; returns how it was chosen."""
     device = mx.default_device()
     if device.type == mx.gpu:
-        # fused_moe's GPU kernels (Metal) are not built yet, and it will never
-        # have CUDA ones: the ops raise on a GPU stream, so measure the CPU.
+        # fused_moe has no GPU kernels yet (Metal comes in its own issue, and
+        # CUDA is not planned): its ops raise on a GPU stream.
         mx.set_default_device(mx.cpu)
         why = "Metal" if mx.metal.is_available() else "CUDA"
         return f"cpu (MLX's default is a {why} GPU, where fused_moe has no kernels yet)"

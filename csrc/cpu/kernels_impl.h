@@ -2,16 +2,21 @@
 //
 // This header is compiled once per instruction set (kernels_generic.cpp,
 // kernels_avx2.cpp, kernels_avx512.cpp), each time inside its own namespace
-// FUSED_MOE_ISA_NS and with that ISA's compiler flags. The arithmetic is
-// written once with GCC/Clang vector extensions; only the 3/4-bit unpacking
-// has hand-written intrinsics, because compilers do not find that pattern.
+// FUSED_MOE_ISA_NS and with that ISA's compiler flags.
 //
-// Scheme (both kernels): dequantize a few weight rows into an fp32 scratch
-// tile (w = scale·q + bias), then take dot products of that tile with every
-// activation row routed to the expert, several rows × several tokens at a
-// time. A tile is dequantized once per call however many tokens use it: at
-// decode each selected expert's rows stream once; at prefill the tile is
-// reused across all tokens of the expert.
+// fp32 path (every build; the only one for float32 activations): dequantize
+// a few weight rows into an fp32 scratch tile (w = scale·q + bias), then take
+// dot products of that tile with every activation row routed to the expert,
+// several rows × several tokens at a time. The arithmetic is written once
+// with GCC/Clang vector extensions; only the 3/4-bit unpacking has
+// hand-written intrinsics, because compilers do not find that pattern.
+//
+// Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
+// see kernels_int_avx512.h.
+//
+// Either way a row is unpacked once per call however many tokens use it: at
+// decode each selected expert's rows stream once; at prefill the unpacked
+// row is reused across all tokens of the expert.
 #pragma once
 
 #include <cmath>
@@ -97,7 +102,7 @@ static inline uint32_t load_le(const uint8_t* p, int n) {
 }
 
 // ---------------------------------------------------------------------------
-// Dequantization of 8·kLanes/8 codes at a time.
+// Dequantization to fp32
 // ---------------------------------------------------------------------------
 
 // Writes out[i] = scale·q_i + bias for the `group_size` codes of one group.
