@@ -34,7 +34,6 @@ struct Job {
   const std::function<void(int)>* fn = nullptr;
   int n = 0;
   std::atomic<int> next{0};
-  std::atomic<int> done{0};
   std::exception_ptr error;
   std::mutex error_mutex;
 
