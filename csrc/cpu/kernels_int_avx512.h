@@ -3,9 +3,9 @@
 // Included by kernels_impl.h in the AVX-512 build only. float16 and bfloat16
 // activations are quantized per weight group to ~15 bits, split into two
 // int8 planes (x ≈ scale·(128·hi + lo)), and multiplied with the unsigned
-// 3/4-bit codes by vpdpbusd, 64 codes per instruction. That is far finer than
-// the 8-bit mantissa of the inputs, and lets one instruction stream do what
-// the float path needs eight for; float32 inputs never come here.
+// 3/4-bit codes by vpdpbusd, 64 codes per instruction against 16 for an fp32
+// FMA. ~15 bits is finer than the inputs' own 8- or 11-bit mantissas.
+// float32 inputs never come here.
 //
 // Per row and token:  row·x = Σ_g s_g·sx_g·Σ_{i∈g} q_i·xq_i + b_g·Σ_{i∈g} x_i
 #pragma once
