@@ -343,7 +343,7 @@ static void gate_up_rows_int(
   const int k = a.groups.k;
   const int groups = D / a.w.group_size;
   uint8_t* codes = scratch<uint8_t>(D);
-  float* scales = scratch<float, 0>(4 * groups);
+  float* scales = scratch<float, 0>(6 * groups);
   float* gate = scratch<float, 1>(ex.count);
   float* up = scratch<float, 2>(ex.count);
   auto act_row = [k](int32_t p) { return static_cast<int64_t>(p / k); };
@@ -411,7 +411,7 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   const int k = a.groups.k;
   const int groups = H / a.w.group_size;
   uint8_t* codes = scratch<uint8_t>(H);
-  float* scales = scratch<float, 0>(4 * groups);
+  float* scales = scratch<float, 0>(6 * groups);
   float* out = scratch<float, 1>(a.groups.offsets[a.groups.n_used]);
   auto act_row = [](int32_t p) { return static_cast<int64_t>(p); };
   for (int u = 0; u < a.groups.n_used; ++u) {

@@ -111,9 +111,14 @@ static void unpack_row(const uint8_t* q, int cols, uint8_t* out) {
   _mm512_storeu_si512(out + last, unpack_chunk<BITS, true>(q + last * BITS / 8));
 }
 
+// Lanes [0, n) of a 16-lane vector, n >= 1.
+static inline __mmask16 first_lanes(int n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
 // Up to 16 scales or biases from `i` on, as fp32; lanes past n are zero.
 static inline __m512 load_affine(const void* p, FloatType t, int64_t i, int n) {
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m = first_lanes(n);
   switch (t) {
     case FloatType::f32:
       return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
@@ -129,25 +134,37 @@ static inline __m512 load_affine(const void* p, FloatType t, int64_t i, int n) {
   return _mm512_setzero_ps();
 }
 
-// For one row and one activation row: scale[g] = s_g·sx_g for every group,
-// and the returned Σ_g b_g·(Σx)_g.
+// One row's scales and biases as fp32, converted once per row: s[groups]
+// then b[groups] in `out`.
+static inline void row_affine(const QuantMatrix& m, int64_t row_id, float* out) {
+  const int groups = m.cols / m.group_size;
+  for (int g = 0; g < groups; g += 16) {
+    const int n = std::min(16, groups - g);
+    const int64_t at = row_id * groups + g;
+    _mm512_mask_storeu_ps(out + g, first_lanes(n),
+                          load_affine(m.scales, m.scale_type, at, n));
+    _mm512_mask_storeu_ps(out + groups + g, first_lanes(n),
+                          load_affine(m.biases, m.scale_type, at, n));
+  }
+}
+
+// For one row (fp32 scales s, biases b) and one activation row:
+// scale[g] = s_g·sx_g for every group, and the returned Σ_g b_g·(Σx)_g.
 static inline float row_act_affine(
-    const QuantMatrix& m,
-    int64_t row_id,
+    const float* s,
+    const float* b,
     const float* sx,
     const float* xsum,
     int groups,
     float* scale) {
   __m512 bias_acc = _mm512_setzero_ps();
   for (int g = 0; g < groups; g += 16) {
-    const int n = std::min(16, groups - g);
-    const __mmask16 mask = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-    const int64_t at = row_id * groups + g;
-    const __m512 s = load_affine(m.scales, m.scale_type, at, n);
-    const __m512 b = load_affine(m.biases, m.scale_type, at, n);
-    _mm512_mask_storeu_ps(
-        scale + g, mask, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, sx + g)));
-    bias_acc = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(mask, xsum + g), bias_acc);
+    const __mmask16 mask = first_lanes(groups - g);
+    _mm512_mask_storeu_ps(scale + g, mask,
+        _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + g),
+                      _mm512_maskz_loadu_ps(mask, sx + g)));
+    bias_acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, b + g),
+        _mm512_maskz_loadu_ps(mask, xsum + g), bias_acc);
   }
   return _mm512_reduce_add_ps(bias_acc);
 }
@@ -155,8 +172,7 @@ static inline float row_act_affine(
 // out[t] = row · act(t) for TOKENS activation rows (indices into q).
 template <int TOKENS>
 static inline void row_dot_int(
-    const QuantMatrix& m,
-    int64_t row_id,
+    const float* affine, // the row's fp32 scales then biases (row_affine)
     const uint8_t* codes,
     const QuantizedActs& q,
     const int64_t* act_rows,
@@ -174,7 +190,8 @@ static inline void row_dot_int(
     hi[t] = q.hi + act_rows[t] * cols;
     lo[t] = q.lo + act_rows[t] * cols;
     float* sc = scale_buf + t * groups;
-    bias_part[t] = row_act_affine(m, row_id, q.scale + act_rows[t] * groups,
+    bias_part[t] = row_act_affine(affine, affine + groups,
+                                  q.scale + act_rows[t] * groups,
                                   q.sum + act_rows[t] * groups, groups, sc);
     scale[t] = sc;
     acc[0][t] = acc[1][t] = _mm512_setzero_ps();
@@ -233,13 +250,12 @@ static void row_dot_pairs_int(
     int count,
     ActRowOf act_row_of,
     uint8_t* codes,
-    float* scale_buf, // [4 * cols / group_size]
+    float* scale_buf, // [6 * cols / group_size]
     float* out) {
   const int64_t row_id = static_cast<int64_t>(e) * m.rows + row;
   const int64_t row_bytes = static_cast<int64_t>(m.cols) * m.bits / 8;
   const uint8_t* packed = m.weight + row_id * row_bytes;
-  // Rows are visited in order; fetch a few ahead so the weight stream never
-  // waits on memory latency. Prefetches never fault, even past the end.
+  // Rows are visited in order: fetch a few ahead to hide memory latency.
   if (row + kPrefetchRows < m.rows) {
     const uint8_t* ahead = packed + kPrefetchRows * row_bytes;
     for (int64_t off = 0; off < row_bytes; off += 64) {
@@ -251,15 +267,19 @@ static void row_dot_pairs_int(
   } else {
     unpack_row<4>(packed, m.cols, codes);
   }
+  const int groups = m.cols / m.group_size;
+  float* affine = scale_buf;
+  row_affine(m, row_id, affine);
+  scale_buf += 2 * groups;
   int64_t rows[4];
   int i = 0;
   for (; i + 4 <= count; i += 4) {
     for (int t = 0; t < 4; ++t) rows[t] = act_row_of(pairs[i + t]);
-    row_dot_int<4>(m, row_id, codes, q, rows, scale_buf, out + i);
+    row_dot_int<4>(affine, codes, q, rows, scale_buf, out + i);
   }
   for (; i < count; ++i) {
     rows[0] = act_row_of(pairs[i]);
-    row_dot_int<1>(m, row_id, codes, q, rows, scale_buf, out + i);
+    row_dot_int<1>(affine, codes, q, rows, scale_buf, out + i);
   }
 }
 
