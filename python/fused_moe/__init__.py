@@ -3,6 +3,8 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
+from fused_moe.layer import MiniMaxMoE
+from fused_moe.loading import load
 from fused_moe.ops import down_combine, gate_up_swiglu
 from fused_moe.packing import (
     SUPPORTED_BITS,
@@ -13,6 +15,7 @@ from fused_moe.packing import (
     pack_experts,
     unpack_experts,
 )
+from fused_moe.patch import patch
 
 MIN_TOP_K = _ext.MIN_TOP_K
 MAX_TOP_K = _ext.MAX_TOP_K
@@ -40,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_TOP_K",
     "MIN_TOP_K",
+    "MiniMaxMoE",
     "PackedExperts",
     "QuantizedProjection",
     "SUPPORTED_BITS",
@@ -49,7 +53,9 @@ __all__ = [
     "down_combine",
     "gate_up_swiglu",
     "get_num_threads",
+    "load",
     "pack_experts",
+    "patch",
     "set_num_threads",
     "unpack_experts",
 ]

@@ -1,0 +1,99 @@
+"""`patch`: swap every MoE block of a loaded mlx-lm MiniMax model for `MiniMaxMoE`."""
+
+from __future__ import annotations
+
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from fused_moe.layer import MiniMaxMoE
+from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+MINIMAX_MODEL_TYPES = ("minimax", "minimax_m2")
+BLOCK_ATTR = "block_sparse_moe"
+
+
+def block_path(layer_index: int) -> str:
+    """Module path of a layer's MoE block, as in mlx-lm's parameter names."""
+    return f"model.layers.{layer_index}.{BLOCK_ATTR}"
+
+
+def check_minimax(model: nn.Module, what: str) -> None:
+    """Raises unless `model` is an mlx-lm MiniMax model."""
+    from mlx_lm.models import minimax
+
+    if not isinstance(model, minimax.Model):
+        model_type = getattr(model, "model_type", None)
+        raise TypeError(
+            f"{what}: expected an mlx-lm MiniMax model (mlx_lm.models.minimax.Model, "
+            f"model_type one of {MINIMAX_MODEL_TYPES}), got {type(model).__module__}."
+            f"{type(model).__name__} (model_type {model_type!r})"
+        )
+
+
+def _unsupported_reason(block: nn.Module) -> str | None:
+    """Why the fused layer cannot take this stock block, or None if it can."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = block.switch_mlp[name]
+        bits = getattr(proj, "bits", None)
+        if bits is None or "scales" not in proj:
+            return f"switch_mlp.{name} is not quantized ({type(proj).__name__})"
+        mode = getattr(proj, "mode", "affine")
+        if mode != "affine":
+            return f"switch_mlp.{name} uses quantization mode {mode!r}; only 'affine' is supported"
+        if bits not in SUPPORTED_BITS or proj.group_size not in SUPPORTED_GROUP_SIZES:
+            return (
+                f"switch_mlp.{name} is {bits}-bit with group size {proj.group_size}; "
+                f"supported: bits {SUPPORTED_BITS}, group sizes {SUPPORTED_GROUP_SIZES}"
+            )
+    return None
+
+
+def patch(model: nn.Module, *, strict: bool = True) -> int:
+    """Replaces every ``block_sparse_moe`` of a loaded mlx-lm MiniMax model,
+    in place, with a :class:`MiniMaxMoE`; returns how many were replaced.
+
+    Each layer keeps its own bits and group size. Layers are repacked one at
+    a time and the stock expert arrays are released as soon as their packed
+    copy exists, so peak memory stays within the model plus one layer.
+
+    Raises ``TypeError`` if ``model`` is not MiniMax. A block whose experts are
+    not quantized within the supported grid raises ``ValueError`` naming its
+    path; with ``strict=False`` it stays stock and a warning names it. All
+    blocks are checked before any is changed. Blocks already patched are left
+    alone and not counted.
+    """
+    from mlx_lm.models.minimax import MiniMaxSparseMoeBlock
+
+    check_minimax(model, "fused_moe.patch")
+    todo = []
+    for i, layer in enumerate(model.layers):
+        block = getattr(layer, BLOCK_ATTR)
+        if isinstance(block, MiniMaxMoE):
+            continue
+        if not isinstance(block, MiniMaxSparseMoeBlock):
+            raise TypeError(
+                f"fused_moe.patch: {block_path(i)} is a {type(block).__name__}, "
+                f"not mlx-lm's MiniMaxSparseMoeBlock"
+            )
+        reason = _unsupported_reason(block)
+        if reason is None:
+            todo.append((i, layer, block))
+        elif strict:
+            raise ValueError(
+                f"fused_moe.patch: {block_path(i)}: {reason}. Quantize the experts "
+                f"first (e.g. mlx_lm.convert -q), or pass strict=False to keep such "
+                f"blocks stock"
+            )
+        else:
+            warnings.warn(f"fused_moe.patch: {block_path(i)} stays stock: {reason}", stacklevel=2)
+
+    for i, layer, block in todo:
+        fused = MiniMaxMoE.from_block(block)
+        mx.eval(fused.experts.parameters())
+        setattr(layer, BLOCK_ATTR, fused)
+        # The caller may still hold the old block; drop its experts anyway so
+        # their memory goes now (down is shared with the packed layer).
+        del block["switch_mlp"]
+    return len(todo)
