@@ -3,6 +3,7 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
+from fused_moe.convert import ConversionError, convert
 from fused_moe.ops import down_combine, gate_up_swiglu
 from fused_moe.packing import (
     SUPPORTED_BITS,
@@ -37,6 +38,7 @@ def cpu_isa() -> str:
 
 __all__ = [
     "__version__",
+    "ConversionError",
     "FORMAT_VERSION",
     "MAX_TOP_K",
     "MIN_TOP_K",
@@ -45,6 +47,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "convert",
     "cpu_isa",
     "down_combine",
     "gate_up_swiglu",
