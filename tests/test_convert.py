@@ -449,7 +449,6 @@ def test_config_that_disagrees_with_an_mlx_lm_source(stock, tmp_path):
 
 def test_unsupported_expert_bits_of_an_mlx_lm_source(tmp_path):
     from minimax_models import build_model, save_checkpoint
-    from mlx_lm.utils import quantize_model
 
     # mlx-lm quantizes 6-bit experts happily; the fused kernels do not read them.
     model, config = build_model(dict(SMALL, num_hidden_layers=1))

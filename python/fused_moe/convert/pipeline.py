@@ -27,10 +27,10 @@ from fused_moe.convert.layout import (
     plan_unit,
     quantization_config,
 )
-from fused_moe.convert.model import EXPERTS, MiniMax, block_path
-from fused_moe.convert.recipes import Quant, Recipe
+from fused_moe.convert.model import EXPERT_PROJECTIONS, EXPERTS, MiniMax, block_path
+from fused_moe.convert.recipes import Recipe
 from fused_moe.convert.safetensors_io import ShardedWriter, read_tensor
-from fused_moe.convert.sources import COPIED_FILES, HF, MLX, PACKED, Source, open_source, read_checkpoint
+from fused_moe.convert.sources import COPIED_FILES, HF, MLX, PACKED, Source, open_source
 from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, PackedExperts, QuantizedProjection, pack_experts, unpack_experts
 
 # mlx-lm's shard limit; a tensor larger than this gets a shard of its own.
@@ -179,31 +179,27 @@ class _Converter:
 
     def experts(self, layer: int, experts: dict[str, Stored]) -> None:
         src, w = self.source, self.writer
-        if src.kind == PACKED and self.to == "packed" or src.kind == MLX and self.to == "stock":
-            for s in experts.values():
-                for name in ([f"{s.module.path}.{a}" for a in fmt.ARRAYS] if src.kind == MLX else []):
-                    w.copy(name, src.tensors[name])
-            if src.kind == PACKED:
-                for name in fmt.tensor_names(block_path(layer)):
-                    w.copy(name, src.tensors[name])
+        same_layout = (src.kind, self.to) in ((MLX, "stock"), (PACKED, "packed"))
+        if same_layout:
+            if src.kind == MLX:
+                names = [f"{s.module.path}.{a}" for s in experts.values() for a in fmt.ARRAYS]
+            else:
+                names = fmt.tensor_names(block_path(layer))
+            for name in names:
+                w.copy(name, src.tensors[name])
             return
+        # One expert at a time: each is written into its slice of the stacked tensors.
         for e in range(src.model.experts):
-            gate, up, down = self.expert(layer, experts, e)
+            gate, up, down = expert_from_source(src, self.recipe, layer, experts, e)
             if self.to == "packed":
                 packed = pack_experts(gate, up, down)
-                names = iter(fmt.tensor_names(block_path(layer)))
-                for proj in fmt.PROJECTIONS:
-                    for a in packed.projection(proj)[:3]:
-                        w.write(next(names), a[0], index=e)
+                arrays = [a for proj in fmt.PROJECTIONS for a in packed.projection(proj)[:3]]
+                names = fmt.tensor_names(block_path(layer))
             else:
-                for s, p in zip((experts["gate_proj"], experts["up_proj"], experts["down_proj"]), (gate, up, down)):
-                    for name, a in zip(fmt.ARRAYS, p[:3]):
-                        w.write(f"{s.module.path}.{name}", a[0], index=e)
-
-    def expert(self, layer: int, experts: dict[str, Stored], e: int) -> tuple[QuantizedProjection, ...]:
-        """Expert e's gate, up and down as [1, out, ...] quantized projections
-        of the target precision, from whichever kind of source."""
-        return expert_from_source(self.source, self.recipe, layer, experts, e)
+                arrays = [a for p in (gate, up, down) for a in p[:3]]
+                names = [f"{experts[p].module.path}.{a}" for p in EXPERT_PROJECTIONS for a in fmt.ARRAYS]
+            for name, a in zip(names, arrays):
+                w.write(name, a[0], index=e)
 
 
 def expert_from_source(source: Source, recipe: Optional[Recipe], layer: int, experts: dict[str, Stored], e: int):
@@ -211,10 +207,9 @@ def expert_from_source(source: Source, recipe: Optional[Recipe], layer: int, exp
     [1, out, ...]: quantized from a Hugging Face source under `recipe` (one
     expert at a time: groups lie within a row, so this equals quantizing the
     stacked [E, out, in] tensor), or read from an mlx-lm or packed source."""
-    order = ("gate_proj", "up_proj", "down_proj")
     if source.kind == HF:
         out = []
-        for proj in order:
+        for proj in EXPERT_PROJECTIONS:
             s = experts[proj]
             weight = source.read_float(source.hf_expert_name(layer, proj, e)).astype(recipe.dtype)
             q, scales, biases = mx.quantize(weight[None], group_size=s.quant.group_size, bits=s.quant.bits)
@@ -227,7 +222,7 @@ def expert_from_source(source: Source, recipe: Optional[Recipe], layer: int, exp
                 experts[p].quant.bits,
                 experts[p].quant.group_size,
             )
-            for p in order
+            for p in EXPERT_PROJECTIONS
         )
     names = iter(fmt.tensor_names(block_path(layer)))
     arrays = {proj: [read_tensor(source.tensors[next(names)], e)[None] for _ in fmt.ARRAYS] for proj in fmt.PROJECTIONS}
@@ -256,7 +251,7 @@ def _verify(source: Source, recipe: Optional[Recipe], units, to: str, tmp: Path)
         for e in sample:
             want = expert_from_source(source, recipe, layer, experts, e)
             got = expert_from_source(written, None, layer, out_experts, e)
-            for proj, a, b in zip(("gate_proj", "up_proj", "down_proj"), want, got):
+            for proj, a, b in zip(EXPERT_PROJECTIONS, want, got):
                 for name, x, y in zip(fmt.ARRAYS, a[:3], b[:3]):
                     if x.dtype != y.dtype or x.shape != y.shape or not mx.array_equal(x, y).item():
                         raise ConversionError(
