@@ -270,6 +270,16 @@ def test_failure_leaves_no_destination(hf_fp8, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_interruption_leaves_no_destination(stock, tmp_path, monkeypatch, capsys):
+    def interrupted(self, stored):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Converter, "unit", interrupted)
+    code, out, err = run_cli([stock, tmp_path / "out"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_failed_verify_leaves_no_destination(stock, tmp_path, monkeypatch):
     def corrupting_pack(gate, up, down):
         packed = fm.pack_experts(gate, up, down)
