@@ -20,29 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from minimax_models import build_tokenizer
+from minimax_models import SMALL, build_tokenizer
 
 # Not multiples of 128 on purpose (H=192, q=6*32=192): the FP8 blocks at the
 # edges are partial. D and H are multiples of every group size used (64).
 SMALL_HF = dict(
+    SMALL,
     architectures=["MiniMaxM2ForCausalLM"],
     model_type="minimax_m2",
     hidden_size=256,
     intermediate_size=192,
     num_attention_heads=6,
     num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=1024,
     num_experts_per_tok=2,
     num_local_experts=6,
-    shared_intermediate_size=0,
-    num_hidden_layers=3,
-    rms_norm_eps=1e-6,
     rope_theta=5000000.0,
-    rotary_dim=16,
-    vocab_size=320,
-    tie_word_embeddings=False,
-    use_qk_norm=True,
+    # Keys of the published config.json that mlx-lm does not read.
     qk_norm_type="per_layer",
     scoring_func="sigmoid",
     use_routing_bias=True,
