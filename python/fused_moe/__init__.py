@@ -3,6 +3,7 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
+from fused_moe.convert import ConversionError, convert
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.loading import load
 from fused_moe.ops import down_combine, gate_up_swiglu
@@ -40,6 +41,7 @@ def cpu_isa() -> str:
 
 __all__ = [
     "__version__",
+    "ConversionError",
     "FORMAT_VERSION",
     "MAX_TOP_K",
     "MIN_TOP_K",
@@ -49,6 +51,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "convert",
     "cpu_isa",
     "down_combine",
     "gate_up_swiglu",

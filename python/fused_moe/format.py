@@ -19,10 +19,14 @@ ARRAYS = ("weight", "scales", "biases")
 #   "fused_moe": {"format_version": 1,
 #                 "layers": {"model.layers.0.block_sparse_moe":
 #                            {"gate_up": {"bits": 4, "group_size": 64},
-#                             "down": {"bits": 4, "group_size": 64}}}}
+#                             "down": {"bits": 4, "group_size": 64}}},
+#                 "recipe": "seed-3.7bit"}
 CONFIG_KEY = "fused_moe"
 CONFIG_FORMAT_VERSION = "format_version"
 CONFIG_LAYERS = "layers"
+# The converter's recipe that quantized the checkpoint, or null when it was
+# repacked from an mlx-lm checkpoint or quantized with --bits.
+CONFIG_RECIPE = "recipe"
 
 
 def tensor_names(block_path: str) -> list[str]:

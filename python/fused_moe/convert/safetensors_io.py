@@ -1,0 +1,296 @@
+"""Reading and writing safetensors files without loading whole files.
+
+The format: an 8-byte little-endian header length, a JSON header that maps
+each tensor name to its dtype, shape and byte range in the data section, then
+the data. We parse the header ourselves, which lets us check a shard before
+converting anything, read one tensor (or one expert of a stacked tensor) at a
+time, read F8_E4M3 tensors as raw bytes, and write each tensor into its place
+in a shard as soon as it is computed, so memory never holds a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from fused_moe.convert.errors import ConversionError
+
+# safetensors dtype name -> (MLX dtype the bytes are read as, bytes per element).
+# F8_E4M3 has no MLX dtype: it is read as its uint8 codes (see mx.from_fp8).
+DTYPES = {
+    "BOOL": (mx.bool_, 1),
+    "U8": (mx.uint8, 1),
+    "I8": (mx.int8, 1),
+    "F8_E4M3": (mx.uint8, 1),
+    "U16": (mx.uint16, 2),
+    "I16": (mx.int16, 2),
+    "F16": (mx.float16, 2),
+    "BF16": (mx.bfloat16, 2),
+    "U32": (mx.uint32, 4),
+    "I32": (mx.int32, 4),
+    "F32": (mx.float32, 4),
+    "U64": (mx.uint64, 8),
+    "I64": (mx.int64, 8),
+    "F64": (mx.float64, 8),
+}
+_NAME_OF = {mx_dtype: name for name, (mx_dtype, _) in DTYPES.items() if name != "F8_E4M3"}
+_NUMPY_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+# The largest header we accept; real ones are a few MB at most.
+_MAX_HEADER_BYTES = 100 << 20
+# Raw copies move this many bytes at a time.
+_COPY_CHUNK = 64 << 20
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return _NAME_OF[dtype]
+
+
+def itemsize(name: str) -> int:
+    return DTYPES[name][1]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a shard: dtype name, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parses and checks the header of one safetensors file: every tensor's
+    byte range must match its shape and dtype, the ranges must tile the data
+    section, and the file must be exactly as long as the header says."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise ConversionError(
+                    f"{path}: corrupt or truncated safetensors file (header length "
+                    f"{header_len}, file size {size})"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from e
+    data_start = 8 + header_len
+    tensors = {}
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if dtype not in DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            expected = itemsize(dtype) * int(np.prod(shape, dtype=np.int64))
+            if not (0 <= begin <= end) or end - begin != expected:
+                raise ConversionError(
+                    f"{path}: corrupt header: tensor {name} {dtype} {list(shape)} needs "
+                    f"{expected} bytes but spans [{begin}, {end})"
+                )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConversionError):
+                raise
+            raise ConversionError(f"{path}: corrupt header entry for tensor {name}: {entry!r}") from e
+        tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    pos = 0
+    for begin, end, name in ranges:
+        if begin != pos:
+            raise ConversionError(
+                f"{path}: corrupt header: tensor {name} starts at byte {begin} of the data, "
+                f"expected {pos} (tensors overlap or leave a gap)"
+            )
+        pos = end
+    if data_start + pos != size:
+        what = "truncated" if data_start + pos > size else "corrupt"
+        raise ConversionError(
+            f"{path}: {what} safetensors file: the header describes {data_start + pos} "
+            f"bytes, the file has {size}"
+        )
+    return tensors
+
+
+def read_tensor(info: TensorInfo, index: int | None = None) -> mx.array:
+    """Reads a tensor, or only `tensor[index]` of its leading axis, from disk.
+    F8_E4M3 tensors come back as their uint8 codes."""
+    dtype, size = DTYPES[info.dtype]
+    shape = info.shape
+    begin, nbytes = info.begin, info.nbytes
+    if index is not None:
+        if not shape or not 0 <= index < shape[0]:
+            raise IndexError(f"{info.file}: index {index} out of range for shape {list(shape)}")
+        nbytes //= shape[0]
+        begin += index * nbytes
+        shape = shape[1:]
+    buf = np.empty(nbytes, dtype=np.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(begin)
+        if f.readinto(memoryview(buf)) != nbytes:
+            raise ConversionError(f"{info.file}: truncated while reading a tensor at byte {begin}")
+    a = mx.array(buf.view(_NUMPY_UINT[size]))
+    if a.dtype != dtype:
+        a = a.view(dtype)
+    return a.reshape(shape)
+
+
+@dataclass
+class _Planned:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    begin: int  # absolute offset in its shard file
+    nbytes: int
+    written: set  # leading indices written, or {None} when written whole
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into shards of at most `max_shard_bytes`
+    (a larger tensor gets a shard of its own), plus the index.
+
+    Every tensor's name, dtype and shape is known before any data is written,
+    so each shard's header is written first and each tensor (or each slice
+    of its leading axis) is written straight into its place and then released.
+    """
+
+    def __init__(self, directory: Path, tensors, max_shard_bytes: int, metadata: dict):
+        self.directory = Path(directory)
+        shards: list[list[tuple[str, str, tuple]]] = []
+        size = 0
+        for name, dtype, shape in tensors:
+            nbytes = itemsize(dtype) * int(np.prod(shape, dtype=np.int64))
+            if not shards or (size + nbytes > max_shard_bytes and shards[-1]):
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape)))
+            size += nbytes
+        count = len(shards)
+        self.files = [self.directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.planned: dict[str, _Planned] = {}
+        self._fds: dict[int, int] = {}
+        self._open_bytes: dict[int, int] = {}
+        for i, shard in enumerate(shards):
+            # Wider dtypes first, so every tensor starts aligned to its element.
+            shard.sort(key=lambda t: -itemsize(t[1]))
+            header, pos = {"__metadata__": metadata}, 0
+            for name, dtype, shape in shard:
+                nbytes = itemsize(dtype) * int(np.prod(shape, dtype=np.int64))
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                self.planned[name] = _Planned(name, dtype, shape, i, pos, nbytes, set())
+                pos += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            for name, *_ in shard:
+                self.planned[name].begin += 8 + len(raw)
+            fd = os.open(self.files[i], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, struct.pack("<Q", len(raw)) + raw)
+            os.ftruncate(fd, 8 + len(raw) + pos)
+            self._fds[i] = fd
+            self._open_bytes[i] = pos
+        self.total_bytes = sum(p.nbytes for p in self.planned.values())
+
+    def _slot(self, name: str, index: int | None, dtype: mx.Dtype, shape) -> tuple[_Planned, int, int]:
+        p = self.planned.get(name)
+        if p is None:
+            raise RuntimeError(f"internal error: tensor {name} was not planned")
+        want_shape = p.shape if index is None else p.shape[1:]
+        if dtype_name(dtype) != p.dtype or tuple(shape) != want_shape:
+            raise RuntimeError(
+                f"internal error: tensor {name}{'' if index is None else f'[{index}]'} is "
+                f"{dtype_name(dtype)} {list(shape)}, planned {p.dtype} {list(want_shape)}"
+            )
+        if index in p.written or (index is not None and None in p.written) or (index is None and p.written):
+            raise RuntimeError(f"internal error: tensor {name} written twice")
+        if index is None:
+            return p, p.begin, p.nbytes
+        n = p.nbytes // p.shape[0]
+        return p, p.begin + index * n, n
+
+    def _wrote(self, p: _Planned, index, nbytes: int) -> None:
+        p.written.add(index)
+        self._open_bytes[p.shard] -= nbytes
+        if self._open_bytes[p.shard] == 0:
+            fd = self._fds.pop(p.shard)
+            os.fsync(fd)
+            os.close(fd)
+
+    def write(self, name: str, array: mx.array, index: int | None = None) -> None:
+        """Writes `array` as tensor `name`, or as `name[index]`."""
+        array = mx.contiguous(array)
+        mx.eval(array)
+        p, offset, nbytes = self._slot(name, index, array.dtype, array.shape)
+        view = memoryview(array).cast("B")
+        if view.nbytes != nbytes:
+            raise RuntimeError(f"internal error: tensor {name} has {view.nbytes} bytes, planned {nbytes}")
+        _pwrite_all(self._fds[p.shard], view, offset)
+        self._wrote(p, index, nbytes)
+
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """Copies a source tensor's bytes unchanged, in chunks."""
+        p, offset, nbytes = self._slot(name, None, DTYPES[source.dtype][0], source.shape)
+        if source.dtype != p.dtype:
+            raise RuntimeError(f"internal error: copying {source.dtype} into {p.dtype} tensor {name}")
+        with open(source.file, "rb") as f:
+            done = 0
+            while done < nbytes:
+                f.seek(source.begin + done)
+                chunk = f.read(min(_COPY_CHUNK, nbytes - done))
+                if not chunk:
+                    raise ConversionError(f"{source.file}: truncated while copying tensor {name}")
+                _pwrite_all(self._fds[p.shard], memoryview(chunk), offset + done)
+                done += len(chunk)
+        self._wrote(p, None, nbytes)
+
+    def finish(self) -> None:
+        """Checks that every planned tensor was written whole, then writes the index."""
+        for p in self.planned.values():
+            complete = p.written == {None} or (p.shape and p.written == set(range(p.shape[0])))
+            if not complete:
+                raise RuntimeError(f"internal error: tensor {p.name} was not completely written")
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": {n: self.files[p.shard].name for n, p in sorted(self.planned.items())},
+        }
+        with open(self.directory / INDEX_NAME, "w") as f:
+            json.dump(index, f, indent=4)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
