@@ -10,7 +10,7 @@ import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 import pytest
 from mlx_lm import batch_generate
 from mlx_lm import load as mlx_lm_load
@@ -252,3 +252,52 @@ def test_newer_format_version_is_refused(small_dir, tmp_path):
 def test_load_rejects_unknown_keywords(small_dir):
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['tokenizer_cfg'\\]"):
         fm.load(str(small_dir), tokenizer_cfg={})
+
+
+# ---------------------------------------------------------------------------
+# Converted (packed) checkpoints
+# ---------------------------------------------------------------------------
+
+
+def test_load_of_a_converted_checkpoint_matches_the_stock_one(small_dir, tmp_path):
+    packed_dir = tmp_path / "packed"
+    fm.convert(str(small_dir), str(packed_dir))
+    config = json.loads((packed_dir / "config.json").read_text())
+    assert config[format.CONFIG_KEY][format.CONFIG_FORMAT_VERSION] == format.FORMAT_VERSION
+    stock, from_stock = float32_pair(small_dir)
+    from_packed, _ = fm.load(str(packed_dir))
+    from_packed.set_dtype(mx.float32)
+    assert all(isinstance(l.block_sparse_moe, fm.MiniMaxMoE) for l in from_packed.layers)
+    # Opened directly: the packed arrays are the checkpoint's, bit for bit.
+    for a, b in zip(from_packed.layers, from_stock.layers):
+        for proj in format.PROJECTIONS:
+            for arr in format.ARRAYS:
+                assert mx.array_equal(a.block_sparse_moe.experts[proj][arr], b.block_sparse_moe.experts[proj][arr])
+    tokens = mx.array([PROMPT])
+    assert_logits_match(from_packed(tokens), stock(tokens))
+    assert greedy(from_packed, PROMPT) == greedy(from_stock, PROMPT)
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_converted_hugging_face_checkpoint_matches_mlx_lm(fp8, tmp_path):
+    from mlx_lm.utils import load_model, quantize_model
+
+    from hf_checkpoints import write_hf_checkpoint
+    from minimax_models import seed_recipe
+
+    src = write_hf_checkpoint(tmp_path / "hf", fp8=fp8, mtp=False)
+    fm.convert(str(src), str(tmp_path / "packed"), recipe="seed-3.7bit")
+    fused, _ = fm.load(str(tmp_path / "packed"))
+    # mlx-lm on the same weights and recipe: its own loading (FP8
+    # dequantization in sanitize), the bf16 cast of mlx_lm.convert, and its
+    # own quantization under the seed recipe.
+    stock, config = load_model(src)
+    stock.update(tree_map_with_path(
+        lambda p, a: a.astype(mx.bfloat16) if stock.cast_predicate(p) else a, stock.parameters()))
+    config["quantization"] = {"group_size": 64, "bits": 8, "mode": "affine"}
+    stock, _ = quantize_model(stock, config, 64, 8, quant_predicate=seed_recipe(config["num_hidden_layers"]))
+    stock.set_dtype(mx.float32)
+    fused.set_dtype(mx.float32)
+    tokens = mx.array([PROMPT])
+    assert_logits_match(fused(tokens), stock(tokens))
+    assert greedy(fused, PROMPT, n=16) == greedy(stock, PROMPT, n=16)
