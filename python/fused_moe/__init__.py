@@ -17,6 +17,7 @@ from fused_moe.packing import (
     unpack_experts,
 )
 from fused_moe.patch import patch
+from fused_moe.sharding import shard
 
 MIN_TOP_K = _ext.MIN_TOP_K
 MAX_TOP_K = _ext.MAX_TOP_K
@@ -60,5 +61,6 @@ __all__ = [
     "pack_experts",
     "patch",
     "set_num_threads",
+    "shard",
     "unpack_experts",
 ]

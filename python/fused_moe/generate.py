@@ -1,5 +1,8 @@
 """``fused-moe generate``: load and patch a MiniMax model, then run mlx-lm's
-generation, which prints the text and mlx-lm's usual speed summary."""
+generation, which prints the text and mlx-lm's usual speed summary.
+
+Under ``mlx.launch`` (more than one rank) the model is sharded over the ranks
+with tensor parallelism, and only rank 0 prints."""
 
 from __future__ import annotations
 
@@ -31,7 +34,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model)
+    # Under mlx.launch every rank holds a slice of the model (tensor
+    # parallelism) and runs the same steps; only rank 0 prints.
+    group = mx.distributed.init()
+    if group.size() > 1:
+        model, tokenizer = load(args.model, tensor_group=group)
+    else:
+        model, tokenizer = load(args.model)
     use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
     if use_chat_template:
         tokens = tokenizer.apply_chat_template(
@@ -43,7 +52,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         model,
         tokenizer,
         tokens,
-        verbose=True,
+        verbose=group.rank() == 0,
         max_tokens=args.max_tokens,
         sampler=make_sampler(args.temp),
     )

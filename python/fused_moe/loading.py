@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from fused_moe import format
@@ -59,7 +60,8 @@ def _packed_model_factory(model_class, layers: dict, where: str):
     return build
 
 
-# The keyword arguments of mlx_lm.load this function passes on.
+# The keyword arguments of mlx_lm.load this function passes on, and those
+# mlx-lm's sharded_load also takes (with tensor_group).
 LOAD_KWARGS = (
     "tokenizer_config",
     "model_config",
@@ -69,6 +71,64 @@ LOAD_KWARGS = (
     "revision",
     "trust_remote_code",
 )
+SHARDED_LOAD_KWARGS = ("tokenizer_config", "return_config", "trust_remote_code")
+
+
+def _load_packed_model(utils, model_path: Path, layers: dict, where: str, lazy: bool, **kwargs):
+    # The same pieces mlx_lm.load puts together, with the fused layers'
+    # constructor in place of the stock model class.
+    def model_classes(config):
+        model_class, args_class = utils._get_classes(config)
+        return _packed_model_factory(model_class, layers, where), args_class
+
+    return utils.load_model(model_path, lazy, get_model_classes=model_classes, **kwargs)
+
+
+def _stock_split_check(config: dict, ranks: int, where: str) -> None:
+    """The H split's group check for a stock checkpoint, from its config alone,
+    before mlx-lm slices anything."""
+    quantization = config.get("quantization") or {}
+    H = config["intermediate_size"]
+    for i in range(config["num_hidden_layers"]):
+        entry = quantization.get(f"{block_path(i)}.switch_mlp.down_proj")
+        group = entry["group_size"] if isinstance(entry, dict) else quantization.get("group_size", 64)
+        if H % ranks or (H // ranks) % group:
+            raise ValueError(
+                f"{where}: {block_path(i)}: cannot split the expert width H={H} over "
+                f"N={ranks} ranks: H/N must be a whole number of down-projection "
+                f"groups (group size {group})"
+            )
+
+
+def _load_sharded(utils, path, model_path: Path, config: dict, layers, group, where: str, kwargs):
+    from fused_moe.sharding import shard
+
+    if unsupported := sorted(set(kwargs) - set(SHARDED_LOAD_KWARGS)):
+        raise TypeError(f"{where}: {unsupported} cannot be combined with tensor_group")
+    if layers is None:
+        _stock_split_check(config, group.size(), where)
+        model, tokenizer, config = utils.sharded_load(
+            path,
+            tensor_group=group,
+            return_config=True,
+            tokenizer_config=kwargs.get("tokenizer_config"),
+            trust_remote_code=kwargs.get("trust_remote_code", False),
+        )
+        patch(model)
+    else:
+        # Lazy: each rank reads a tensor, keeps its slice and drops the rest.
+        model, config = _load_packed_model(
+            utils, model_path, layers, where, True,
+            trust_remote_code=kwargs.get("trust_remote_code", False),
+        )
+        shard(model, group)
+        mx.eval(model.parameters())
+        tokenizer = utils.load_tokenizer(
+            model_path, kwargs.get("tokenizer_config"), eos_token_ids=config.get("eos_token_id")
+        )
+    # Every rank ready before the first collective of the forward pass.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+    return (model, tokenizer, config) if kwargs.get("return_config", False) else (model, tokenizer)
 
 
 def load(path: str, *, tensor_group=None, **kwargs: Any):
@@ -84,6 +144,12 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     ``model_config``, ``adapter_path``, ``lazy``, ``return_config``,
     ``revision``, ``trust_remote_code``), as for ``mlx_lm.load``.
 
+    With ``tensor_group`` (an ``mx.distributed.Group``), the model is sharded
+    over the group's ranks as :func:`fused_moe.shard` does; each rank reads
+    only its slice of the experts. A stock checkpoint goes through mlx-lm's
+    ``sharded_load`` and is patched after. Only ``tokenizer_config``,
+    ``return_config`` and ``trust_remote_code`` combine with it.
+
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
     ``return_config=True``.
     """
@@ -94,32 +160,22 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
             f"fused_moe.load: unexpected keyword arguments {unknown}; mlx-lm's "
             f"loading takes {list(LOAD_KWARGS)}"
         )
-    if tensor_group is not None:
-        raise NotImplementedError(
-            "fused_moe.load: tensor_group (tensor parallelism) is not supported yet"
-        )
     model_path = utils._download(path, revision=kwargs.get("revision"))
     where = f"fused_moe.load({str(path)!r})"
     config = utils.load_config(Path(model_path))
     config.update(kwargs.get("model_config") or {})
     layers = packed_layers(config, where)
 
+    if tensor_group is not None:
+        return _load_sharded(utils, path, Path(model_path), config, layers, tensor_group, where, kwargs)
     if layers is None:
         loaded = utils.load(path, **kwargs)
         patch(loaded[0])
         return loaded
 
-    # The same pieces mlx_lm.load puts together, with the fused layers'
-    # constructor in place of the stock model class.
-    def model_classes(config):
-        model_class, args_class = utils._get_classes(config)
-        return _packed_model_factory(model_class, layers, where), args_class
-
-    model, config = utils.load_model(
-        Path(model_path),
-        kwargs.get("lazy", False),
+    model, config = _load_packed_model(
+        utils, Path(model_path), layers, where, kwargs.get("lazy", False),
         model_config=kwargs.get("model_config"),
-        get_model_classes=model_classes,
         trust_remote_code=kwargs.get("trust_remote_code", False),
     )
     if kwargs.get("adapter_path") is not None:

@@ -1,0 +1,109 @@
+"""Tensor parallelism of patched MiniMax models over the expert width H.
+
+Each rank keeps gate/up rows ``H/N`` and the matching down columns of every
+expert (docs/FORMAT.md, "Slicing along H"), runs the fused kernels on that
+slice and sums ``y`` across ranks once per layer: the split mlx-lm's own
+``Model.shard`` makes of the stock experts. Attention is sharded by mlx-lm's
+``Model.shard`` itself. The router and the routing bias are replicated, so
+every rank selects the same experts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from fused_moe import format
+from fused_moe.layer import MiniMaxMoE
+from fused_moe.packing import PackedExperts, QuantizedProjection
+from fused_moe.patch import BLOCK_ATTR, block_path, check_minimax
+
+
+def check_split(experts: PackedExperts, ranks: int, where: str) -> None:
+    """Raises unless H splits into `ranks` slices of whole quantization groups."""
+    H, group = experts.intermediate_dims, experts.down_group_size
+    if H % ranks or (H // ranks) % group:
+        raise ValueError(
+            f"{where}: cannot split the expert width H={H} over N={ranks} ranks: "
+            f"H/N must be a whole number of down-projection groups (group size "
+            f"{group}), so that every rank keeps whole quantization groups"
+        )
+
+
+def slice_experts(experts: PackedExperts, rank: int, ranks: int) -> PackedExperts:
+    """Rank `rank`'s slice ``H[r·H/N : (r+1)·H/N]`` of the packed experts."""
+    h = experts.intermediate_dims // ranks
+    a, b = rank * h, (rank + 1) * h
+    gu = experts.projection("gate_up")
+    dn = experts.projection("down")
+    words = dn.bits / 32  # packed words per input column of down
+
+    def own(arr: mx.array, start: int, stop: int) -> mx.array:
+        # contiguous: the slice must not keep the whole array alive.
+        return mx.contiguous(arr[..., start:stop])
+
+    gate_up = QuantizedProjection(
+        *(mx.contiguous(arr[:, 2 * a : 2 * b]) for arr in gu[:3]), gu.bits, gu.group_size
+    )
+    down = QuantizedProjection(
+        own(dn.weight, int(a * words), int(b * words)),
+        own(dn.scales, a // dn.group_size, b // dn.group_size),
+        own(dn.biases, a // dn.group_size, b // dn.group_size),
+        dn.bits,
+        dn.group_size,
+    )
+    return PackedExperts(gate_up, down)
+
+
+class _ShardStandIn(nn.Module):
+    """Takes a fused block's place while mlx-lm's ``Model.shard`` runs: it
+    has the ``switch_mlp`` projections that code shards, with no parameters,
+    so only attention is touched."""
+
+    def __init__(self):
+        super().__init__()
+        self.switch_mlp = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.switch_mlp, name, nn.Module())
+        self.sharding_group = None
+
+
+def shard(model: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.Module:
+    """Shards a patched MiniMax model in place over `group` (default: the
+    global group) and returns it.
+
+    Attention is sharded by mlx-lm's own ``Model.shard``; the fused experts
+    are sliced along H, which raises ``ValueError`` naming H, N and the group
+    size if a slice would break quantization groups. Every block is checked
+    before anything changes.
+    """
+    check_minimax(model, "fused_moe.shard")
+    group = group or mx.distributed.init()
+    ranks, rank = group.size(), group.rank()
+    fused = [
+        (i, layer, getattr(layer, BLOCK_ATTR))
+        for i, layer in enumerate(model.layers)
+        if isinstance(getattr(layer, BLOCK_ATTR), MiniMaxMoE)
+    ]
+    for i, _, block in fused:
+        check_split(block.experts, ranks, f"fused_moe.shard: {block_path(i)}")
+    args = model.args
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(args, name) % ranks:
+            raise ValueError(
+                f"fused_moe.shard: {name}={getattr(args, name)} does not split over N={ranks} ranks"
+            )
+
+    for _, layer, _ in fused:
+        setattr(layer, BLOCK_ATTR, _ShardStandIn())
+    try:
+        model.shard(group)
+    finally:
+        for _, layer, block in fused:
+            setattr(layer, BLOCK_ATTR, block)
+    for _, _, block in fused:
+        setattr(block, format.MODULE_NAME, slice_experts(block.experts, rank, ranks))
+        block.sharding_group = group
+    return model
