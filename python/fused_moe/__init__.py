@@ -13,6 +13,7 @@ from fused_moe.packing import (
     pack_experts,
     unpack_experts,
 )
+from fused_moe.router import SUPPORTED_ROUTER_BITS, route
 
 MIN_TOP_K = _ext.MIN_TOP_K
 MAX_TOP_K = _ext.MAX_TOP_K
@@ -45,11 +46,13 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_ROUTER_BITS",
     "cpu_isa",
     "down_combine",
     "gate_up_swiglu",
     "get_num_threads",
     "pack_experts",
+    "route",
     "set_num_threads",
     "unpack_experts",
 ]
