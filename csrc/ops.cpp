@@ -159,6 +159,15 @@ mx::array flatten_rows(const mx::array& a, int cols, mx::StreamOrDevice s) {
   return mx::contiguous(mx::reshape(a, {-1, cols}, s), false, s);
 }
 
+// `a` itself when it is already computed and row-contiguous (weights, as a
+// rule): a graph node less, which counts in a 30 µs op.
+mx::array row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mx::contiguous(a, false, s);
+}
+
 } // namespace
 
 // ---------------------------------------------------------------------------
@@ -389,12 +398,12 @@ std::vector<mx::array> route(
 
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {
-      flatten_rows(x, D, stream),
-      mx::contiguous(gate_weight, false, stream),
-      mx::contiguous(bias, false, stream)};
+      row_contiguous(mx::reshape(x, {-1, D}, stream), stream),
+      row_contiguous(gate_weight, stream),
+      row_contiguous(bias, stream)};
   if (quantized) {
-    inputs.push_back(mx::contiguous(*gate_scales, false, stream));
-    inputs.push_back(mx::contiguous(*gate_biases, false, stream));
+    inputs.push_back(row_contiguous(*gate_scales, stream));
+    inputs.push_back(row_contiguous(*gate_biases, stream));
   }
   const int T = inputs[0].shape(0);
   auto outs = mx::array::make_arrays(

@@ -201,6 +201,22 @@ def test_lazy_compiled_and_empty(device):
     mx.eval(indices, weights)
 
 
+def test_strided_inputs(device):
+    # Evaluated views that are not row-contiguous: a transposed gate, every
+    # other column of x, every other bias entry.
+    E, k = 154, 8
+    gate = make_gate(E, D, "bfloat16")
+    bias = random_bias(2 * E)[::2]
+    x = clear_inputs((5, D), gate, mx.array(np.array(bias)), k, seed=12)
+    wide_x = mx.repeat(x, 2, axis=1)[:, ::2]
+    gate_t = mx.array(np.ascontiguousarray(np.array(gate.weight.astype(mx.float32)).T)).astype(mx.bfloat16).T
+    mx.eval(bias, wide_x, gate_t)
+    want = fm.route(x, gate.weight, mx.array(np.array(bias)), k, stream=device)
+    got = fm.route(wide_x, gate_t, bias, k, stream=device)
+    for a, b in zip(want, got):
+        assert mx.array_equal(a, b).item()
+
+
 # ---------------------------------------------------------------- errors
 
 
