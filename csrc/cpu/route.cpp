@@ -22,8 +22,9 @@ namespace {
 constexpr int kRowSplitMaxTokens = 16;
 // Tokens per task; also the unit of the per-token selection.
 constexpr int kTokensPerTask = 32;
-// Row blocks are whole 4-row tiles.
-constexpr int kRowAlign = 4;
+// Experts per task in the expert split: whole 4-row tiles, and several
+// tasks per thread, so that a thread that wakes late finds its share taken.
+constexpr int kRowsPerTask = 16;
 
 struct Split {
   int rows_per_task;
@@ -36,9 +37,7 @@ Split plan_split(int T, int E, int threads) {
   if (T > kRowSplitMaxTokens || threads <= 1) {
     return {E, 1, token_tasks};
   }
-  const int tiles = (E + kRowAlign - 1) / kRowAlign;
-  const int rows = kRowAlign * ((tiles + threads - 1) / threads);
-  return {rows, (E + rows - 1) / rows, token_tasks};
+  return {kRowsPerTask, (E + kRowsPerTask - 1) / kRowsPerTask, token_tasks};
 }
 
 // True when biased score `a` ranks above `b`: higher first, NaN below every
