@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 import fused_moe as fm
+from moe_reference import dequantized
 from tolerance import assert_within_tolerance
 
 # Gate forms: an unquantized nn.Linear in a float dtype, or mlx-lm's default
@@ -39,16 +40,8 @@ def make_gate(E: int, D: int, form: str, seed: int = 0, group_size: int = 64):
 def gate_weight64(gate) -> np.ndarray:
     """[E, D] fp64: the weights the kernel reads."""
     if isinstance(gate, nn.QuantizedLinear):
-        w = mx.dequantize(
-            gate.weight,
-            gate.scales.astype(mx.float32),
-            gate.biases.astype(mx.float32),
-            gate.group_size,
-            gate.bits,
-        )
-    else:
-        w = gate.weight.astype(mx.float32)
-    return np.array(w, dtype=np.float64)
+        return dequantized(gate)
+    return np.array(gate.weight.astype(mx.float32), dtype=np.float64)
 
 
 def stock_route(x, gate, bias, k):
