@@ -1,4 +1,5 @@
-"""Routed-expert throughput: fused_moe against mlx-lm's stock SwitchGLU.
+"""Routed-expert throughput: fused_moe against mlx-lm's stock SwitchGLU,
+and the router: fused_moe.route against mlx-lm's MiniMax router.
 
 Measures one MoE layer's routed experts (default: the MiniMax-M2.5-REAP
 shapes D=3072, H=1536, E=154, k=8, 3-bit, group size 64, bfloat16) with
@@ -14,7 +15,14 @@ For each token count T it times, after one warm-up call, the median of
 * the parts on their own: A = ``gate_up_swiglu``, B = ``down_combine``,
   stock A = ``silu(gate_proj) * up_proj``, stock B = ``down_proj`` plus the
   weighted sum (both through the unsorted gather path, whereas SwitchGLU
-  sorts the tokens by expert once T*k >= 64).
+  sorts the tokens by expert once T*k >= 64);
+* the router, per layer a gate ``nn.Linear`` [E, D] in the benchmark dtype
+  (bfloat16 by default, as in MiniMax) and a float32 score bias: fused =
+  ``fm.route``, stock = mlx-lm's chain (gate on fp32 x, sigmoid, bias,
+  argpartition, take_along_axis, renormalisation). Its calls draw only a
+  fresh x, and it takes at least ROUTER_MIN_REPEATS samples, being short;
+  stock gets at most ROUTER_STOCK_SECONDS of calls per T, and runs at every
+  T (no extrapolation).
 
 The stock path is very slow on CPU, so it gets at most STOCK_SECONDS_PER_OP
 seconds of calls per op and T (at least one call; a warm-up call longer than
@@ -30,7 +38,8 @@ Reading a result line:
 * ``GB/s``: the bytes of weights, scales and biases of the distinct experts
   the call selected (all three projections), averaged over the calls, over
   the fused time: how close the fused path gets to memory bandwidth;
-* ``A``, ``B``, ``stock A``, ``stock B``: the per-op breakdown in ms.
+* ``A``, ``B``, ``stock A``, ``stock B``: the per-op breakdown in ms;
+* ``router``, ``stock router``: the router alone in ms.
 
 It only measures and reports; it exits 0 however slow either path is.
 """
@@ -45,6 +54,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
@@ -58,6 +68,10 @@ STOCK_SECONDS_PER_OP = 20.0
 # A warm-up call at least this long is kept as a sample: its one-time costs
 # are noise at that length, and repeating it would only cost time.
 WARMUP_IS_SAMPLE_S = 1.0
+# The router takes well under a millisecond at decode: more samples than
+# --repeats make its median stable, and its stock path gets a small budget.
+ROUTER_MIN_REPEATS = 25
+ROUTER_STOCK_SECONDS = 2.0
 
 
 @dataclass
@@ -72,20 +86,29 @@ class Shapes:
 
 
 @dataclass
+class Router:
+    gate: nn.Linear  # [E, D], no bias
+    bias: mx.array  # [E] float32 e_score_correction_bias
+    k: int
+
+
+@dataclass
 class Layer:
     packed: fm.PackedExperts
     stock: Optional[SwitchGLU]
+    router: Router
 
 
 @dataclass
 class Inputs:
-    """One call's inputs, evaluated before the clock starts."""
+    """One call's inputs, evaluated before the clock starts. A router call
+    draws only x."""
 
     x: mx.array  # [T, D]
-    indices: mx.array  # [T, k] uint32
-    weights: mx.array  # [T, k]
-    h: mx.array  # [T, k, H]: the input of the down projection alone
-    distinct_experts: int
+    indices: Optional[mx.array] = None  # [T, k] uint32
+    weights: Optional[mx.array] = None  # [T, k]
+    h: Optional[mx.array] = None  # [T, k, H]: the input of the down projection alone
+    distinct_experts: int = 0
 
 
 @dataclass
@@ -146,7 +169,11 @@ def random_layer(s: Shapes, with_stock: bool) -> Layer:
     mx.eval(glu.parameters())
     packed = fm.pack_experts(glu)
     mx.eval(packed.parameters())
-    return Layer(packed, glu if with_stock else None)
+    gate = nn.Linear(s.D, s.E, bias=False)
+    gate.set_dtype(s.dtype)
+    router = Router(gate, 0.1 * mx.random.normal((s.E,)), s.k)
+    mx.eval(router.gate.parameters(), router.bias)
+    return Layer(packed, glu if with_stock else None, router)
 
 
 def bytes_per_expert(layer: Layer) -> int:
@@ -154,7 +181,11 @@ def bytes_per_expert(layer: Layer) -> int:
     return sum(a.nbytes for a in arrays) // layer.packed.num_experts
 
 
-def random_inputs(s: Shapes, T: int) -> Inputs:
+def random_inputs(s: Shapes, T: int, router_only: bool = False) -> Inputs:
+    if router_only:
+        x = mx.random.normal((T, s.D)).astype(s.dtype)
+        mx.eval(x)
+        return Inputs(x)
     scores = mx.random.uniform(shape=(T, s.E))
     indices = mx.argpartition(scores, kth=s.E - s.k, axis=-1)[:, s.E - s.k :]
     indices = indices.astype(mx.uint32)
@@ -206,6 +237,26 @@ def stock_ab(layer: Layer, inp: Inputs) -> mx.array:
     return weighted_sum(layer.stock(inp.x, inp.indices), inp.weights)
 
 
+def fused_router(layer: Layer, inp: Inputs) -> tuple[mx.array, mx.array]:
+    r = layer.router
+    return fm.route(inp.x, r.gate, r.bias, r.k)
+
+
+def stock_router(layer: Layer, inp: Inputs) -> tuple[mx.array, mx.array]:
+    """mlx-lm's MiniMaxSparseMoeBlock routing, op for op."""
+    r, k = layer.router, layer.router.k
+    scores = mx.sigmoid(r.gate(inp.x.astype(mx.float32)))
+    orig_scores = scores
+    scores = scores + r.bias
+    inds = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(orig_scores, inds, axis=-1)
+    scores = scores / (mx.sum(scores, axis=-1, keepdims=True) + 1e-20)
+    return inds, scores.astype(inp.x.dtype)
+
+
+ROUTER_OPS = (fused_router, stock_router)
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -219,7 +270,7 @@ class Bench:
 
     def call(self, op: Op, T: int) -> tuple[float, int]:
         """One timed call: (seconds, bytes of the distinct experts selected)."""
-        inp = random_inputs(self.shapes, T)
+        inp = random_inputs(self.shapes, T, router_only=op in ROUTER_OPS)
         layer = next(self.layers)
         start = time.perf_counter()
         mx.eval(op(layer, inp))
@@ -257,13 +308,25 @@ class Row:
     stock: Optional[Timing] = None
     stock_a: Optional[Timing] = None
     stock_b: Optional[Timing] = None
+    router: Optional[float] = None
+    stock_router: Optional[Timing] = None
 
 
 def measure_fused(bench: Bench, T: int, repeats: int) -> Row:
     fused_s, touched = bench.median_s(fused_ab, T, repeats)
     a_s, _ = bench.median_s(fused_a, T, repeats)
     b_s, _ = bench.median_s(fused_b, T, repeats)
-    return Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9)
+    router_s, _ = bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))
+    row = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9)
+    row.router = 1e3 * router_s
+    return row
+
+
+def measure_stock_router(bench: Bench, row: Row, repeats: int) -> None:
+    seconds, _ = bench.median_s(
+        stock_router, row.T, max(repeats, ROUTER_MIN_REPEATS), ROUTER_STOCK_SECONDS
+    )
+    row.stock_router = Timing(1e3 * seconds)
 
 
 def measure_stock(bench: Bench, row: Row, repeats: int) -> None:
@@ -287,7 +350,7 @@ def extrapolate_stock(row: Row, ref: Row) -> None:
 COLUMNS = (
     f"{'tokens':>6}  {'stock ms':>10}  {'fused ms':>9}  {'speedup':>8}  "
     f"{'tok/s':>9}  {'GB/s':>6}  |  {'A ms':>8}  {'B ms':>8}  "
-    f"{'stock A ms':>10}  {'stock B ms':>10}"
+    f"{'stock A ms':>10}  {'stock B ms':>10}  |  {'router ms':>9}  {'stock router ms':>15}"
 )
 
 
@@ -297,12 +360,17 @@ def fmt_stock(t: Optional[Timing], width: int) -> str:
     return f"{t.ms:>{width - 1}.1f}{'*' if t.extrapolated else ' '}"
 
 
+def fmt_router(t: Optional[Timing], width: int) -> str:
+    return f"{'-':>{width}}" if t is None else f"{t.ms:>{width}.3f}"
+
+
 def format_row(r: Row) -> str:
     speedup = f"{r.stock.ms / r.fused:>7.1f}x" if r.stock else f"{'-':>8}"
     return (
         f"{r.T:>6}  {fmt_stock(r.stock, 10)}  {r.fused:>9.2f}  {speedup}  "
         f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
-        f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}"
+        f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  |  "
+        f"{r.router:>9.3f}  {fmt_router(r.stock_router, 15)}"
     ).rstrip()
 
 
@@ -315,6 +383,7 @@ def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> l
         f"versions:  mlx {mx.__version__}, fused_moe {fm.__version__}",
         f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, group size "
         f"{s.group_size}, {args.dtype}",
+        f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}",
         f"weights:   {args.layers} layers x {layer_gb:.2f} GB packed"
         f"{' (+ as much stock)' if not args.no_stock else ''}, "
         f"{expert_mb:.2f} MB per expert; {args.repeats} repeats (median)",
@@ -352,6 +421,8 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> list[Row]:
     rows, ref = [], None  # ref: the row of the largest T stock ran at
     for T in sorted(set(args.tokens)):
         row = measure_fused(bench, T, args.repeats)
+        if not args.no_stock:
+            measure_stock_router(bench, row, args.repeats)
         if not args.no_stock and T <= args.stock_max_tokens:
             measure_stock(bench, row, args.repeats)
             ref = row
@@ -365,7 +436,9 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> list[Row]:
 def footnotes(rows: list[Row], args: argparse.Namespace) -> list[str]:
     notes = [
         "tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
-        "distinct experts selected / fused time"
+        "distinct experts selected / fused time",
+        f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
+        f">= {ROUTER_MIN_REPEATS} calls (stock: at most {ROUTER_STOCK_SECONDS:g} s of calls)",
     ]
     measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
     if any(r.stock and r.stock.extrapolated for r in rows):

@@ -1,6 +1,7 @@
 // Python bindings: fused_moe._ext. The Python package wraps these in
 // fused_moe/ops.py, which takes a PackedExperts instead of raw arrays.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -34,6 +35,15 @@ NB_MODULE(_ext, m) {
       "y = Σ_j weights[..., j] · (h[..., j, :]·Dᵀ); see "
       "fused_moe.down_combine.");
 
+  m.def(
+      "route",
+      &fused_moe::route,
+      "x"_a, "gate_weight"_a, "gate_scales"_a.none(), "gate_biases"_a.none(),
+      "bias"_a, "k"_a, "bits"_a.none(), "group_size"_a.none(), nb::kw_only(),
+      "stream"_a = nb::none(),
+      "(indices, weights): sigmoid router with biased top-k; see "
+      "fused_moe.route.");
+
   m.def("set_num_threads", &fused_moe::cpu::set_num_threads, "n"_a,
         "Threads used by the CPU kernels (default: FUSED_MOE_NUM_THREADS or "
         "the number of hardware threads).");
@@ -53,6 +63,8 @@ NB_MODULE(_ext, m) {
   m.attr("SUPPORTED_BITS") = nb::tuple(to_list(fused_moe::kSupportedBits));
   m.attr("SUPPORTED_GROUP_SIZES") =
       nb::tuple(to_list(fused_moe::kSupportedGroupSizes));
+  m.attr("SUPPORTED_ROUTER_BITS") =
+      nb::tuple(to_list(fused_moe::kSupportedRouterBits));
   m.attr("MIN_TOP_K") = fused_moe::kMinTopK;
   m.attr("MAX_TOP_K") = fused_moe::kMaxTopK;
 }

@@ -11,5 +11,8 @@ inline constexpr std::array<int, 2> kSupportedBits = {3, 4};
 inline constexpr std::array<int, 3> kSupportedGroupSizes = {32, 64, 128};
 inline constexpr int kMinTopK = 1;
 inline constexpr int kMaxTopK = 16;
+// A quantized router gate (fused_moe.route): the bits accepted, at any of
+// kSupportedGroupSizes. mlx-lm quantizes the gate at 8 bits by default.
+inline constexpr std::array<int, 1> kSupportedRouterBits = {8};
 
 } // namespace fused_moe

@@ -1,5 +1,5 @@
 // The fused MoE ops: argument checking, the Primitive objects, and the GPU
-// entry points. CPU evaluation lives in cpu/dispatch.cpp.
+// entry points. CPU evaluation lives in cpu/dispatch.cpp and cpu/route.cpp.
 #include "ops.h"
 
 #include <algorithm>
@@ -52,8 +52,14 @@ bool is_float(mx::Dtype t) {
   return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
 }
 
-void check_grid(const char* op, const char* which, int bits, int group_size) {
-  const auto& B = kSupportedBits;
+// `B`: the bits this op accepts (the experts' by default).
+template <size_t N = kSupportedBits.size()>
+void check_grid(
+    const char* op,
+    const char* which,
+    int bits,
+    int group_size,
+    const std::array<int, N>& B = kSupportedBits) {
   const auto& G = kSupportedGroupSizes;
   if (std::find(B.begin(), B.end(), bits) == B.end()) {
     fail(op, std::string(which) + " bits=" + std::to_string(bits) +
@@ -113,6 +119,14 @@ int check_quant_matrix(
   return E;
 }
 
+void check_top_k(const char* op, int k) {
+  if (k < kMinTopK || k > kMaxTopK) {
+    fail(op, "k=" + std::to_string(k) + " experts per token is not "
+             "supported; supported k: " + std::to_string(kMinTopK) + ".." +
+             std::to_string(kMaxTopK));
+  }
+}
+
 // Checks indices [..., k] against the leading shape; returns k.
 int check_indices(const char* op, const mx::array& indices, const mx::Shape& lead) {
   if (indices.dtype() != mx::uint32 && indices.dtype() != mx::int32) {
@@ -128,11 +142,7 @@ int check_indices(const char* op, const mx::array& indices, const mx::Shape& lea
              " + [k], got " + shape_str(indices.shape()));
   }
   const int k = indices.shape(-1);
-  if (k < kMinTopK || k > kMaxTopK) {
-    fail(op, "k=" + std::to_string(k) + " experts per token is not "
-             "supported; supported k: " + std::to_string(kMinTopK) + ".." +
-             std::to_string(kMaxTopK));
-  }
+  check_top_k(op, k);
   return k;
 }
 
@@ -147,6 +157,15 @@ void check_multiple_of_32(const char* op, const char* what, int v) {
 
 mx::array flatten_rows(const mx::array& a, int cols, mx::StreamOrDevice s) {
   return mx::contiguous(mx::reshape(a, {-1, cols}, s), false, s);
+}
+
+// `a` itself when it is already computed and row-contiguous (weights, as a
+// rule): a graph node less, which counts in a 30 µs op.
+mx::array row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mx::contiguous(a, false, s);
 }
 
 } // namespace
@@ -280,6 +299,126 @@ mx::array down_combine(
   return mx::reshape(y, out_shape, stream);
 }
 
+std::vector<mx::array> route(
+    const mx::array& x,
+    const mx::array& gate_weight,
+    const std::optional<mx::array>& gate_scales,
+    const std::optional<mx::array>& gate_biases,
+    const mx::array& bias,
+    int k,
+    std::optional<int> bits,
+    std::optional<int> group_size,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "route";
+  check_top_k(op, k);
+  if (!is_float(x.dtype())) {
+    fail(op, "x must be float16, bfloat16 or float32, got " +
+             dtype_str(x.dtype()));
+  }
+  if (x.ndim() < 1 || x.shape(-1) < 1) {
+    fail(op, "x must have shape [..., D] with D >= 1, got " +
+             shape_str(x.shape()));
+  }
+  const int D = x.shape(-1);
+  const bool quantized = gate_scales.has_value();
+  if (gate_biases.has_value() != quantized) {
+    fail(op, "a quantized gate needs both gate_scales and gate_biases; got "
+             "only " + std::string(quantized ? "gate_scales" : "gate_biases"));
+  }
+  if (bits.has_value() != quantized || group_size.has_value() != quantized) {
+    fail(op, quantized
+             ? "a quantized gate needs bits and group_size"
+             : "bits and group_size are only for a quantized gate (with "
+               "gate_scales and gate_biases)");
+  }
+  if (gate_weight.ndim() != 2 || gate_weight.shape(0) < 1) {
+    fail(op, "gate_weight must be [E, " +
+             (quantized ? std::to_string(D) + "*bits/32" : std::to_string(D)) +
+             "] with E >= 1, got " + shape_str(gate_weight.shape()));
+  }
+  const int E = gate_weight.shape(0);
+  if (quantized) {
+    check_grid(op, "gate", *bits, *group_size, kSupportedRouterBits);
+    if (D % *group_size != 0) {
+      fail(op, "D=" + std::to_string(D) + " (x.shape[-1]) is not a multiple "
+               "of the gate's group_size=" + std::to_string(*group_size));
+    }
+    if (gate_weight.dtype() != mx::uint32) {
+      fail(op, "a quantized gate_weight must be uint32, got " +
+               dtype_str(gate_weight.dtype()));
+    }
+    const mx::Shape w_shape = {E, D * *bits / 32};
+    if (gate_weight.shape() != w_shape) {
+      fail(op, "gate_weight has shape " + shape_str(gate_weight.shape()) +
+               " but " + std::to_string(*bits) + "-bit rows of D=" +
+               std::to_string(D) + " inputs need " + shape_str(w_shape));
+    }
+    const mx::Shape s_shape = {E, D / *group_size};
+    for (const auto* a : {&*gate_scales, &*gate_biases}) {
+      const std::string an = a == &*gate_scales ? "gate_scales" : "gate_biases";
+      if (a->shape() != s_shape) {
+        fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
+                 shape_str(s_shape) + " for group_size=" +
+                 std::to_string(*group_size));
+      }
+      if (!is_float(a->dtype())) {
+        fail(op, an + " must be float16, bfloat16 or float32, got " +
+                 dtype_str(a->dtype()));
+      }
+    }
+    if (gate_scales->dtype() != gate_biases->dtype()) {
+      fail(op, "gate_scales (" + dtype_str(gate_scales->dtype()) +
+               ") and gate_biases (" + dtype_str(gate_biases->dtype()) +
+               ") must have one dtype");
+    }
+  } else {
+    if (!is_float(gate_weight.dtype())) {
+      fail(op, "an unquantized gate_weight must be float16, bfloat16 or "
+               "float32, got " + dtype_str(gate_weight.dtype()) +
+               " (a quantized one comes with gate_scales and gate_biases)");
+    }
+    if (gate_weight.shape(1) != D) {
+      fail(op, "gate_weight has shape " + shape_str(gate_weight.shape()) +
+               " but x has D=" + std::to_string(D) + "; expected [E, " +
+               std::to_string(D) + "]");
+    }
+  }
+  if (k > E) {
+    fail(op, "k=" + std::to_string(k) + " is more than the E=" +
+             std::to_string(E) + " experts of gate_weight");
+  }
+  if (bias.shape() != mx::Shape{E}) {
+    fail(op, "bias must have shape [E] = [" + std::to_string(E) +
+             "], got " + shape_str(bias.shape()));
+  }
+  if (!is_float(bias.dtype())) {
+    fail(op, "bias must be float16, bfloat16 or float32, got " +
+             dtype_str(bias.dtype()));
+  }
+
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {
+      row_contiguous(mx::reshape(x, {-1, D}, stream), stream),
+      row_contiguous(gate_weight, stream),
+      row_contiguous(bias, stream)};
+  if (quantized) {
+    inputs.push_back(row_contiguous(*gate_scales, stream));
+    inputs.push_back(row_contiguous(*gate_biases, stream));
+  }
+  const int T = inputs[0].shape(0);
+  auto outs = mx::array::make_arrays(
+      {{T, k}, {T, k}},
+      {mx::uint32, mx::float32},
+      std::make_shared<Route>(
+          stream, k, quantized ? *bits : 0, quantized ? *group_size : 0),
+      inputs);
+  mx::Shape out_shape(x.shape().begin(), x.shape().end() - 1);
+  out_shape.push_back(k);
+  return {
+      mx::reshape(outs[0], out_shape, stream),
+      mx::reshape(outs[1], out_shape, stream)};
+}
+
 // ---------------------------------------------------------------------------
 // Primitives: common parts
 // ---------------------------------------------------------------------------
@@ -300,6 +439,17 @@ std::vector<mx::Shape> DownCombine::output_shapes(
   return {{inputs[0].shape(0), inputs[1].shape(1)}};
 }
 
+bool Route::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Route&>(other);
+  return k_ == o.k_ && bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+std::vector<mx::Shape> Route::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  const mx::Shape shape = {inputs[0].shape(0), k_};
+  return {shape, shape};
+}
+
 // ---------------------------------------------------------------------------
 // Primitives: GPU
 // ---------------------------------------------------------------------------
@@ -312,6 +462,12 @@ void GateUpSwiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 void DownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("DownCombine has no GPU implementation yet.");
+}
+
+void Route::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error("Route has no GPU implementation yet.");
 }
 
 } // namespace fused_moe

@@ -54,8 +54,9 @@ def random_routing(T, E, k, seed=0, distinct=True):
     return mx.array(idx.astype(np.uint32)), mx.array(w.astype(np.float32))
 
 
-def dequantized(layer: QuantizedSwitchLinear) -> np.ndarray:
-    """[E, out, in] float64 weights exactly as the kernels see them."""
+def dequantized(layer) -> np.ndarray:
+    """Float64 weights exactly as the kernels see them: [E, out, in] for a
+    QuantizedSwitchLinear, [out, in] for a QuantizedLinear."""
     w = mx.dequantize(
         layer.weight,
         layer.scales.astype(mx.float32),

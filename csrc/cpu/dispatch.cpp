@@ -5,11 +5,10 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/host.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "ops.h"
 
 namespace fused_moe {
@@ -18,21 +17,14 @@ namespace {
 
 using cpu::ExpertGroups;
 using cpu::FloatType;
+using cpu::float_type;
+using cpu::launch;
+using cpu::to_fp32;
 
 // Rows of output per task: enough tasks to balance threads at decode, long
 // enough that one task amortizes its dequantized tiles.
 constexpr int kGateUpRowsPerTask = 32; // even: kernel A emits rows in pairs
 constexpr int kDownRowsPerTask = 32; // a multiple of the 4-row tile
-
-FloatType float_type(mx::Dtype t) {
-  if (t == mx::float32) {
-    return FloatType::f32;
-  }
-  if (t == mx::float16) {
-    return FloatType::f16;
-  }
-  return FloatType::bf16;
-}
 
 cpu::QuantMatrix quant_matrix(
     const mx::array& w,
@@ -95,27 +87,6 @@ struct Grouping {
   }
 };
 
-// fp32 copy of a float array, converted in parallel blocks.
-std::vector<float> to_fp32(const mx::array& a) {
-  const int64_t n = a.size();
-  std::vector<float> out(n);
-  constexpr int64_t kBlock = 1 << 16;
-  const int blocks = static_cast<int>((n + kBlock - 1) / kBlock);
-  cpu::parallel_for(blocks, [&](int b) {
-    const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
-    if (a.dtype() == mx::float32) {
-      std::copy(a.data<float>() + lo, a.data<float>() + hi, out.data() + lo);
-    } else if (a.dtype() == mx::float16) {
-      const auto* p = a.data<mx::float16_t>();
-      for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<float>(p[i]);
-    } else {
-      const auto* p = a.data<mx::bfloat16_t>();
-      for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<float>(p[i]);
-    }
-  });
-  return out;
-}
-
 // Integer-ready copy of activation rows, for kernel builds that have an
 // integer path. float32 inputs always take the exact fp32 path, and so do
 // rows whose width is not a whole number of 64-code blocks.
@@ -148,24 +119,6 @@ struct ActPlanes {
     return used ? &view : nullptr;
   }
 };
-
-// Allocates `out` and runs `body` on this primitive's CPU stream once the
-// inputs are ready.
-template <typename Body>
-void launch(
-    mx::Stream stream,
-    const std::vector<mx::array>& inputs,
-    mx::array& out,
-    Body body) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (const auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
-  // The arrays are captured by value so their buffers outlive the task.
-  encoder.dispatch([inputs, out, body]() mutable { body(inputs, out); });
-}
 
 } // namespace
 

@@ -66,6 +66,27 @@ struct DownArgs {
   int T;
 };
 
+// The router's gate [E, D], either in a float dtype or as 8-bit affine codes
+// (w = scale·q + bias per group of `group_size` inputs).
+struct RouterGate {
+  const void* weight; // [E, D] of `weight_type`, or [E, D] uint8 codes
+  const void* scales; // [E, D/group_size] of `scale_type`; null if unquantized
+  const void* biases; // same shape and type as scales
+  FloatType weight_type; // unquantized only
+  FloatType scale_type; // quantized only
+  bool quantized;
+  int group_size; // quantized only
+  int E;
+  int D;
+};
+
+// Router logits: logits[t, e] = x[t] · W[e], summed in fp32.
+struct RouteArgs {
+  RouterGate gate;
+  const float* x; // [T, D] fp32 activations
+  float* logits; // [T, E] output
+};
+
 // The kernels one instruction-set build provides. Each call covers a disjoint
 // slice of the output, so any number of threads gives identical bits.
 struct KernelTable {
@@ -77,6 +98,10 @@ struct KernelTable {
   // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
   // no integer path; the kernels then take fp32 activations only.
   void (*quantize_acts)(const float* x, int64_t row, const QuantizedActs& q);
+  // logits of experts [e_begin, e_end) for tokens [t_begin, t_end). Each
+  // logit's summation order depends only on D.
+  void (*route_logits)(
+      const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
 };
 
 const KernelTable& kernels_generic();

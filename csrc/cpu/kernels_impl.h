@@ -451,6 +451,197 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// Router logits
+// ---------------------------------------------------------------------------
+
+// The gate rows in each storage format, read kLanes inputs at a time as fp32.
+// A row is split into `groups` runs of `width` inputs (quantized: the
+// quantization groups; float: one run over the whole vectors of the row),
+// and `group(e, g)` gives what a chunk of run g of row e needs.
+
+template <FloatType TYPE>
+struct FloatGateRows {
+  struct Group {};
+  const void* w;
+  int64_t D;
+
+  int groups() const {
+    return D >= kLanes ? 1 : 0;
+  }
+  int width() const {
+    return static_cast<int>(D - D % kLanes);
+  }
+  Group group(int, int) const {
+    return {};
+  }
+  vfloat chunk(Group, int e, int i) const {
+    const int64_t at = e * D + i;
+    if constexpr (TYPE == FloatType::f32) {
+      return load(static_cast<const float*>(w) + at);
+    } else if constexpr (TYPE == FloatType::bf16) {
+      // bf16 is the top half of an fp32. The intrinsics widen in one
+      // instruction where GCC's generic widening takes four.
+      const auto* p = static_cast<const uint16_t*>(w) + at;
+#if defined(__AVX512F__)
+      return (vfloat)_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+          16);
+#elif defined(__AVX2__)
+      return (vfloat)_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          16);
+#else
+      typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
+      typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
+      vu16 h;
+      std::memcpy(&h, p, sizeof(h));
+      return (vfloat)(__builtin_convertvector(h, vu32) << 16);
+#endif
+    } else {
+      const auto* p = static_cast<const uint16_t*>(w) + at;
+#if defined(__AVX512F__)
+      return (vfloat)_mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__)
+      return (vfloat)_mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+      vfloat v;
+      for (int l = 0; l < kLanes; ++l) {
+        v[l] = to_float(w, FloatType::f16, at + l);
+      }
+      return v;
+#endif
+    }
+  }
+  float at(int e, int i) const {
+    return to_float(w, TYPE, e * D + i);
+  }
+};
+
+struct QuantGateRows {
+  struct Group {
+    vfloat scale, bias;
+  };
+  const RouterGate& g;
+
+  int groups() const {
+    return g.D / g.group_size;
+  }
+  int width() const {
+    return g.group_size;
+  }
+  Group group(int e, int gi) const {
+    const int64_t at = static_cast<int64_t>(e) * groups() + gi;
+    return {
+        vfloat{} + to_float(g.scales, g.scale_type, at),
+        vfloat{} + to_float(g.biases, g.scale_type, at)};
+  }
+  vfloat chunk(const Group& gr, int e, int i) const {
+    typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
+    vu8 q;
+    std::memcpy(
+        &q,
+        static_cast<const uint8_t*>(g.weight) + static_cast<int64_t>(e) * g.D + i,
+        sizeof(q));
+    return __builtin_convertvector(q, vfloat) * gr.scale + gr.bias;
+  }
+  float at(int, int) const {
+    return 0.0f; // never called: D is a whole number of groups
+  }
+};
+
+// logits[t + j, e + r] for ROWS rows and TOKENS tokens. Each (row, token)
+// sees the same operations in the same order whatever ROWS and TOKENS are.
+template <int ROWS, int TOKENS, typename Rows>
+static inline void route_tile(const Rows& w, const RouteArgs& a, int e, int t) {
+  const int D = a.gate.D;
+  const float* x[TOKENS];
+  for (int j = 0; j < TOKENS; ++j) {
+    x[j] = a.x + static_cast<int64_t>(t + j) * D;
+  }
+  vfloat acc[ROWS][TOKENS] = {};
+  const int width = w.width();
+  for (int g = 0; g < w.groups(); ++g) {
+    typename Rows::Group gr[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      gr[r] = w.group(e + r, g);
+    }
+    for (int i = g * width; i < (g + 1) * width; i += kLanes) {
+      vfloat xv[TOKENS];
+      for (int j = 0; j < TOKENS; ++j) {
+        xv[j] = load(x[j] + i);
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const vfloat wv = w.chunk(gr[r], e + r, i);
+        for (int j = 0; j < TOKENS; ++j) {
+          acc[r][j] += wv * xv[j];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int j = 0; j < TOKENS; ++j) {
+      float sum = horizontal_sum(acc[r][j]);
+      for (int i = w.groups() * width; i < D; ++i) {
+        sum += w.at(e + r, i) * x[j][i];
+      }
+      a.logits[static_cast<int64_t>(t + j) * a.gate.E + e + r] = sum;
+    }
+  }
+}
+
+template <typename Rows>
+static void route_logits_of(
+    const Rows& w, const RouteArgs& a, int e_begin, int e_end, int t_begin,
+    int t_end) {
+  // Tokens outside, rows inside: at decode the gate streams once.
+  int t = t_begin;
+  for (; t + kTileTokens <= t_end; t += kTileTokens) {
+    int e = e_begin;
+    for (; e + kTileRows <= e_end; e += kTileRows) {
+      route_tile<kTileRows, kTileTokens>(w, a, e, t);
+    }
+    for (; e < e_end; ++e) {
+      route_tile<1, kTileTokens>(w, a, e, t);
+    }
+  }
+  for (; t < t_end; ++t) {
+    int e = e_begin;
+    for (; e + kTileRows <= e_end; e += kTileRows) {
+      route_tile<kTileRows, 1>(w, a, e, t);
+    }
+    for (; e < e_end; ++e) {
+      route_tile<1, 1>(w, a, e, t);
+    }
+  }
+}
+
+static void route_logits(
+    const RouteArgs& a, int e_begin, int e_end, int t_begin, int t_end) {
+  const RouterGate& g = a.gate;
+  if (g.quantized) {
+    return route_logits_of(QuantGateRows{g}, a, e_begin, e_end, t_begin, t_end);
+  }
+  switch (g.weight_type) {
+    case FloatType::f32:
+      return route_logits_of(
+          FloatGateRows<FloatType::f32>{g.weight, g.D}, a, e_begin, e_end,
+          t_begin, t_end);
+    case FloatType::f16:
+      return route_logits_of(
+          FloatGateRows<FloatType::f16>{g.weight, g.D}, a, e_begin, e_end,
+          t_begin, t_end);
+    case FloatType::bf16:
+      return route_logits_of(
+          FloatGateRows<FloatType::bf16>{g.weight, g.D}, a, e_begin, e_end,
+          t_begin, t_end);
+  }
+}
+
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
 
 // The table this build exports: fused_moe::cpu::kernels_<isa>().
@@ -471,6 +662,7 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
 #else
       nullptr,
 #endif
+      &FUSED_MOE_ISA_NS::route_logits,
   };
   return table;
 }

@@ -17,6 +17,7 @@ from fused_moe.packing import (
     unpack_experts,
 )
 from fused_moe.patch import patch
+from fused_moe.router import SUPPORTED_ROUTER_BITS, route
 from fused_moe.sharding import shard
 
 MIN_TOP_K = _ext.MIN_TOP_K
@@ -52,6 +53,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_ROUTER_BITS",
     "convert",
     "cpu_isa",
     "down_combine",
@@ -60,6 +62,7 @@ __all__ = [
     "load",
     "pack_experts",
     "patch",
+    "route",
     "set_num_threads",
     "shard",
     "unpack_experts",
