@@ -301,3 +301,27 @@ def test_converted_hugging_face_checkpoint_matches_mlx_lm(fp8, tmp_path):
     tokens = mx.array([PROMPT])
     assert_logits_match(fused(tokens), stock(tokens))
     assert greedy(fused, PROMPT, n=16) == greedy(stock, PROMPT, n=16)
+
+
+def test_a_router_the_fused_op_cannot_take_is_refused():
+    model, _ = build_model(SMALL, seed=8)
+    nn.quantize(
+        model, group_size=64, bits=4,
+        class_predicate=lambda p, m: p.endswith("block_sparse_moe.gate"),
+    )
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.block_sparse_moe: router: .*4-bit QuantizedLinear"):
+        fm.patch(model)
+
+
+def test_an_8_bit_router_as_mlx_lm_quantizes_it_by_default():
+    def model_with_8_bit_gate():
+        model, _ = build_model(SMALL, seed=9)
+        nn.quantize(model, group_size=64, bits=8, class_predicate=lambda p, m: p.endswith("block_sparse_moe.gate"))
+        model.set_dtype(mx.float32)
+        return model
+
+    stock, fused = model_with_8_bit_gate(), model_with_8_bit_gate()
+    assert isinstance(stock.layers[0].block_sparse_moe.gate, nn.QuantizedLinear)
+    assert fm.patch(fused) == 3
+    tokens = mx.array([PROMPT])
+    assert_logits_match(fused(tokens), stock(tokens))

@@ -11,6 +11,7 @@ from mlx.nn.layers.distributed import sum_gradients
 from fused_moe import format
 from fused_moe.ops import down_combine, gate_up_swiglu
 from fused_moe.packing import PackedExperts, QuantizedProjection, pack_experts
+from fused_moe.router import route
 
 
 def _placeholder_projection(experts: int, rows: int, cols: int, bits: int, group_size: int) -> QuantizedProjection:
@@ -109,15 +110,10 @@ class MiniMaxMoE(nn.Module):
         return self[format.MODULE_NAME]
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Expert ids ``[..., k]`` and their float32 weights, exactly as
-        mlx-lm's MiniMax router computes them."""
-        gates = self.gate(x.astype(mx.float32))
-        scores = mx.sigmoid(gates)
-        biased = scores + self.e_score_correction_bias
-        k = self.num_experts_per_tok
-        inds = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[..., :k])
-        scores = mx.take_along_axis(scores, inds, axis=-1)
-        return inds, scores / (mx.sum(scores, axis=-1, keepdims=True) + 1e-20)
+        """Expert ids ``[..., k]`` (uint32) and their float32 weights: mlx-lm's
+        MiniMax router (fp32 logits, sigmoid, top-k on the biased scores,
+        renormalised weights) as one primitive, :func:`fused_moe.route`."""
+        return route(x, self.gate, self.e_score_correction_bias, self.num_experts_per_tok)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.sharding_group is not None:

@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from fused_moe.router import gate_arrays
 
 MINIMAX_MODEL_TYPES = ("minimax", "minimax_m2")
 BLOCK_ATTR = "block_sparse_moe"
@@ -34,6 +35,10 @@ def check_minimax(model: nn.Module, what: str) -> None:
 
 def _unsupported_reason(block: nn.Module) -> str | None:
     """Why the fused layer cannot take this stock block, or None if it can."""
+    try:
+        gate_arrays(block.gate)
+    except (TypeError, ValueError) as e:
+        return f"router: {e}"
     for name in ("gate_proj", "up_proj", "down_proj"):
         proj = block.switch_mlp[name]
         bits = getattr(proj, "bits", None)

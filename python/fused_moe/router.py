@@ -13,7 +13,7 @@ SUPPORTED_ROUTER_BITS = tuple(_ext.SUPPORTED_ROUTER_BITS)
 Gate = Union[mx.array, nn.Linear, nn.QuantizedLinear]
 
 
-def _gate_arrays(gate: Gate):
+def gate_arrays(gate: Gate):
     """(weight, scales, biases, bits, group_size) for the extension; the last
     four are None for an unquantized gate."""
     if isinstance(gate, mx.array):
@@ -71,7 +71,7 @@ def route(
     Returns:
         ``(indices, weights)``: ``[..., k]`` uint32 and ``[..., k]`` float32.
     """
-    w, scales, biases, bits, group_size = _gate_arrays(gate)
+    w, scales, biases, bits, group_size = gate_arrays(gate)
     indices, weights = _ext.route(
         x, w, scales, biases, bias, k, bits, group_size, stream=stream
     )
