@@ -1,12 +1,14 @@
 // Python bindings: fused_moe._ext. The Python package wraps these in
 // fused_moe/ops.py, which takes a PackedExperts instead of raw arrays.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include "cpu/isa.h"
+#include "cpu/probe.h"
 #include "cpu/thread_pool.h"
 #include "grid.h"
 #include "ops.h"
@@ -54,6 +56,19 @@ NB_MODULE(_ext, m) {
       "The CPU kernel build in use: avx512, avx2 or generic.");
   m.def("available_cpu_isas", &fused_moe::cpu::available_isas,
         "CPU kernel builds this machine can run, best first.");
+
+  m.def(
+      "timed_read",
+      [](nb::ndarray<nb::c_contig, nb::device::cpu> buffer) {
+        const auto* data = static_cast<const uint8_t*>(buffer.data());
+        const int64_t bytes = static_cast<int64_t>(buffer.nbytes());
+        nb::gil_scoped_release release;
+        return fused_moe::cpu::timed_read(data, bytes);
+      },
+      "buffer"_a,
+      "Reads every byte of a C-contiguous CPU buffer (e.g. a numpy array) "
+      "once on the CPU kernels' threads; returns the seconds taken (the "
+      "benchmark's bandwidth probe).");
 
   auto to_list = [](const auto& values) {
     nb::list l;

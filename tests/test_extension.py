@@ -98,3 +98,15 @@ def test_every_isa_agrees_with_the_active_one():
         ref = next(iter(outs.values()))
         for isa, y in outs.items():
             np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=isa)
+
+
+def test_bandwidth_probe_reads_a_buffer():
+    import numpy as np
+
+    from fused_moe import _ext
+
+    buffer = np.ones(1 << 20, dtype=np.uint8)
+    seconds = _ext.timed_read(buffer)
+    assert 0 < seconds < 10
+    with pytest.raises(TypeError):
+        _ext.timed_read(buffer[::2])  # not contiguous: refused, not misread

@@ -102,6 +102,10 @@ struct KernelTable {
   // logit's summation order depends only on D.
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
+  // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the
+  // memory-bandwidth probe's loop, built like the kernels so it reads with
+  // the same vector width.
+  uint64_t (*read_sum)(const uint8_t* p, int64_t bytes);
 };
 
 const KernelTable& kernels_generic();
