@@ -65,7 +65,7 @@ NB_MODULE(_ext, m) {
         nb::gil_scoped_release release;
         return fused_moe::cpu::timed_read(data, bytes);
       },
-      "buffer"_a,
+      "buffer"_a.noconvert(),
       "Reads every byte of a C-contiguous CPU buffer (e.g. a numpy array) "
       "once on the CPU kernels' threads; returns the seconds taken (the "
       "benchmark's bandwidth probe).");
