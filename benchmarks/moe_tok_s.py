@@ -45,19 +45,25 @@ It only measures and reports; it exits 0 however slow either path is.
 """
 
 import argparse
+import dataclasses
 import itertools
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
+import e2e
+from probes import Probes
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # Routed-expert shapes of MiniMax-M2.5-REAP: D, H, E, k.
@@ -120,16 +126,16 @@ class Timing:
 # ----------------------------------------------------------------- setup
 
 
-def pick_device() -> str:
-    """Sets the device to run on; returns how it was chosen."""
+def pick_device() -> tuple[str, bool]:
+    """Sets the device to run on. Returns how it was chosen, and whether the
+    fused router runs there (fm.route has no GPU kernel yet)."""
     device = mx.default_device()
+    if device.type == mx.gpu and mx.metal.is_available():
+        return "gpu (Metal)", False
     if device.type == mx.gpu:
-        # fused_moe has no GPU kernels yet (Metal comes in its own issue, and
-        # CUDA is not planned): its ops raise on a GPU stream.
         mx.set_default_device(mx.cpu)
-        why = "Metal" if mx.metal.is_available() else "CUDA"
-        return f"cpu (MLX's default is a {why} GPU, where fused_moe has no kernels yet)"
-    return f"{device.type.name} (MLX default)"
+        return "cpu (MLX's default is a CUDA GPU, where fused_moe has no kernels)", True
+    return "cpu", True
 
 
 def cpu_model() -> str:
@@ -304,7 +310,10 @@ class Row:
     fused: float  # ms
     a: float
     b: float
-    gb_s: float
+    gb_s: float  # distinct expert bytes / fused time
+    gflop_s: float  # 2·k·3·D·H flops per token / fused time
+    probe_gb_s: float = 0.0  # the read-bandwidth probe's median so far
+    probe_gflop_s: float = 0.0  # the fp32 matmul probe's median so far
     stock: Optional[Timing] = None
     stock_a: Optional[Timing] = None
     stock_b: Optional[Timing] = None
@@ -312,13 +321,15 @@ class Row:
     stock_router: Optional[Timing] = None
 
 
-def measure_fused(bench: Bench, T: int, repeats: int) -> Row:
+def measure_fused(bench: Bench, T: int, repeats: int, with_router: bool) -> Row:
     fused_s, touched = bench.median_s(fused_ab, T, repeats)
     a_s, _ = bench.median_s(fused_a, T, repeats)
     b_s, _ = bench.median_s(fused_b, T, repeats)
-    router_s, _ = bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))
-    row = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9)
-    row.router = 1e3 * router_s
+    s = bench.shapes
+    flops = 2 * s.k * 3 * s.D * s.H * T
+    row = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9, flops / fused_s / 1e9)
+    if with_router:
+        row.router = 1e3 * bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))[0]
     return row
 
 
@@ -349,7 +360,8 @@ def extrapolate_stock(row: Row, ref: Row) -> None:
 
 COLUMNS = (
     f"{'tokens':>6}  {'stock ms':>10}  {'fused ms':>9}  {'speedup':>8}  "
-    f"{'tok/s':>9}  {'GB/s':>6}  |  {'A ms':>8}  {'B ms':>8}  "
+    f"{'tok/s':>9}  {'GB/s':>6}  {'%BW':>5}  {'GFLOP/s':>7}  {'%fp32':>5}  |  "
+    f"{'A ms':>8}  {'B ms':>8}  "
     f"{'stock A ms':>10}  {'stock B ms':>10}  |  {'router ms':>9}  {'stock router ms':>15}"
 )
 
@@ -364,13 +376,18 @@ def fmt_router(t: Optional[Timing], width: int) -> str:
     return f"{'-':>{width}}" if t is None else f"{t.ms:>{width}.3f}"
 
 
+def fmt_ms(ms: Optional[float], width: int) -> str:
+    return f"{'-':>{width}}" if ms is None else f"{ms:>{width}.3f}"
+
+
 def format_row(r: Row) -> str:
     speedup = f"{r.stock.ms / r.fused:>7.1f}x" if r.stock else f"{'-':>8}"
     return (
         f"{r.T:>6}  {fmt_stock(r.stock, 10)}  {r.fused:>9.2f}  {speedup}  "
-        f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
+        f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  {100 * r.gb_s / r.probe_gb_s:>5.1f}  "
+        f"{r.gflop_s:>7.1f}  {100 * r.gflop_s / r.probe_gflop_s:>5.1f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
         f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  |  "
-        f"{r.router:>9.3f}  {fmt_router(r.stock_router, 15)}"
+        f"{fmt_ms(r.router, 9)}  {fmt_router(r.stock_router, 15)}"
     ).rstrip()
 
 
@@ -402,10 +419,13 @@ def positive(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    D, H, E, k = MINIMAX_M25_REAP
     p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, default=3)
     p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--tokens", type=positive, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--experts", type=positive, default=E, help=f"experts per layer E (default {E})")
+    p.add_argument("--top-k", type=positive, default=k, help=f"experts per token k (default {k})")
     p.add_argument("--layers", type=positive, default=3,
                    help="distinct layers rotated through, one per call (default 3)")
     p.add_argument("--threads", type=positive, help="fused_moe CPU threads (default: its own)")
@@ -413,14 +433,34 @@ def parse_args() -> argparse.Namespace:
                    help="largest T the stock path runs at; above it, it is extrapolated")
     p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--no-stock", action="store_true", help="time the fused path only")
-    return p.parse_args()
+    p.add_argument("--e2e", type=positive, metavar="N",
+                   help="also run a synthetic full-width MiniMax with N layers through "
+                        "mlx-lm's generation, stock against patched (slow on CPU)")
+    p.add_argument("--e2e-prompt", type=positive, default=16, help="prompt tokens of --e2e (default 16)")
+    p.add_argument("--e2e-decode", type=positive, default=8, help="decoded tokens of --e2e (default 8)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also draw tokens per second against T, stock and fused, as a PNG "
+                        "(needs matplotlib: pip install 'mlx-fused-moe[plot]')")
+    args = p.parse_args()
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib, which is not installed: "
+                    "pip install matplotlib (or 'mlx-fused-moe[plot]')")
+    return args
 
 
-def measure_all(bench: Bench, args: argparse.Namespace) -> list[Row]:
-    """Measures and prints one row per token count, smallest first."""
+def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace, with_router: bool) -> list[Row]:
+    """Measures and prints one row per token count, smallest first, with a
+    probe sample before and after each fused measurement."""
     rows, ref = [], None  # ref: the row of the largest T stock ran at
     for T in sorted(set(args.tokens)):
-        row = measure_fused(bench, T, args.repeats)
+        probes.sample()
+        row = measure_fused(bench, T, args.repeats, with_router)
+        probes.sample()
+        row.probe_gb_s, row.probe_gflop_s = probes.gb_s, probes.gflop_s
         if not args.no_stock:
             measure_stock_router(bench, row, args.repeats)
         if not args.no_stock and T <= args.stock_max_tokens:
@@ -433,13 +473,38 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def footnotes(rows: list[Row], args: argparse.Namespace) -> list[str]:
+# Issue 6's targets for kernels A+B on the development machine:
+# (T, what is compared, target, how a row's value is computed).
+TARGETS = (
+    (1, "fused time / bandwidth floor", "<= 1.4", lambda r, p: p.gb_s / r.gb_s, lambda v: v <= 1.4),
+    (8, "% of probe bandwidth", ">= 50", lambda r, p: 100 * r.gb_s / p.gb_s, lambda v: v >= 50),
+    (512, "% of probe fp32 GFLOP/s", ">= 50", lambda r, p: 100 * r.gflop_s / p.gflop_s, lambda v: v >= 50),
+)
+
+
+def targets(rows: list[Row], probes: Probes) -> list[dict]:
+    by_t = {r.T: r for r in rows}
+    out = []
+    for T, what, target, value, met in TARGETS:
+        if T in by_t:
+            v = value(by_t[T], probes)
+            out.append({"T": T, "what": what, "target": target, "value": v, "met": met(v)})
+    return out
+
+
+def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace, with_router: bool) -> list[str]:
     notes = [
+        f"probes (medians of {len(probes.read_gb_s)} samples taken between the kernel runs): "
+        f"read {probes.gb_s:.1f} GB/s on {os.cpu_count()} threads; "
+        f"fp32 matmul {probes.gflop_s:.1f} GFLOP/s (numpy {np.__version__} BLAS)",
         "tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
-        "distinct experts selected / fused time",
+        "distinct experts selected / fused time; %BW: of the read probe; "
+        "GFLOP/s: 2*k*3*D*H per token / fused time; %fp32: of the matmul probe",
         f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
         f">= {ROUTER_MIN_REPEATS} calls (stock: at most {ROUTER_STOCK_SECONDS:g} s of calls)",
     ]
+    if not with_router:
+        notes.append("router -: fm.route has no GPU kernel yet")
     measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
     if any(r.stock and r.stock.extrapolated for r in rows):
         notes.append(f"* extrapolated linearly per token from stock at T={max(measured)} "
@@ -450,21 +515,88 @@ def footnotes(rows: list[Row], args: argparse.Namespace) -> list[str]:
     return notes
 
 
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    T = [r.T for r in rows]
+    ax.plot(T, [r.T / r.fused * 1e3 for r in rows], "o-", label="fused_moe")
+    stock = [(r.T, r.T / r.stock.ms * 1e3, r.stock.extrapolated) for r in rows if r.stock]
+    if stock:
+        ax.plot([t for t, _, _ in stock], [v for _, v, _ in stock], "s--", label="stock mlx-lm")
+        extra = [(t, v) for t, v, e in stock if e]
+        if extra:
+            ax.plot(*zip(*extra), "s", mfc="none", color="C1", label="stock, extrapolated")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per call (T)")
+    ax.set_ylabel("tokens per second, one MoE layer")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     args = parse_args()
-    device = pick_device()
+    device, with_router = pick_device()
     if args.threads:
         fm.set_num_threads(args.threads)
-    s = Shapes(*MINIMAX_M25_REAP, args.bits, args.group_size, DTYPES[args.dtype])
+    D, H, _, _ = MINIMAX_M25_REAP
+    s = Shapes(D, H, args.experts, args.top_k, args.bits, args.group_size, DTYPES[args.dtype])
     layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
     bench = Bench(s, layers)
+    probes = Probes()
+    for _ in range(2):
+        probes.sample()
     layer_gb = bench.expert_bytes * s.E / 1e9
-    print("\n".join(header(args, s, device, layer_gb, bench.expert_bytes / 1e6)))
+    lines = header(args, s, device, layer_gb, bench.expert_bytes / 1e6)
+    print("\n".join(lines))
     print()
     print(COLUMNS, flush=True)
-    rows = measure_all(bench, args)
+    rows = measure_all(bench, probes, args, with_router)
     print()
-    print("\n".join(footnotes(rows, args)))
+    print("\n".join(footnotes(rows, probes, args, with_router)))
+    results = targets(rows, probes)
+    if results:
+        print()
+        print("targets (kernels A+B, issue 6):")
+        for t in results:
+            print(f"  T={t['T']:<4} {t['what']}: {t['value']:.2f} (target {t['target']}): "
+                  f"{'met' if t['met'] else 'MISSED'}")
+    e2e_result = None
+    if args.e2e:
+        del layers, bench  # the end-to-end model needs the memory
+        print(flush=True)
+        e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection)
+        print("\n".join(e2e.format_result(e2e_result)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "header": lines,
+                    "device": device,
+                    "threads": fm.get_num_threads(),
+                    "isa": fm.cpu_isa(),
+                    "mlx": mx.__version__,
+                    "shapes": {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
+                               "dtype": args.dtype},
+                    "probes": {"read_gb_s": probes.read_gb_s, "matmul_gflop_s": probes.matmul_gflop_s},
+                    "rows": [dataclasses.asdict(r) for r in rows],
+                    "targets": results,
+                    "e2e": dataclasses.asdict(e2e_result) if e2e_result else None,
+                },
+                f,
+                indent=2,
+            )
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, f"D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, {args.dtype}, {device}")
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
