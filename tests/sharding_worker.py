@@ -2,8 +2,8 @@
 ``mlx.launch -n 2 --backend ring``.
 
 usage: sharding_worker.py OUT PATHS STOCK_DIR [PACKED_DIR]
-For each of the comma-separated PATHS, writes OUT/<path>.rank<r>.npz with the float32 logits of tests' PROMPT and a
-greedy continuation, for one of the three paths to a sharded fused model:
+For each of the comma-separated PATHS, writes OUT/<path>.rank<r>.npz with the float32 logits of tests' PROMPT, a
+greedy continuation and the peak memory of loading, for one of the three paths to a sharded fused model:
 
   patch_after_shard  mlx-lm loads, model.shard(group), then fused_moe.patch
   shard_patched      fused_moe.load, then fused_moe.shard(model, group)
@@ -55,7 +55,9 @@ def main() -> int:
     group = mx.distributed.init()
     for path_name in path_names.split(","):
         try:
+            mx.reset_peak_memory()
             model = build(path_name, stock_dir, packed_dir, group)
+            peak = mx.get_peak_memory()
         except Exception as e:  # reported per rank, so the test sees every rank's error
             message = f"rank {group.rank()}: {type(e).__name__}: {e}"
             print(message, file=sys.stderr, flush=True)
@@ -80,6 +82,7 @@ def main() -> int:
             logits=np.array(logits.astype(mx.float32)),
             tokens=np.array(tokens),
             ranks=group.size(),
+            peak=peak,
         )
     return 0
 

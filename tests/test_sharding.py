@@ -109,6 +109,24 @@ def test_a_split_that_breaks_groups_fails_on_every_rank(path, tmp_path):
         assert "H=192 over N=2 ranks" in message and "group size 64" in message, message
 
 
+@pytest.mark.parametrize("path", ["load_stock", "load_packed"])
+def test_each_rank_holds_only_its_share_of_the_experts(path, tmp_path):
+    # Experts are most of this model, so half of them shows in the total.
+    model, config = build_model(dict(SMALL, num_local_experts=32, intermediate_size=256), seed=14)
+    stock = save_checkpoint(model, config, tmp_path / "stock")
+    fm.convert(str(stock), str(tmp_path / "packed"))
+    args = [path, str(stock), str(tmp_path / "packed")]
+    (tmp_path / "one").mkdir()
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), *args],
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert single.returncode == 0, single.stderr
+    one = int(np.load(tmp_path / "one" / f"{path}.rank0.npz")["peak"])
+    launch(str(tmp_path), *args)
+    for rank in (0, 1):
+        peak = int(np.load(tmp_path / f"{path}.rank{rank}.npz")["peak"])
+        assert peak <= 0.7 * one, f"rank {rank} peaked at {peak} bytes, one process at {one}"
+
+
 def test_shard_refuses_a_model_that_is_not_minimax():
     from mlx_lm.models import llama
 

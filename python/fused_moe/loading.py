@@ -100,32 +100,29 @@ def _stock_split_check(config: dict, ranks: int, where: str) -> None:
             )
 
 
-def _load_sharded(utils, path, model_path: Path, config: dict, layers, group, where: str, kwargs):
-    from fused_moe.sharding import shard
+def _load_sharded(utils, model_path: Path, config: dict, layers, group, where: str, kwargs):
+    """mlx-lm's sharded loading, step by step, with each rank reading only its
+    own slice of every expert tensor from the files."""
+    from fused_moe.sharding import read_own_experts, shard
 
     if unsupported := sorted(set(kwargs) - set(SHARDED_LOAD_KWARGS)):
         raise TypeError(f"{where}: {unsupported} cannot be combined with tensor_group")
+    trust = kwargs.get("trust_remote_code", False)
     if layers is None:
         _stock_split_check(config, group.size(), where)
-        model, tokenizer, config = utils.sharded_load(
-            path,
-            tensor_group=group,
-            return_config=True,
-            tokenizer_config=kwargs.get("tokenizer_config"),
-            trust_remote_code=kwargs.get("trust_remote_code", False),
-        )
+        model, config = utils.load_model(model_path, lazy=True, strict=False, trust_remote_code=trust)
+        model.shard(group)
+        read_own_experts(model, model_path, group)
         patch(model)
     else:
-        # Lazy: each rank reads a tensor, keeps its slice and drops the rest.
-        model, config = _load_packed_model(
-            utils, model_path, layers, where, True,
-            trust_remote_code=kwargs.get("trust_remote_code", False),
-        )
+        model, config = _load_packed_model(utils, model_path, layers, where, True, trust_remote_code=trust)
         shard(model, group)
-        mx.eval(model.parameters())
-        tokenizer = utils.load_tokenizer(
-            model_path, kwargs.get("tokenizer_config"), eos_token_ids=config.get("eos_token_id")
-        )
+        read_own_experts(model, model_path, group)
+    tokenizer = utils.load_tokenizer(
+        model_path,
+        kwargs.get("tokenizer_config") or {"trust_remote_code": trust},
+        eos_token_ids=config.get("eos_token_id"),
+    )
     # Every rank ready before the first collective of the forward pass.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     return (model, tokenizer, config) if kwargs.get("return_config", False) else (model, tokenizer)
@@ -145,10 +142,11 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     ``revision``, ``trust_remote_code``), as for ``mlx_lm.load``.
 
     With ``tensor_group`` (an ``mx.distributed.Group``), the model is sharded
-    over the group's ranks as :func:`fused_moe.shard` does; each rank reads
-    only its slice of the experts. A stock checkpoint goes through mlx-lm's
-    ``sharded_load`` and is patched after. Only ``tokenizer_config``,
-    ``return_config`` and ``trust_remote_code`` combine with it.
+    over the group's ranks as :func:`fused_moe.shard` does (a stock checkpoint
+    as mlx-lm's ``sharded_load`` does, then patched); each rank reads only its
+    own slice of every expert tensor from the files. Only
+    ``tokenizer_config``, ``return_config`` and ``trust_remote_code`` combine
+    with it.
 
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
     ``return_config=True``.
@@ -167,7 +165,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     layers = packed_layers(config, where)
 
     if tensor_group is not None:
-        return _load_sharded(utils, path, Path(model_path), config, layers, tensor_group, where, kwargs)
+        return _load_sharded(utils, Path(model_path), config, layers, tensor_group, where, kwargs)
     if layers is None:
         loaded = utils.load(path, **kwargs)
         patch(loaded[0])

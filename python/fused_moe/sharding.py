@@ -10,6 +10,7 @@ every rank selects the same experts.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -55,6 +56,69 @@ def slice_experts(experts: PackedExperts, rank: int, ranks: int) -> PackedExpert
         dn.group_size,
     )
     return PackedExperts(gate_up, down)
+
+
+def _checkpoint_index(model_path: Path) -> dict:
+    """Tensor name -> TensorInfo over every safetensors file of a checkpoint."""
+    from fused_moe.convert.safetensors_io import read_header
+
+    index = {}
+    for file in sorted(Path(model_path).glob("model*.safetensors")):
+        index.update(read_header(file))
+    return index
+
+
+def _own_slice_spec(ranks: int, rank: int, H: int, proj: str, bits: int, group_size: int):
+    """(axis, start, stop) of each array of one projection for this rank:
+    rows of gate/up (gate_up rows come in pairs), columns of down."""
+    h = H // ranks
+    a, b = rank * h, (rank + 1) * h
+    if proj in ("gate_proj", "up_proj"):
+        return {arr: (1, a, b) for arr in format.ARRAYS}
+    if proj == "gate_up":
+        return {arr: (1, 2 * a, 2 * b) for arr in format.ARRAYS}
+    return {
+        "weight": (2, a * bits // 32, b * bits // 32),
+        "scales": (2, a // group_size, b // group_size),
+        "biases": (2, a // group_size, b // group_size),
+    }
+
+
+def read_own_experts(model: nn.Module, model_path: Path, group) -> None:
+    """Replaces the (lazy, whole) expert arrays of a model sharded by
+    :func:`shard` or mlx-lm's ``Model.shard`` with this rank's slices read
+    straight from the checkpoint, so a rank never holds another rank's
+    experts; then evaluates the model one layer at a time."""
+    from fused_moe.convert.safetensors_io import read_slice
+
+    index = _checkpoint_index(model_path)
+    ranks, rank = group.size(), group.rank()
+
+    def read(name: str, spec) -> mx.array:
+        if name not in index:
+            raise ValueError(f"{model_path}: the checkpoint has no tensor {name}")
+        return read_slice(index[name], *spec)
+
+    for i, layer in enumerate(model.layers):
+        block, path = getattr(layer, BLOCK_ATTR), block_path(i)
+        if isinstance(block, MiniMaxMoE):
+            H = block.experts.intermediate_dims * ranks  # already sliced once
+            projections = []
+            for proj in format.PROJECTIONS:
+                q = block.experts.projection(proj)
+                spec = _own_slice_spec(ranks, rank, H, proj, q.bits, q.group_size)
+                arrays = [read(f"{path}.{format.MODULE_NAME}.{proj}.{arr}", spec[arr]) for arr in format.ARRAYS]
+                projections.append(QuantizedProjection(*arrays, q.bits, q.group_size))
+            setattr(block, format.MODULE_NAME, PackedExperts(*projections))
+        else:
+            glu = block.switch_mlp
+            H = glu.down_proj.weight.shape[-1] * 32 // glu.down_proj.bits * ranks
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                module = glu[proj]
+                spec = _own_slice_spec(ranks, rank, H, proj, module.bits, module.group_size)
+                module.update({arr: read(f"{path}.switch_mlp.{proj}.{arr}", spec[arr]) for arr in format.ARRAYS})
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
 
 
 class _ShardStandIn(nn.Module):

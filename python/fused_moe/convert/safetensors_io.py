@@ -160,6 +160,22 @@ def read_tensor(info: TensorInfo, index: int | None = None) -> mx.array:
     return a.reshape(shape)
 
 
+def read_slice(info: TensorInfo, axis: int, start: int, stop: int) -> mx.array:
+    """Reads ``tensor[..., start:stop, ...]`` (along `axis`) from disk, touching
+    only the bytes of the slice where the layout allows: a rank's share of a
+    tensor, without the rest of it in memory."""
+    dtype, size = DTYPES[info.dtype]
+    axis %= len(info.shape)
+    if not 0 <= start <= stop <= info.shape[axis]:
+        raise IndexError(f"{info.file}: slice [{start}, {stop}) of axis {axis} out of range for shape {list(info.shape)}")
+    mapped = np.memmap(info.file, dtype=_NUMPY_UINT[size], mode="r", offset=info.begin, shape=info.shape)
+    index = [slice(None)] * len(info.shape)
+    index[axis] = slice(start, stop)
+    a = mx.array(np.ascontiguousarray(mapped[tuple(index)]))
+    del mapped
+    return a.view(dtype) if a.dtype != dtype else a
+
+
 @dataclass
 class _Planned:
     name: str
