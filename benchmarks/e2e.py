@@ -47,7 +47,7 @@ class E2EResult:
     fused_decode_tps: float
 
 
-def build_model(shapes, layers: int, make_projection: Callable) -> nn.Module:
+def build_model(shapes, layers: int, make_projection: Callable, vocab: int = VOCAB) -> nn.Module:
     """An mlx-lm MiniMax model with random quantized weights at `shapes`
     (D, H, E, k, bits, group size, dtype of the benchmark)."""
     from mlx_lm.models import minimax
@@ -64,7 +64,7 @@ def build_model(shapes, layers: int, make_projection: Callable) -> nn.Module:
             max_position_embeddings=4096,
             shared_intermediate_size=0,
             rms_norm_eps=1e-6,
-            vocab_size=VOCAB,
+            vocab_size=vocab,
         )
     )
     model = minimax.Model(args)
@@ -107,9 +107,9 @@ def _tokens_per_second(model, prompt: mx.array, decode: int) -> tuple[float, flo
     return prompt.size / (first - start), decode / (end - first)
 
 
-def run(shapes, layers: int, prompt_tokens: int, decode_tokens: int, make_projection) -> E2EResult:
-    model = build_model(shapes, layers, make_projection)
-    prompt = mx.random.randint(0, VOCAB, (prompt_tokens,))
+def run(shapes, layers: int, prompt_tokens: int, decode_tokens: int, make_projection, vocab: int = VOCAB) -> E2EResult:
+    model = build_model(shapes, layers, make_projection, vocab)
+    prompt = mx.random.randint(0, vocab, (prompt_tokens,))
     # Warm up both paths on a short prompt first, so neither pays one-time costs.
     _tokens_per_second(model, prompt[:4], 2)
     stock = _tokens_per_second(model, prompt, decode_tokens)

@@ -438,6 +438,9 @@ def parse_args() -> argparse.Namespace:
                         "mlx-lm's generation, stock against patched (slow on CPU)")
     p.add_argument("--e2e-prompt", type=positive, default=16, help="prompt tokens of --e2e (default 16)")
     p.add_argument("--e2e-decode", type=positive, default=8, help="decoded tokens of --e2e (default 8)")
+    p.add_argument("--e2e-vocab", type=positive, default=e2e.VOCAB,
+                   help=f"vocabulary of --e2e (default {e2e.VOCAB}, MiniMax's; its 8-bit lm_head "
+                        f"dominates decode on MLX's CPU backend)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="also draw tokens per second against T, stock and fused, as a PNG "
@@ -572,7 +575,7 @@ def main() -> None:
     if args.e2e:
         del layers, bench  # the end-to-end model needs the memory
         print(flush=True)
-        e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection)
+        e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection, args.e2e_vocab)
         print("\n".join(e2e.format_result(e2e_result)))
     if args.json:
         with open(args.json, "w") as f:
