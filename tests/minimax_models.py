@@ -148,3 +148,14 @@ def make_checkpoint(path: Path, config: dict = SMALL, *, seed: int = 0) -> Path:
     """`build_model` then `save_checkpoint`."""
     model, config = build_model(config, seed=seed)
     return save_checkpoint(model, config, path)
+
+
+def tiny_llama() -> nn.Module:
+    """A model that is not MiniMax, for the errors that must say so."""
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=32, num_key_value_heads=2,
+    )
+    return llama.Model(args)

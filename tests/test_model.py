@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import fused_moe as fm
 from fused_moe import format
-from minimax_models import FULL_WIDTH, SMALL, build_model, save_checkpoint
+from minimax_models import FULL_WIDTH, SMALL, build_model, save_checkpoint, tiny_llama
 from moe_reference import Experts, reference_h, reference_y
 from tolerance import assert_within_tolerance, rel_err, slack
 
@@ -183,14 +183,8 @@ def test_patch_peak_memory_is_model_plus_one_layer():
 
 
 def test_non_minimax_model_is_refused():
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
-        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=32, num_key_value_heads=2,
-    )
     with pytest.raises(TypeError, match="expected an mlx-lm MiniMax model.*llama"):
-        fm.patch(llama.Model(args))
+        fm.patch(tiny_llama())
 
 
 def _model_with_unquantized_experts(layers_quantized):

@@ -14,7 +14,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import fused_moe as fm
-from minimax_models import SMALL, build_model, save_checkpoint
+from minimax_models import SMALL, build_model, save_checkpoint, tiny_llama
 from tolerance import rel_err, slack
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
@@ -128,14 +128,8 @@ def test_each_rank_holds_only_its_share_of_the_experts(path, tmp_path):
 
 
 def test_shard_refuses_a_model_that_is_not_minimax():
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
-        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=32, num_key_value_heads=2,
-    )
     with pytest.raises(TypeError, match="expected an mlx-lm MiniMax model"):
-        fm.shard(llama.Model(args))
+        fm.shard(tiny_llama())
 
 
 def test_split_check_names_h_n_and_group_size():
