@@ -29,6 +29,12 @@ CONFIG_LAYERS = "layers"
 CONFIG_RECIPE = "recipe"
 
 
+def block_path(layer: int) -> str:
+    """Module path of layer `layer`'s MoE block in an mlx-lm MiniMax model:
+    the prefix of its tensor names and its key under CONFIG_LAYERS."""
+    return f"model.layers.{layer}.block_sparse_moe"
+
+
 def tensor_names(block_path: str) -> list[str]:
     """Checkpoint names of every packed tensor of the MoE block at `block_path`."""
     return [

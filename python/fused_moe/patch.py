@@ -7,17 +7,13 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
+from fused_moe.format import block_path
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from fused_moe.router import gate_arrays
 
 MINIMAX_MODEL_TYPES = ("minimax", "minimax_m2")
 BLOCK_ATTR = "block_sparse_moe"
-
-
-def block_path(layer_index: int) -> str:
-    """Module path of a layer's MoE block, as in mlx-lm's parameter names."""
-    return f"model.layers.{layer_index}.{BLOCK_ATTR}"
 
 
 def check_minimax(model: nn.Module, what: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fused_moe.convert.errors import ConversionError
+from fused_moe.format import block_path
 
 # mlx-lm runs both with its `minimax` module; Hugging Face writes minimax_m2.
 MODEL_TYPES = ("minimax_m2", "minimax")
@@ -36,10 +37,6 @@ class Module:
     def tensor(self) -> str:
         """The name of its full-precision weight in an mlx-lm checkpoint."""
         return self.path if self.role == ROUTING_BIAS else f"{self.path}.weight"
-
-
-def block_path(layer: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe"
 
 
 def expert_path(layer: int, projection: str) -> str:
