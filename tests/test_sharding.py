@@ -39,12 +39,13 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    """Runs the worker on 2 ranks; kills every rank and fails with a message
-    if they do not finish in time (a hang must not hang the suite)."""
+def launch(*args: str, command=(sys.executable, str(WORKER))) -> subprocess.CompletedProcess:
+    """Runs `command` (default: the worker) on 2 ranks; kills every rank and
+    fails with a message if they do not finish in time (a hang must not hang
+    the suite)."""
     cmd = [
         str(MLX_LAUNCH), "-n", "2", "--backend", "ring", "-p", str(_free_port_pair()),
-        "--", sys.executable, str(WORKER), *args,
+        "--", *command, *args,
     ]
     env = dict(os.environ, FUSED_MOE_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -125,6 +126,18 @@ def test_each_rank_holds_only_its_share_of_the_experts(path, tmp_path):
     for rank in (0, 1):
         peak = int(np.load(tmp_path / f"{path}.rank{rank}.npz")["peak"])
         assert peak <= 0.7 * one, f"rank {rank} peaked at {peak} bytes, one process at {one}"
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["stock", "packed"])
+def test_generate_under_mlx_launch_prints_once(which, checkpoints):
+    fused_moe_cli = Path(sys.executable).parent / "fused-moe"
+    result = launch(
+        "generate", "--model", str(checkpoints[which]), "--prompt", "Hello", "--max-tokens", "8",
+        command=(str(fused_moe_cli),),
+    )
+    # Only rank 0 prints mlx-lm's summary; both ranks ran to the end.
+    assert result.stdout.count("Generation: 8 tokens") == 1, result.stdout + result.stderr
+    assert "exited with code" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_shard_refuses_a_model_that_is_not_minimax():
