@@ -166,7 +166,6 @@ struct PreparedCall {
   std::vector<mx::array> inputs;
   mx::Shape primitive_shape; // [T, k, H] or [T, D]
   mx::Shape out_shape; // the op's result: leading dims restored
-  int experts;
 };
 
 // GPU streams get the Metal Primitive inputs (the expert-sorted pair order of
@@ -237,7 +236,7 @@ PreparedCall prepare_gate_up_swiglu(
   mx::Shape out_shape = lead;
   out_shape.push_back(k);
   out_shape.push_back(H);
-  return {std::move(inputs), {T, k, H}, out_shape, gate_up_weight.shape(0)};
+  return {std::move(inputs), {T, k, H}, out_shape};
 }
 
 } // namespace
@@ -372,7 +371,7 @@ PreparedCall prepare_down_combine(
   }
   mx::Shape out_shape = lead;
   out_shape.push_back(D);
-  return {std::move(inputs), {T, D}, out_shape, E};
+  return {std::move(inputs), {T, D}, out_shape};
 }
 
 } // namespace

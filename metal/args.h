@@ -12,35 +12,20 @@
 
 namespace fused_moe_args {
 
-// Kernel A. Buffers: x [T, D], gate_up weight [E, 2H, D·bits/8 bytes],
-// scales and biases [E, 2H, D/group], indices [T·k], (prefill) order [T·k],
-// h [T·k, H].
-struct GateUpSwigluArgs {
+// The argument struct of every kernel. Kernel A reads gate_up rows of D
+// inputs and writes h [T·k, H]; kernel B reads down rows of H inputs and
+// writes y [T, D]. Buffer slots: csrc/metal/launch_plan.cpp.
+struct FusedMoeArgs {
   uint32_t tokens; // T
   uint32_t top_k; // k
-  uint32_t hidden; // D: inputs per weight row
-  uint32_t intermediate; // H: output rows per gate (and per up) projection
-  uint32_t experts; // E: an index >= E marks its output NaN
-  uint32_t row_bytes; // D·bits/8: bytes of one packed row
-  uint32_t groups_per_row; // D/group_size
+  uint32_t hidden; // D
+  uint32_t intermediate; // H
+  uint32_t experts; // E: an index >= E marks the rows it feeds NaN
+  uint32_t row_bytes; // bytes of one packed row: inputs·bits/8
+  uint32_t groups_per_row; // inputs/group_size
   uint32_t pairs; // T·k
 };
 
-// Kernel B. Buffers: h [T·k, H], down weight [E, D, H·bits/8 bytes],
-// scales and biases [E, D, H/group], indices [T·k], router weights [T·k]
-// float32, (prefill) order [T·k], y [T, D].
-struct DownCombineArgs {
-  uint32_t tokens; // T
-  uint32_t top_k; // k
-  uint32_t hidden; // D: output rows
-  uint32_t intermediate; // H: inputs per weight row
-  uint32_t experts; // E: an index >= E makes its token's row NaN
-  uint32_t row_bytes; // H·bits/8
-  uint32_t groups_per_row; // H/group_size
-  uint32_t pairs; // T·k
-};
-
-static_assert(sizeof(GateUpSwigluArgs) == 32, "GateUpSwigluArgs layout");
-static_assert(sizeof(DownCombineArgs) == 32, "DownCombineArgs layout");
+static_assert(sizeof(FusedMoeArgs) == 32, "FusedMoeArgs layout");
 
 } // namespace fused_moe_args

@@ -13,7 +13,7 @@
 
 namespace fused_moe_kernels {
 
-using fused_moe_args::DownCombineArgs;
+using fused_moe_args::FusedMoeArgs;
 
 // Decode: threadgroup (x, y) = (block of kDownDecodeRows ×
 // kDownDecodeSimdgroups rows of y, token y). A lane keeps its share of
@@ -27,7 +27,7 @@ template <typename T, int BITS, int GROUP>
     device const uint32_t* indices [[buffer(4)]],
     device const float* router_weights [[buffer(5)]],
     device T* y [[buffer(6)]],
-    constant DownCombineArgs& args [[buffer(7)]],
+    constant FusedMoeArgs& args [[buffer(7)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint thread_in_tg [[thread_index_in_threadgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -100,7 +100,7 @@ template <typename T, int BITS, int GROUP>
     device const float* router_weights [[buffer(5)]],
     device const uint32_t* order [[buffer(6)]],
     device T* y [[buffer(7)]],
-    constant DownCombineArgs& args [[buffer(8)]],
+    constant FusedMoeArgs& args [[buffer(8)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint thread_in_tg [[thread_index_in_threadgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],

@@ -17,7 +17,7 @@
 
 namespace fused_moe_kernels {
 
-using fused_moe_args::GateUpSwigluArgs;
+using fused_moe_args::FusedMoeArgs;
 
 inline float silu_times(float gate, float up) {
   // Precise exp: fast exp costs greedy-decoding parity (DESIGN.md).
@@ -35,7 +35,7 @@ template <typename T, int BITS, int GROUP>
     device const T* biases [[buffer(3)]],
     device const uint32_t* indices [[buffer(4)]],
     device T* h [[buffer(5)]],
-    constant GateUpSwigluArgs& args [[buffer(6)]],
+    constant FusedMoeArgs& args [[buffer(6)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint thread_in_tg [[thread_index_in_threadgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -96,7 +96,7 @@ template <typename T, int BITS, int GROUP>
     device const uint32_t* indices [[buffer(4)]],
     device const uint32_t* order [[buffer(5)]],
     device T* h [[buffer(6)]],
-    constant GateUpSwigluArgs& args [[buffer(7)]],
+    constant FusedMoeArgs& args [[buffer(7)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint thread_in_tg [[thread_index_in_threadgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],

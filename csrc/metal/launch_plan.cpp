@@ -185,16 +185,6 @@ LaunchPlan make_launch_plan(const Problem& p) {
       in("order", 5);
     }
     plan.buffers.push_back({slot++, "h", Source::output, -1});
-    fused_moe_args::GateUpSwigluArgs a{};
-    a.tokens = p.tokens;
-    a.top_k = p.top_k;
-    a.hidden = p.hidden;
-    a.intermediate = p.intermediate;
-    a.experts = p.experts;
-    a.row_bytes = row_bytes;
-    a.groups_per_row = groups;
-    a.pairs = uint32_t(pairs);
-    plan.args = as_bytes(a);
   } else {
     in("h", 0);
     in("down_weight", 1);
@@ -206,18 +196,18 @@ LaunchPlan make_launch_plan(const Problem& p) {
       in("order", 6);
     }
     plan.buffers.push_back({slot++, "y", Source::output, -1});
-    fused_moe_args::DownCombineArgs a{};
-    a.tokens = p.tokens;
-    a.top_k = p.top_k;
-    a.hidden = p.hidden;
-    a.intermediate = p.intermediate;
-    a.experts = p.experts;
-    a.row_bytes = row_bytes;
-    a.groups_per_row = groups;
-    a.pairs = uint32_t(pairs);
-    plan.args = as_bytes(a);
   }
   plan.buffers.push_back({slot++, "args", Source::args, -1});
+  fused_moe_args::FusedMoeArgs a{};
+  a.tokens = p.tokens;
+  a.top_k = p.top_k;
+  a.hidden = p.hidden;
+  a.intermediate = p.intermediate;
+  a.experts = p.experts;
+  a.row_bytes = row_bytes; // of the rows this kernel reads
+  a.groups_per_row = groups;
+  a.pairs = uint32_t(pairs);
+  plan.args = as_bytes(a);
   return plan;
 }
 

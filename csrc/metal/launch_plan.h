@@ -79,7 +79,7 @@ struct LaunchPlan {
   std::array<uint32_t, 3> threadgroups;
   std::array<uint32_t, 3> threads_per_threadgroup;
   std::vector<Binding> buffers; // slots 0..n-1 in order
-  std::vector<uint8_t> args; // GateUpSwigluArgs or DownCombineArgs, as bytes
+  std::vector<uint8_t> args; // metal/args.h FusedMoeArgs, as bytes
 };
 
 // Throws std::invalid_argument for a problem outside what the kernels
