@@ -71,26 +71,8 @@ NB_MODULE(_ext, m) {
          int group_size, int tokens, int top_k, int hidden, int intermediate,
          int experts) {
         namespace fm = fused_moe::metal;
-        fm::Op o;
-        if (op == "gate_up_swiglu") {
-          o = fm::Op::gate_up_swiglu;
-        } else if (op == "down_combine") {
-          o = fm::Op::down_combine;
-        } else {
-          throw std::invalid_argument("op must be gate_up_swiglu or "
-                                      "down_combine, got " + op);
-        }
-        fm::Dtype t;
-        if (dtype == "float16") {
-          t = fm::Dtype::float16;
-        } else if (dtype == "bfloat16") {
-          t = fm::Dtype::bfloat16;
-        } else if (dtype == "float32") {
-          t = fm::Dtype::float32;
-        } else {
-          throw std::invalid_argument("dtype must be float16, bfloat16 or "
-                                      "float32, got " + dtype);
-        }
+        const fm::Op o = fm::op_from_name(op);
+        const fm::Dtype t = fm::dtype_from_name(dtype);
         const auto plan = fm::make_launch_plan(
             {o, t, bits, group_size, tokens, top_k, hidden, intermediate,
              experts});

@@ -106,8 +106,10 @@ def test_plan_errors_name_the_field():
         plan(H=36, D=256)
     with pytest.raises(ValueError, match=r"experts \(E\)=0 must be >= 1"):
         plan(E=0)
-    with pytest.raises(ValueError, match="op must be gate_up_swiglu or down_combine, got up"):
+    with pytest.raises(ValueError, match="op must be one of gate_up_swiglu, down_combine, got 'up'"):
         _ext.metal_launch_plan("up", "float32", 3, 64, 1, 8, 256, 128, 4)
+    with pytest.raises(ValueError, match="dtype must be one of float16, bfloat16, float32, got 'int8'"):
+        _ext.metal_launch_plan("down_combine", "int8", 3, 64, 1, 8, 256, 128, 4)
 
 
 KERNEL_DECL = re.compile(r"\[\[kernel\]\]\s+void\s+(\w+)\((.*?)\)\s*\{", re.S)

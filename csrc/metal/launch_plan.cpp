@@ -15,24 +15,59 @@ namespace fused_moe::metal {
 
 namespace tiles = fused_moe_tiles;
 
+#define FM_NAME_CASE(name, ...) \
+  case name:                    \
+    return #name;
+
 const char* op_name(Op op) {
-  return op == Op::gate_up_swiglu ? "gate_up_swiglu" : "down_combine";
+  using enum Op;
+  switch (op) { FM_FOR_EACH_OP(FM_NAME_CASE) }
+  return "?";
 }
 
 const char* variant_name(Variant v) {
-  return v == Variant::decode ? "decode" : "prefill";
+  using enum Variant;
+  switch (v) { FM_FOR_EACH_VARIANT(FM_NAME_CASE) }
+  return "?";
 }
 
 const char* dtype_name(Dtype t) {
-  switch (t) {
-    case Dtype::float16:
-      return "float16";
-    case Dtype::bfloat16:
-      return "bfloat16";
-    case Dtype::float32:
-      return "float32";
-  }
+  using enum Dtype;
+  switch (t) { FM_FOR_EACH_DTYPE(FM_NAME_CASE) }
   return "?";
+}
+#undef FM_NAME_CASE
+
+namespace {
+
+// Finds `name` among the names of an enum's values [0, count).
+template <typename Enum, typename NameOf>
+Enum from_name(const std::string& name, int count, NameOf name_of,
+               const char* what) {
+  std::string valid;
+  for (int i = 0; i < count; ++i) {
+    if (name == name_of(Enum(i))) {
+      return Enum(i);
+    }
+    valid += std::string(i ? ", " : "") + name_of(Enum(i));
+  }
+  throw std::invalid_argument(std::string(what) + " must be one of " + valid +
+                              ", got '" + name + "'");
+}
+
+#define FM_COUNT(...) +1
+constexpr int kOps = 0 FM_FOR_EACH_OP(FM_COUNT);
+constexpr int kDtypes = 0 FM_FOR_EACH_DTYPE(FM_COUNT);
+#undef FM_COUNT
+
+} // namespace
+
+Op op_from_name(const std::string& name) {
+  return from_name<Op>(name, kOps, op_name, "op");
+}
+
+Dtype dtype_from_name(const std::string& name) {
+  return from_name<Dtype>(name, kDtypes, dtype_name, "dtype");
 }
 
 Variant choose_variant(int tokens, int top_k) {

@@ -10,15 +10,24 @@
 #include <string>
 #include <vector>
 
+#include "metal/kernel_grid.h"
+
 namespace fused_moe::metal {
 
-enum class Op { gate_up_swiglu, down_combine };
-enum class Variant { decode, prefill };
-enum class Dtype { float16, bfloat16, float32 };
+// The pieces of a kernel name, spelled as metal/kernel_grid.h spells them.
+#define FM_ENUM_ITEM(name, ...) name,
+enum class Op { FM_FOR_EACH_OP(FM_ENUM_ITEM) };
+enum class Variant { FM_FOR_EACH_VARIANT(FM_ENUM_ITEM) };
+enum class Dtype { FM_FOR_EACH_DTYPE(FM_ENUM_ITEM) };
+#undef FM_ENUM_ITEM
 
 const char* op_name(Op op);
 const char* variant_name(Variant v);
 const char* dtype_name(Dtype t);
+// The inverse of op_name and dtype_name; std::invalid_argument listing the
+// valid names otherwise.
+Op op_from_name(const std::string& name);
+Dtype dtype_from_name(const std::string& name);
 
 // One call of an op, as the Primitive sees it (inputs flattened to T tokens).
 struct Problem {

@@ -38,8 +38,6 @@ CXXFLAGS = [
     "-Wno-unused-parameter", "-Wno-unused-variable", "-U_FORTIFY_SOURCE",
     "-fno-fast-math",
 ]
-OPS = {"gate_up_swiglu": 0, "down_combine": 1}
-DTYPES = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 # Worker processes per kernel run (threadgroups are dealt round robin).
 WORKERS = int(os.environ.get("FUSED_MOE_EMULATOR_WORKERS", str(min(4, os.cpu_count() or 1))))
 
@@ -78,6 +76,11 @@ def build(cache_dir: Path) -> Path:
     return out
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """MLX's own spelling, which is also the kernels' ("bfloat16")."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 class EmulatorError(RuntimeError):
     """A kernel failed in the emulator: out-of-bounds access, divergence, ..."""
 
@@ -104,7 +107,7 @@ class Emulator:
         lib.fm_emu_buffer_free.argtypes = [ctypes.c_void_p]
         lib.fm_emu_kernel_name.restype = ctypes.c_char_p
         lib.fm_emu_kernel_name.argtypes = [ctypes.c_int]
-        lib.fm_emu_run.argtypes = [ctypes.c_int] * 9 + [
+        lib.fm_emu_run.argtypes = [ctypes.c_char_p] * 2 + [ctypes.c_int] * 7 + [
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
         ]
@@ -136,7 +139,7 @@ class Emulator:
             kernel = ctypes.create_string_buffer(256)
             err = ctypes.create_string_buffer(4096)
             rc = self.lib.fm_emu_run(
-                OPS[op], DTYPES[out_dtype], problem["bits"], problem["group_size"],
+                op.encode(), dtype_name(out_dtype).encode(), problem["bits"], problem["group_size"],
                 problem["tokens"], problem["top_k"], problem["hidden"],
                 problem["intermediate"], problem["experts"],
                 arr, len(raws), out_ptr, WORKERS, kernel, 256, err, 4096,

@@ -415,7 +415,7 @@ const char* fm_emu_kernel_name(int i) {
 // Primitive's inputs (guarded buffers from fm_emu_buffer_alloc) and its
 // output by the plan's bindings, and runs every threadgroup. Returns 0, or
 // non-zero with a message in `err`. The kernel's name goes to `kernel_out`.
-int fm_emu_run(int op, int dtype, int bits, int group_size, int tokens,
+int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int tokens,
                int top_k, int hidden, int intermediate, int experts,
                void* const* inputs, int n_inputs, void* output, int workers,
                char* kernel_out, size_t kernel_out_len, char* err,
@@ -423,8 +423,8 @@ int fm_emu_run(int op, int dtype, int bits, int group_size, int tokens,
   plan_ns::LaunchPlan plan;
   try {
     plan = plan_ns::make_launch_plan(
-        {plan_ns::Op(op), plan_ns::Dtype(dtype), bits, group_size, tokens,
-         top_k, hidden, intermediate, experts});
+        {plan_ns::op_from_name(op), plan_ns::dtype_from_name(dtype), bits,
+         group_size, tokens, top_k, hidden, intermediate, experts});
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return 1;
