@@ -168,6 +168,22 @@ struct PreparedCall {
   mx::Shape out_shape; // the op's result: leading dims restored
 };
 
+// The op's result: the Primitive's output, reshaped to the leading dims.
+template <typename Primitive>
+mx::array primitive_output(
+    PreparedCall call,
+    mx::Dtype dtype,
+    mx::Stream stream,
+    int bits,
+    int group_size) {
+  auto out = mx::array(
+      call.primitive_shape,
+      dtype,
+      std::make_shared<Primitive>(stream, bits, group_size),
+      std::move(call.inputs));
+  return mx::reshape(out, call.out_shape, stream);
+}
+
 // GPU streams get the Metal Primitive inputs (the expert-sorted pair order of
 // the prefill kernels, float32 router weights).
 bool uses_metal(const mx::Stream& s) {
@@ -254,12 +270,8 @@ mx::array gate_up_swiglu(
   auto call = prepare_gate_up_swiglu(
       x, gate_up_weight, gate_up_scales, gate_up_biases, indices, bits,
       group_size, stream, /*metal_inputs=*/uses_metal(stream));
-  auto h = mx::array(
-      call.primitive_shape,
-      x.dtype(),
-      std::make_shared<GateUpSwiglu>(stream, bits, group_size),
-      std::move(call.inputs));
-  return mx::reshape(h, call.out_shape, stream);
+  return primitive_output<GateUpSwiglu>(
+      std::move(call), x.dtype(), stream, bits, group_size);
 }
 
 std::vector<mx::array> gate_up_swiglu_metal_inputs(
@@ -390,12 +402,8 @@ mx::array down_combine(
   auto call = prepare_down_combine(
       h, down_weight, down_scales, down_biases, indices, weights, bits,
       group_size, stream, /*metal_inputs=*/uses_metal(stream));
-  auto y = mx::array(
-      call.primitive_shape,
-      h.dtype(),
-      std::make_shared<DownCombine>(stream, bits, group_size),
-      std::move(call.inputs));
-  return mx::reshape(y, call.out_shape, stream);
+  return primitive_output<DownCombine>(
+      std::move(call), h.dtype(), stream, bits, group_size);
 }
 
 std::vector<mx::array> down_combine_metal_inputs(
