@@ -6,11 +6,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
+#include <nanobind/stl/array.h>
 
 #include "cpu/isa.h"
 #include "cpu/probe.h"
 #include "cpu/thread_pool.h"
 #include "grid.h"
+#include "metal/launch_plan.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -69,6 +71,62 @@ NB_MODULE(_ext, m) {
       "Reads every byte of a C-contiguous CPU buffer (e.g. a numpy array) "
       "once on the CPU kernels' threads; returns the seconds taken (the "
       "benchmark's bandwidth probe).");
+
+  // The Metal launch plan and the Metal Primitive inputs, for the tests and
+  // the Linux emulator (tests/metal_emulator/).
+  m.def(
+      "gate_up_swiglu_metal_inputs",
+      &fused_moe::gate_up_swiglu_metal_inputs,
+      "x"_a, "gate_up_weight"_a, "gate_up_scales"_a, "gate_up_biases"_a,
+      "indices"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "The GateUpSwiglu Primitive's inputs as a GPU stream gets them.");
+  m.def(
+      "down_combine_metal_inputs",
+      &fused_moe::down_combine_metal_inputs,
+      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a, "indices"_a,
+      "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "The DownCombine Primitive's inputs as a GPU stream gets them.");
+  m.def("metal_kernel_names", &fused_moe::metal::instantiated_kernels,
+        "Every kernel metal/fused_moe.metal instantiates.");
+  m.def(
+      "metal_launch_plan",
+      [](const std::string& op, const std::string& dtype, int bits,
+         int group_size, int tokens, int top_k, int hidden, int intermediate,
+         int experts) {
+        namespace fm = fused_moe::metal;
+        const fm::Op o = fm::op_from_name(op);
+        const fm::Dtype t = fm::dtype_from_name(dtype);
+        const auto plan = fm::make_launch_plan(
+            {o, t, bits, group_size, tokens, top_k, hidden, intermediate,
+             experts});
+        const auto tile = fm::tile_shape(o, plan.variant);
+        nb::dict d;
+        d["kernel"] = plan.kernel;
+        d["variant"] = std::string(fm::variant_name(plan.variant));
+        d["threadgroups"] = plan.threadgroups;
+        d["threads_per_threadgroup"] = plan.threads_per_threadgroup;
+        nb::list buffers;
+        for (const auto& b : plan.buffers) {
+          const char* src = b.source == fm::Source::input ? "input"
+              : b.source == fm::Source::output            ? "output"
+                                                          : "args";
+          buffers.append(nb::make_tuple(b.slot, std::string(b.name),
+                                        std::string(src), b.input));
+        }
+        d["buffers"] = buffers;
+        d["args"] = nb::bytes(
+            reinterpret_cast<const char*>(plan.args.data()), plan.args.size());
+        d["rows_per_simdgroup"] = tile.rows_per_simdgroup;
+        d["simdgroups"] = tile.simdgroups;
+        d["pairs_per_threadgroup"] = tile.pairs_per_threadgroup;
+        d["tokens_per_threadgroup"] = tile.tokens_per_threadgroup;
+        return d;
+      },
+      "op"_a, "dtype"_a, "bits"_a, "group_size"_a, "tokens"_a, "top_k"_a,
+      "hidden"_a, "intermediate"_a, "experts"_a,
+      "The Metal launch plan for one call, as a dict (for tests).");
 
   auto to_list = [](const auto& values) {
     nb::list l;

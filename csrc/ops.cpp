@@ -7,6 +7,10 @@
 #include <stdexcept>
 
 #include "grid.h"
+#include "metal/launch_plan.h"
+#if defined(FUSED_MOE_METAL)
+#include "metal/eval_gpu.h"
+#endif
 
 namespace fused_moe {
 
@@ -174,7 +178,44 @@ mx::array row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
 // Ops
 // ---------------------------------------------------------------------------
 
-mx::array gate_up_swiglu(
+namespace {
+
+// A validated call: the Primitive's inputs and the output shapes.
+struct PreparedCall {
+  std::vector<mx::array> inputs;
+  mx::Shape primitive_shape; // [T, k, H] or [T, D]
+  mx::Shape out_shape; // the op's result: leading dims restored
+};
+
+// The op's result: the Primitive's output, reshaped to the leading dims.
+template <typename Primitive>
+mx::array primitive_output(
+    PreparedCall call,
+    mx::Dtype dtype,
+    mx::Stream stream,
+    int bits,
+    int group_size) {
+  auto out = mx::array(
+      call.primitive_shape,
+      dtype,
+      std::make_shared<Primitive>(stream, bits, group_size),
+      std::move(call.inputs));
+  return mx::reshape(out, call.out_shape, stream);
+}
+
+// GPU streams get the Metal Primitive inputs (the expert-sorted pair order of
+// the prefill kernels, float32 router weights).
+bool uses_metal(const mx::Stream& s) {
+  return s.device == mx::Device::gpu;
+}
+
+// The expert ids as uint32, one per (token, slot) pair. A negative int32
+// id becomes a large uint32, which every Metal kernel treats as out of range.
+mx::array pair_experts(const mx::array& indices, mx::StreamOrDevice s) {
+  return mx::astype(mx::reshape(indices, {-1}, s), mx::uint32, s);
+}
+
+PreparedCall prepare_gate_up_swiglu(
     const mx::array& x,
     const mx::array& gate_up_weight,
     const mx::array& gate_up_scales,
@@ -182,7 +223,8 @@ mx::array gate_up_swiglu(
     const mx::array& indices,
     int bits,
     int group_size,
-    mx::StreamOrDevice s) {
+    mx::Stream stream,
+    bool metal_inputs) {
   constexpr const char* op = "gate_up_swiglu";
   check_grid(op, "gate_up", bits, group_size);
   if (!is_float(x.dtype())) {
@@ -210,7 +252,6 @@ mx::array gate_up_swiglu(
   mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
   const int k = check_indices(op, indices, lead);
 
-  auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {
       flatten_rows(x, D, stream),
       mx::contiguous(gate_up_weight, false, stream),
@@ -218,18 +259,58 @@ mx::array gate_up_swiglu(
       mx::contiguous(gate_up_biases, false, stream),
       flatten_rows(indices, k, stream)};
   const int T = inputs[0].shape(0);
-  auto h = mx::array(
-      {T, k, H},
-      x.dtype(),
-      std::make_shared<GateUpSwiglu>(stream, bits, group_size),
-      std::move(inputs));
+  if (metal_inputs && metal::choose_variant(T, k) == metal::Variant::prefill) {
+    // Pairs in increasing expert order (ids >= E, and negative int32 ids,
+    // last). Pairs are independent in kernel A, so the order among equal
+    // ids does not matter. Computed on the device: no sync to the host.
+    const int E = gate_up_weight.shape(0);
+    auto ids = mx::minimum(
+        pair_experts(indices, stream), mx::array(uint32_t(E)), stream);
+    inputs.push_back(mx::astype(mx::argsort(ids, stream), mx::uint32, stream));
+  }
   mx::Shape out_shape = lead;
   out_shape.push_back(k);
   out_shape.push_back(H);
-  return mx::reshape(h, out_shape, stream);
+  return {std::move(inputs), {T, k, H}, out_shape};
 }
 
-mx::array down_combine(
+} // namespace
+
+mx::array gate_up_swiglu(
+    const mx::array& x,
+    const mx::array& gate_up_weight,
+    const mx::array& gate_up_scales,
+    const mx::array& gate_up_biases,
+    const mx::array& indices,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  auto call = prepare_gate_up_swiglu(
+      x, gate_up_weight, gate_up_scales, gate_up_biases, indices, bits,
+      group_size, stream, /*metal_inputs=*/uses_metal(stream));
+  return primitive_output<GateUpSwiglu>(
+      std::move(call), x.dtype(), stream, bits, group_size);
+}
+
+std::vector<mx::array> gate_up_swiglu_metal_inputs(
+    const mx::array& x,
+    const mx::array& gate_up_weight,
+    const mx::array& gate_up_scales,
+    const mx::array& gate_up_biases,
+    const mx::array& indices,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  return prepare_gate_up_swiglu(
+             x, gate_up_weight, gate_up_scales, gate_up_biases, indices, bits,
+             group_size, mx::to_stream(s), /*metal_inputs=*/true)
+      .inputs;
+}
+
+namespace {
+
+PreparedCall prepare_down_combine(
     const mx::array& h,
     const mx::array& down_weight,
     const mx::array& down_scales,
@@ -238,7 +319,8 @@ mx::array down_combine(
     const mx::array& weights,
     int bits,
     int group_size,
-    mx::StreamOrDevice s) {
+    mx::Stream stream,
+    bool metal_inputs) {
   constexpr const char* op = "down_combine";
   check_grid(op, "down", bits, group_size);
   if (!is_float(h.dtype())) {
@@ -280,7 +362,6 @@ mx::array down_combine(
              dtype_str(h.dtype()) + "), got " + dtype_str(weights.dtype()));
   }
 
-  auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {
       mx::contiguous(mx::reshape(h, {-1, k, H}, stream), false, stream),
       mx::contiguous(down_weight, false, stream),
@@ -289,14 +370,75 @@ mx::array down_combine(
       flatten_rows(indices, k, stream),
       flatten_rows(weights, k, stream)};
   const int T = inputs[0].shape(0);
-  auto y = mx::array(
-      {T, D},
-      h.dtype(),
-      std::make_shared<DownCombine>(stream, bits, group_size),
-      std::move(inputs));
+  const int E = down_weight.shape(0);
+  if (metal_inputs) {
+    // The Metal kernels read float32 router weights.
+    inputs[5] = mx::astype(inputs[5], mx::float32, stream);
+  }
+  if (metal_inputs && metal::choose_variant(T, k) == metal::Variant::prefill) {
+    // Pairs sorted by (block of tokens, expert, pair): the kernel's
+    // threadgroup for a block of tokens finds that block's pairs together,
+    // grouped by expert (ids >= E last). The keys are unique, so the order,
+    // and with it the fp32 summation order, does not depend on the sort.
+    const int block_pairs = metal::down_prefill_tokens_per_threadgroup() * k;
+    if (int64_t(T) * k * (int64_t(E) + 1) > int64_t(UINT32_MAX)) {
+      fail(op, "T*k=" + std::to_string(int64_t(T) * k) + " pairs with E=" +
+               std::to_string(E) + " experts exceed the 32-bit sort keys of "
+               "the Metal prefill kernel");
+    }
+    auto pair = mx::arange(0, T * k, mx::uint32, stream);
+    auto block = mx::floor_divide(pair, mx::array(uint32_t(block_pairs)), stream);
+    auto within = mx::remainder(pair, mx::array(uint32_t(block_pairs)), stream);
+    auto ids = mx::minimum(
+        pair_experts(indices, stream), mx::array(uint32_t(E)), stream);
+    auto key = mx::add(
+        mx::multiply(
+            mx::add(
+                mx::multiply(block, mx::array(uint32_t(E + 1)), stream), ids,
+                stream),
+            mx::array(uint32_t(block_pairs)), stream),
+        within, stream);
+    inputs.push_back(mx::astype(mx::argsort(key, stream), mx::uint32, stream));
+  }
   mx::Shape out_shape = lead;
   out_shape.push_back(D);
-  return mx::reshape(y, out_shape, stream);
+  return {std::move(inputs), {T, D}, out_shape};
+}
+
+} // namespace
+
+mx::array down_combine(
+    const mx::array& h,
+    const mx::array& down_weight,
+    const mx::array& down_scales,
+    const mx::array& down_biases,
+    const mx::array& indices,
+    const mx::array& weights,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  auto call = prepare_down_combine(
+      h, down_weight, down_scales, down_biases, indices, weights, bits,
+      group_size, stream, /*metal_inputs=*/uses_metal(stream));
+  return primitive_output<DownCombine>(
+      std::move(call), h.dtype(), stream, bits, group_size);
+}
+
+std::vector<mx::array> down_combine_metal_inputs(
+    const mx::array& h,
+    const mx::array& down_weight,
+    const mx::array& down_scales,
+    const mx::array& down_biases,
+    const mx::array& indices,
+    const mx::array& weights,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s) {
+  return prepare_down_combine(
+             h, down_weight, down_scales, down_biases, indices, weights, bits,
+             group_size, mx::to_stream(s), /*metal_inputs=*/true)
+      .inputs;
 }
 
 std::vector<mx::array> route(
@@ -454,14 +596,55 @@ std::vector<mx::Shape> Route::output_shapes(
 // Primitives: GPU
 // ---------------------------------------------------------------------------
 
-// The Metal kernels come with their own issue; until then every GPU backend
-// (Metal and CUDA alike) refuses loudly rather than falling back.
-void GateUpSwiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("GateUpSwiglu has no GPU implementation yet.");
+// The launch plan comes from plain C++ (metal/launch_plan.cpp); only handing
+// it to MLX's Metal command encoder is Apple-only (metal/eval_gpu.cpp, built
+// when MLX has Metal). Other GPU backends refuse loudly, never fall back.
+
+namespace {
+
+metal::Dtype metal_dtype(mx::Dtype t) {
+  if (t == mx::float32) {
+    return metal::Dtype::float32;
+  }
+  return t == mx::float16 ? metal::Dtype::float16 : metal::Dtype::bfloat16;
 }
 
-void DownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("DownCombine has no GPU implementation yet.");
+#if !defined(FUSED_MOE_METAL)
+[[noreturn]] void no_gpu(const char* name) {
+  throw std::runtime_error(
+      std::string(name) + " has no GPU implementation in this build (the "
+      "Metal kernels need MLX built with Metal, on macOS).");
+}
+#endif
+
+} // namespace
+
+void GateUpSwiglu::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const metal::Problem problem = {
+      metal::Op::gate_up_swiglu, metal_dtype(out.dtype()), bits_, group_size_,
+      static_cast<int>(inputs[0].shape(0)), static_cast<int>(inputs[4].shape(1)),
+      static_cast<int>(inputs[0].shape(1)), static_cast<int>(inputs[1].shape(1) / 2),
+      static_cast<int>(inputs[1].shape(0))};
+#if defined(FUSED_MOE_METAL)
+  metal::encode(metal::make_launch_plan(problem), stream(), inputs, out);
+#else
+  (void)problem;
+  no_gpu(name());
+#endif
+}
+
+void DownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const metal::Problem problem = {
+      metal::Op::down_combine, metal_dtype(out.dtype()), bits_, group_size_,
+      static_cast<int>(inputs[0].shape(0)), static_cast<int>(inputs[0].shape(1)),
+      static_cast<int>(inputs[1].shape(1)), static_cast<int>(inputs[0].shape(2)),
+      static_cast<int>(inputs[1].shape(0))};
+#if defined(FUSED_MOE_METAL)
+  metal::encode(metal::make_launch_plan(problem), stream(), inputs, out);
+#else
+  (void)problem;
+  no_gpu(name());
+#endif
 }
 
 void Route::eval_gpu(

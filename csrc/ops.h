@@ -80,6 +80,32 @@ std::vector<mx::array> route(
     std::optional<int> group_size,
     mx::StreamOrDevice s = {});
 
+// The inputs the Primitives receive on a GPU stream (the Metal kernels'
+// inputs: with the expert-sorted pair order for the prefill variants and
+// float32 router weights), checked exactly as the ops check them but
+// computed on stream `s`. The Linux Metal emulator (tests/metal_emulator/)
+// runs the kernels on these.
+std::vector<mx::array> gate_up_swiglu_metal_inputs(
+    const mx::array& x,
+    const mx::array& gate_up_weight,
+    const mx::array& gate_up_scales,
+    const mx::array& gate_up_biases,
+    const mx::array& indices,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s = {});
+
+std::vector<mx::array> down_combine_metal_inputs(
+    const mx::array& h,
+    const mx::array& down_weight,
+    const mx::array& down_scales,
+    const mx::array& down_biases,
+    const mx::array& indices,
+    const mx::array& weights,
+    int bits,
+    int group_size,
+    mx::StreamOrDevice s = {});
+
 // ---------------------------------------------------------------------------
 // Primitives
 // ---------------------------------------------------------------------------

@@ -2,18 +2,48 @@ import mlx.core as mx
 import pytest
 
 import fused_moe as fm
+from backends import METAL_MISSING, EmulatorBackend, StreamBackend, metal_available
+
+# Every kernel case runs on each backend: the CPU kernels, the Metal kernels
+# on a real GPU (skipped, naming the missing backend, where MLX has no Metal)
+# and the same Metal kernels in the Linux emulator (tests/metal_emulator/).
+BACKENDS = ["cpu", "metal", "metal_emulator"]
+GPU_BACKENDS = ["metal", "metal_emulator"]
 
 
-def _backends():
-    # Every kernel case runs on each backend present. The Metal kernels and
-    # their Linux emulator come with their own issue; until then GPU
-    # evaluation raises (tested in test_errors.py).
-    return ["cpu"]
+@pytest.fixture(scope="session")
+def metal_emulator(request):
+    import metal_emulator
+
+    if not metal_emulator.compiler_available():
+        pytest.skip(
+            f"metal_emulator backend not available: no C++ compiler "
+            f"({metal_emulator.CXX}) to build tests/metal_emulator"
+        )
+    cache = request.config.cache.mkdir("metal_emulator")
+    return metal_emulator.Emulator(metal_emulator.build(cache))
 
 
-@pytest.fixture(params=_backends())
+def _backend(request, name):
+    if name == "cpu":
+        return StreamBackend("cpu", mx.cpu)
+    if name == "metal":
+        if not metal_available():
+            pytest.skip(METAL_MISSING)
+        return StreamBackend("metal", mx.gpu)
+    return EmulatorBackend(request.getfixturevalue("metal_emulator"))
+
+
+@pytest.fixture(params=BACKENDS)
 def device(request):
-    return {"cpu": mx.cpu}[request.param]
+    """A backend offering gate_up_swiglu and down_combine."""
+    return _backend(request, request.param)
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_device(request):
+    """The Metal kernels: on the GPU, or in the emulator."""
+    return _backend(request, request.param)
 
 
 def pytest_report_header(config):

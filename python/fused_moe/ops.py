@@ -2,9 +2,9 @@
 
 Both are MLX primitives from the native extension: they are lazy, work under
 ``mx.compile`` and take ``stream=`` like MLX ops. Argument checking happens
-here and in the extension at call time (``ValueError`` naming the argument);
-expert ids outside ``[0, E)`` are caught when the CPU kernel runs and raise
-from ``mx.eval`` without touching memory out of bounds.
+here and in the extension at call time (``ValueError`` naming the argument).
+Expert ids outside ``[0, E)`` never cause an out-of-bounds access; the CPU
+raises from ``mx.eval``, Metal returns NaN rows (README, "Bad expert ids").
 """
 
 from typing import Optional, Union

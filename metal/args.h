@@ -1,0 +1,31 @@
+// Argument structs of the Metal kernels, shared by the kernels and the host
+// launch plan (csrc/metal/launch_plan.cpp), which fills them field by field
+// and binds each with one set_bytes. Plain 32-bit fields only, so the layout
+// is the same for the Metal compiler and the host C++ compiler.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+#include <metal_stdlib>
+#else
+#include <cstdint>
+#endif
+
+namespace fused_moe_args {
+
+// The argument struct of every kernel. Kernel A reads gate_up rows of D
+// inputs and writes h [T·k, H]; kernel B reads down rows of H inputs and
+// writes y [T, D]. Buffer slots: csrc/metal/launch_plan.cpp.
+struct FusedMoeArgs {
+  uint32_t tokens; // T
+  uint32_t top_k; // k
+  uint32_t hidden; // D
+  uint32_t intermediate; // H
+  uint32_t experts; // E: an index >= E marks the rows it feeds NaN
+  uint32_t row_bytes; // bytes of one packed row: inputs·bits/8
+  uint32_t groups_per_row; // inputs/group_size
+  uint32_t pairs; // T·k
+};
+
+static_assert(sizeof(FusedMoeArgs) == 32, "FusedMoeArgs layout");
+
+} // namespace fused_moe_args

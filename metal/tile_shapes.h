@@ -1,0 +1,81 @@
+// Tile shapes of the Metal kernels: the numbers to tune on a Mac. The kernels
+// take them as template parameters (fused_moe.metal) and the host launch plan
+// (csrc/metal/launch_plan.cpp) sizes its grids from them, so changing one
+// here and rebuilding is all a tuning run needs. Included by Metal sources
+// and host C++ alike.
+//
+// Constraints, checked by static_asserts below and by the launch plan:
+// - rows per threadgroup (rows per SIMD group × SIMD groups) divides 32,
+//   because D and H are only promised to be multiples of 32;
+// - every SIMD group has 32 lanes, each owning kCodesPerLane consecutive
+//   codes of a row per step.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+#define FM_TILE_CONSTANT constant constexpr
+#else
+#define FM_TILE_CONSTANT inline constexpr
+#endif
+
+namespace fused_moe_tiles {
+
+// Lanes per SIMD group on every Apple GPU.
+FM_TILE_CONSTANT int kSimdWidth = 32;
+// Consecutive codes of a row one lane reads per step: 6 bytes at 3 bits,
+// 8 bytes at 4 bits. 16 divides every group size, so a lane's codes share
+// one scale and bias.
+FM_TILE_CONSTANT int kCodesPerLane = 16;
+// Codes of a row one SIMD group covers per step.
+FM_TILE_CONSTANT int kCodesPerStep = kSimdWidth * kCodesPerLane;
+
+// Decode and prefill: (token, slot) pairs at or above this count take the
+// prefill kernels (grouped by expert); fewer take decode (matrix-vector).
+// 64 pairs is 8 tokens at k=8: from there several tokens start to share
+// experts, which is when reading each expert once pays for the sort.
+FM_TILE_CONSTANT int kPrefillMinPairs = 64;
+
+// Kernel A, decode. One SIMD group computes kGateUpDecodeRowPairs gate rows
+// and their up rows (2× as many rows in flight: 8, the upper end of the 4-8
+// that public Apple-GPU work found fastest), for one (token, slot) pair.
+// Two SIMD groups per threadgroup keep threadgroups small, so the few
+// threadgroups of a one-token call still spread over every core.
+FM_TILE_CONSTANT int kGateUpDecodeRowPairs = 4;
+FM_TILE_CONSTANT int kGateUpDecodeSimdgroups = 2;
+
+// Kernel A, prefill. A threadgroup takes kGateUpPrefillPairs consecutive
+// (token, slot) pairs of the expert-sorted order and reuses each weight load
+// across those of them that share an expert. Rows per SIMD group are halved
+// against decode because every row holds one accumulator per pair
+// (2 × 2 × 8 = 32 registers of accumulators per lane).
+FM_TILE_CONSTANT int kGateUpPrefillRowPairs = 2;
+FM_TILE_CONSTANT int kGateUpPrefillSimdgroups = 2;
+FM_TILE_CONSTANT int kGateUpPrefillPairs = 8;
+
+// Kernel B, decode. One SIMD group owns kDownDecodeRows output rows of one
+// token and loops over its k experts. Down rows are short (H = 1536 codes,
+// 3 steps), so more rows in flight per SIMD group make up for fewer steps;
+// one SIMD group per threadgroup keeps D / 8 = 384 threadgroups per token.
+FM_TILE_CONSTANT int kDownDecodeRows = 8;
+FM_TILE_CONSTANT int kDownDecodeSimdgroups = 1;
+
+// Kernel B, prefill. A threadgroup owns kDownPrefillRows × kDownPrefillSimdgroups
+// output rows of kDownPrefillTokens consecutive tokens, walks their pairs in
+// expert order and reuses each weight load across kDownPrefillPairBatch pairs
+// of one expert. The fp32 sums live in threadgroup memory
+// (tokens × rows × 4 bytes = 512 bytes), written out once at the end.
+FM_TILE_CONSTANT int kDownPrefillRows = 4;
+FM_TILE_CONSTANT int kDownPrefillSimdgroups = 2;
+FM_TILE_CONSTANT int kDownPrefillTokens = 16;
+FM_TILE_CONSTANT int kDownPrefillPairBatch = 4;
+
+static_assert(32 % (kGateUpDecodeRowPairs * kGateUpDecodeSimdgroups) == 0,
+              "gate_up decode rows per threadgroup must divide 32");
+static_assert(32 % (kGateUpPrefillRowPairs * kGateUpPrefillSimdgroups) == 0,
+              "gate_up prefill rows per threadgroup must divide 32");
+static_assert(32 % (kDownDecodeRows * kDownDecodeSimdgroups) == 0,
+              "down decode rows per threadgroup must divide 32");
+static_assert(32 % (kDownPrefillRows * kDownPrefillSimdgroups) == 0,
+              "down prefill rows per threadgroup must divide 32");
+static_assert(kCodesPerLane == 16, "the unpacking reads 16 codes per lane");
+
+} // namespace fused_moe_tiles

@@ -1,0 +1,57 @@
+"""The backends every kernel case runs on: CPU, the Metal emulator, and real
+Metal where MLX has it. Each offers the two ops with the signature of
+``fused_moe.gate_up_swiglu`` / ``down_combine`` minus ``stream``.
+
+GPU semantics differ from the CPU in one place: an expert id outside [0, E)
+raises from ``mx.eval`` on the CPU, while the Metal kernels cannot raise and
+make the affected rows NaN instead (README.md, "Bad expert ids").
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+import fused_moe as fm
+
+
+class StreamBackend:
+    """The ops on an MLX stream (CPU, or the real Metal GPU)."""
+
+    compiles = True  # works under mx.compile
+
+    def __init__(self, name: str, stream):
+        self.name = name
+        self.stream = stream
+
+    def gate_up_swiglu(self, x, packed, indices):
+        return fm.gate_up_swiglu(x, packed, indices, stream=self.stream)
+
+    def down_combine(self, h, packed, indices, weights):
+        return fm.down_combine(h, packed, indices, weights, stream=self.stream)
+
+
+class EmulatorBackend:
+    """The Metal kernels in the Linux emulator. Eager (numpy buffers), so it
+    cannot run inside mx.compile; compiled cases run uncompiled here."""
+
+    name = "metal_emulator"
+    compiles = False
+
+    def __init__(self, emulator):
+        self.emulator = emulator
+
+    def gate_up_swiglu(self, x, packed, indices):
+        return self.emulator.gate_up_swiglu(x, packed, indices).out
+
+    def down_combine(self, h, packed, indices, weights):
+        return self.emulator.down_combine(h, packed, indices, weights).out
+
+
+def metal_available() -> bool:
+    return mx.metal.is_available()
+
+
+METAL_MISSING = (
+    "Metal backend not available: MLX reports no Metal GPU here "
+    "(mx.metal.is_available() is False); the metal_emulator backend covers the kernels"
+)

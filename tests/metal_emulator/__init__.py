@@ -1,0 +1,187 @@
+"""The Metal emulator: runs metal/*.metal on Linux, compiled as C++.
+
+``build()`` compiles the exact kernel sources with the MSL-subset header in
+``include/`` plus ``emulator_runtime.cpp`` and the host launch plan
+(``csrc/metal/launch_plan.cpp``) into a shared library, cached by a hash of
+every source. ``gate_up_swiglu`` and ``down_combine`` mirror the ops in
+``fused_moe``: they take the Primitive inputs a GPU stream would get (from
+``fused_moe._ext.*_metal_inputs``, the op's own host code), and run the
+launch plan over guarded buffers. See README.md for what this proves and
+what it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from fused_moe import _ext
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNEL_SOURCE = ROOT / "metal" / "fused_moe.metal"
+RUNTIME_SOURCES = [HERE / "emulator_runtime.cpp", ROOT / "csrc" / "metal" / "launch_plan.cpp"]
+CXX = os.environ.get("CXX", "g++")
+# -O2: the kernels are plain scalar loops here; -Wno-attributes: Metal's
+# [[buffer(n)]] and friends mean nothing to g++; _FORTIFY_SOURCE's longjmp
+# check rejects the fiber switches.
+CXXFLAGS = [
+    "-std=c++20", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-attributes",
+    "-Wno-unused-parameter", "-Wno-unused-variable", "-U_FORTIFY_SOURCE",
+    "-fno-fast-math",
+]
+# Worker processes per kernel run (threadgroups are dealt round robin).
+WORKERS = int(os.environ.get("FUSED_MOE_EMULATOR_WORKERS", str(min(4, os.cpu_count() or 1))))
+
+
+def sources() -> list[Path]:
+    files = sorted((ROOT / "metal").glob("*.metal")) + sorted((ROOT / "metal").glob("*.h"))
+    files += sorted((HERE / "include").iterdir()) + RUNTIME_SOURCES
+    files += [ROOT / "csrc" / "metal" / "launch_plan.h"]
+    return files
+
+
+def compiler_available() -> bool:
+    return shutil.which(CXX) is not None
+
+
+def build(cache_dir: Path) -> Path:
+    """Compiles the emulator library unless a build of these sources exists."""
+    digest = hashlib.sha256(" ".join([CXX, *CXXFLAGS]).encode())
+    for f in sources():
+        digest.update(f.name.encode() + f.read_bytes())
+    out = Path(cache_dir) / f"libfused_moe_metal_emulator-{digest.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [
+        CXX, *CXXFLAGS, f"-I{HERE / 'include'}", f"-I{ROOT}", f"-I{ROOT / 'csrc'}",
+        "-x", "c++", str(KERNEL_SOURCE), "-x", "none", *map(str, RUNTIME_SOURCES), "-o", str(tmp),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"building the Metal emulator failed ({' '.join(cmd)}):\n{proc.stderr[-8000:]}"
+        )
+    tmp.replace(out)
+    return out
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """MLX's own spelling, which is also the kernels' ("bfloat16")."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class EmulatorError(RuntimeError):
+    """A kernel failed in the emulator: out-of-bounds access, divergence, ..."""
+
+
+@dataclass
+class Result:
+    out: mx.array
+    kernel: str
+
+
+def _raw(a: mx.array) -> np.ndarray:
+    """The bytes of a row-contiguous array, as numpy (bfloat16 via uint16)."""
+    a = mx.contiguous(a)
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a, copy=False)).reshape(-1)
+
+
+class Emulator:
+    def __init__(self, library: Path):
+        lib = ctypes.CDLL(str(library))
+        lib.fm_emu_buffer_alloc.restype = ctypes.c_void_p
+        lib.fm_emu_buffer_alloc.argtypes = [ctypes.c_size_t]
+        lib.fm_emu_buffer_free.argtypes = [ctypes.c_void_p]
+        lib.fm_emu_kernel_name.restype = ctypes.c_char_p
+        lib.fm_emu_kernel_name.argtypes = [ctypes.c_int]
+        lib.fm_emu_run.argtypes = [ctypes.c_char_p] * 2 + [ctypes.c_int] * 7 + [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+        ]
+        self.lib = lib
+        self.kernels_run: set[str] = set()
+
+    def kernel_names(self) -> list[str]:
+        return [self.lib.fm_emu_kernel_name(i).decode() for i in range(self.lib.fm_emu_kernel_count())]
+
+    def run(self, op: str, problem: dict, inputs: list, out_shape, out_dtype) -> Result:
+        """Runs the launch plan of `problem` on `inputs` (mx or numpy arrays,
+        bound as raw bytes in guarded buffers). The output buffer starts as
+        0xFF bytes (NaN), so elements no thread writes show up."""
+        raws = [_raw(a) if isinstance(a, mx.array) else np.ascontiguousarray(a).reshape(-1) for a in inputs]
+        out_items = int(np.prod(out_shape))
+        out_bytes = out_items * out_dtype.size
+        ptrs = []
+        try:
+            for r in raws:
+                p = self.lib.fm_emu_buffer_alloc(r.nbytes)
+                if not p:
+                    raise MemoryError(f"emulator buffer of {r.nbytes} bytes")
+                ctypes.memmove(p, r.ctypes.data, r.nbytes)
+                ptrs.append(p)
+            out_ptr = self.lib.fm_emu_buffer_alloc(out_bytes)
+            ptrs.append(out_ptr)
+            ctypes.memset(out_ptr, 0xFF, out_bytes)
+            arr = (ctypes.c_void_p * len(raws))(*ptrs[: len(raws)])
+            kernel = ctypes.create_string_buffer(256)
+            err = ctypes.create_string_buffer(4096)
+            rc = self.lib.fm_emu_run(
+                op.encode(), dtype_name(out_dtype).encode(), problem["bits"], problem["group_size"],
+                problem["tokens"], problem["top_k"], problem["hidden"],
+                problem["intermediate"], problem["experts"],
+                arr, len(raws), out_ptr, WORKERS, kernel, 256, err, 4096,
+            )
+            name = kernel.value.decode()
+            if rc != 0:
+                raise EmulatorError(err.value.decode())
+            self.kernels_run.add(name)
+            host = np.frombuffer(ctypes.string_at(out_ptr, out_bytes),
+                                 dtype=np.uint16 if out_dtype == mx.bfloat16 else
+                                 {mx.float16: np.float16, mx.float32: np.float32}[out_dtype])
+            out = mx.array(host.reshape(out_shape))
+            if out_dtype == mx.bfloat16:
+                out = out.view(mx.bfloat16)
+            return Result(out, name)
+        finally:
+            for p in ptrs:
+                self.lib.fm_emu_buffer_free(p)
+
+    # The ops, as fused_moe has them, on a PackedExperts.
+
+    def gate_up_swiglu(self, x, packed, indices) -> Result:
+        w, s, b, bits, gs = packed.projection("gate_up")
+        inputs = _ext.gate_up_swiglu_metal_inputs(x, w, s, b, indices, bits, gs, stream=mx.cpu)
+        mx.eval(inputs)
+        T, D = inputs[0].shape
+        k = inputs[4].shape[1]
+        E, two_h, _ = w.shape
+        problem = dict(bits=bits, group_size=gs, tokens=T, top_k=k, hidden=D,
+                       intermediate=two_h // 2, experts=E)
+        r = self.run("gate_up_swiglu", problem, inputs, (T, k, two_h // 2), x.dtype)
+        r.out = r.out.reshape(*x.shape[:-1], k, two_h // 2)
+        return r
+
+    def down_combine(self, h, packed, indices, weights) -> Result:
+        w, s, b, bits, gs = packed.projection("down")
+        inputs = _ext.down_combine_metal_inputs(h, w, s, b, indices, weights, bits, gs, stream=mx.cpu)
+        mx.eval(inputs)
+        T, k, H = inputs[0].shape
+        E, D, _ = w.shape
+        problem = dict(bits=bits, group_size=gs, tokens=T, top_k=k, hidden=D,
+                       intermediate=H, experts=E)
+        r = self.run("down_combine", problem, inputs, (T, D), h.dtype)
+        r.out = r.out.reshape(*h.shape[:-2], D)
+        return r
