@@ -16,6 +16,15 @@ from router_reference import GATE_FORMS, check_against_stock, clear_inputs, make
 D = 256
 
 
+@pytest.fixture(params=["cpu", "metal"])
+def device(request):
+    """The streams fm.route runs on. It has no Metal kernel yet, so on a
+    Metal GPU it raises (test_errors.py); the emulator has nothing to run."""
+    if request.param == "metal":
+        pytest.skip("fm.route has no Metal kernel yet")
+    return mx.cpu
+
+
 def random_bias(E, seed=1, scale=0.05):
     return mx.random.normal((E,), key=mx.random.key(seed)) * scale
 
