@@ -501,11 +501,12 @@ struct FloatGateRows {
       return (vfloat)(__builtin_convertvector(h, vu32) << 16);
 #endif
     } else {
-      const auto* p = static_cast<const uint16_t*>(w) + at;
 #if defined(__AVX512F__)
+      const auto* p = static_cast<const uint16_t*>(w) + at;
       return (vfloat)_mm512_cvtph_ps(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__AVX2__)
+      const auto* p = static_cast<const uint16_t*>(w) + at;
       return (vfloat)_mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
