@@ -88,23 +88,34 @@ NB_MODULE(_ext, m) {
       "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
       "stream"_a = nb::none(),
       "The DownCombine Primitive's inputs as a GPU stream gets them.");
+  m.def(
+      "route_metal_inputs",
+      &fused_moe::route_metal_inputs,
+      "x"_a, "gate_weight"_a, "gate_scales"_a.none(), "gate_biases"_a.none(),
+      "bias"_a, "k"_a, "bits"_a.none(), "group_size"_a.none(), nb::kw_only(),
+      "stream"_a = nb::none(),
+      "The Route Primitive's inputs as a GPU stream gets them (bias, gate "
+      "scales and biases widened to float32).");
   m.def("metal_kernel_names", &fused_moe::metal::instantiated_kernels,
         "Every kernel metal/fused_moe.metal instantiates.");
   m.def(
       "metal_launch_plan",
       [](const std::string& op, const std::string& dtype, int bits,
          int group_size, int tokens, int top_k, int hidden, int intermediate,
-         int experts) {
+         int experts, const std::string& gate_dtype) {
         namespace fm = fused_moe::metal;
         const fm::Op o = fm::op_from_name(op);
         const fm::Dtype t = fm::dtype_from_name(dtype);
         const auto plan = fm::make_launch_plan(
             {o, t, bits, group_size, tokens, top_k, hidden, intermediate,
-             experts});
+             experts, fm::dtype_from_name(gate_dtype)});
         const auto tile = fm::tile_shape(o, plan.variant);
         nb::dict d;
         d["kernel"] = plan.kernel;
-        d["variant"] = std::string(fm::variant_name(plan.variant));
+        // The router has a single kernel per (x dtype, gate form).
+        d["variant"] = o == fm::Op::route
+            ? nb::object(nb::none())
+            : nb::object(nb::str(fm::variant_name(plan.variant)));
         d["threadgroups"] = plan.threadgroups;
         d["threads_per_threadgroup"] = plan.threads_per_threadgroup;
         nb::list buffers;
@@ -113,7 +124,7 @@ NB_MODULE(_ext, m) {
               : b.source == fm::Source::output            ? "output"
                                                           : "args";
           buffers.append(nb::make_tuple(b.slot, std::string(b.name),
-                                        std::string(src), b.input));
+                                        std::string(src), b.index));
         }
         d["buffers"] = buffers;
         d["args"] = nb::bytes(
@@ -125,8 +136,10 @@ NB_MODULE(_ext, m) {
         return d;
       },
       "op"_a, "dtype"_a, "bits"_a, "group_size"_a, "tokens"_a, "top_k"_a,
-      "hidden"_a, "intermediate"_a, "experts"_a,
-      "The Metal launch plan for one call, as a dict (for tests).");
+      "hidden"_a, "intermediate"_a, "experts"_a, "gate_dtype"_a = "float32",
+      "The Metal launch plan for one call, as a dict (for tests). For "
+      "route: dtype is x's, bits 0 an unquantized gate of gate_dtype, "
+      "intermediate unused.");
 
   auto to_list = [](const auto& values) {
     nb::list l;

@@ -441,7 +441,13 @@ std::vector<mx::array> down_combine_metal_inputs(
       .inputs;
 }
 
-std::vector<mx::array> route(
+namespace {
+
+// The Route Primitive's inputs: x [T, D], gate_weight, bias, then
+// gate_scales and gate_biases when quantized. For the Metal kernels bias,
+// gate_scales and gate_biases are widened to float32 (exact; the CPU widens
+// them as it reads), so their dtypes multiply no kernels.
+std::vector<mx::array> prepare_route(
     const mx::array& x,
     const mx::array& gate_weight,
     const std::optional<mx::array>& gate_scales,
@@ -450,7 +456,8 @@ std::vector<mx::array> route(
     int k,
     std::optional<int> bits,
     std::optional<int> group_size,
-    mx::StreamOrDevice s) {
+    mx::Stream stream,
+    bool metal_inputs) {
   constexpr const char* op = "route";
   check_top_k(op, k);
   if (!is_float(x.dtype())) {
@@ -538,15 +545,37 @@ std::vector<mx::array> route(
              dtype_str(bias.dtype()));
   }
 
-  auto stream = mx::to_stream(s);
+  auto float32 = [&](const mx::array& a) {
+    return metal_inputs ? mx::astype(a, mx::float32, stream) : a;
+  };
   std::vector<mx::array> inputs = {
       row_contiguous(mx::reshape(x, {-1, D}, stream), stream),
       row_contiguous(gate_weight, stream),
-      row_contiguous(bias, stream)};
+      row_contiguous(float32(bias), stream)};
   if (quantized) {
-    inputs.push_back(row_contiguous(*gate_scales, stream));
-    inputs.push_back(row_contiguous(*gate_biases, stream));
+    inputs.push_back(row_contiguous(float32(*gate_scales), stream));
+    inputs.push_back(row_contiguous(float32(*gate_biases), stream));
   }
+  return inputs;
+}
+
+} // namespace
+
+std::vector<mx::array> route(
+    const mx::array& x,
+    const mx::array& gate_weight,
+    const std::optional<mx::array>& gate_scales,
+    const std::optional<mx::array>& gate_biases,
+    const mx::array& bias,
+    int k,
+    std::optional<int> bits,
+    std::optional<int> group_size,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  auto inputs = prepare_route(
+      x, gate_weight, gate_scales, gate_biases, bias, k, bits, group_size,
+      stream, /*metal_inputs=*/uses_metal(stream));
+  const bool quantized = gate_scales.has_value();
   const int T = inputs[0].shape(0);
   auto outs = mx::array::make_arrays(
       {{T, k}, {T, k}},
@@ -559,6 +588,21 @@ std::vector<mx::array> route(
   return {
       mx::reshape(outs[0], out_shape, stream),
       mx::reshape(outs[1], out_shape, stream)};
+}
+
+std::vector<mx::array> route_metal_inputs(
+    const mx::array& x,
+    const mx::array& gate_weight,
+    const std::optional<mx::array>& gate_scales,
+    const std::optional<mx::array>& gate_biases,
+    const mx::array& bias,
+    int k,
+    std::optional<int> bits,
+    std::optional<int> group_size,
+    mx::StreamOrDevice s) {
+  return prepare_route(
+      x, gate_weight, gate_scales, gate_biases, bias, k, bits, group_size,
+      mx::to_stream(s), /*metal_inputs=*/true);
 }
 
 // ---------------------------------------------------------------------------
@@ -648,9 +692,23 @@ void DownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out)
 }
 
 void Route::eval_gpu(
-    const std::vector<mx::array>&,
-    std::vector<mx::array>&) {
-  throw std::runtime_error("Route has no GPU implementation yet.");
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  metal::Problem problem = {
+      metal::Op::route, metal_dtype(inputs[0].dtype()), bits_, group_size_,
+      static_cast<int>(inputs[0].shape(0)), k_,
+      static_cast<int>(inputs[0].shape(1)), 0,
+      static_cast<int>(inputs[1].shape(0))};
+  if (bits_ == 0) {
+    problem.gate_dtype = metal_dtype(inputs[1].dtype());
+  }
+#if defined(FUSED_MOE_METAL)
+  metal::encode(metal::make_launch_plan(problem), stream(), inputs, outputs);
+#else
+  (void)problem;
+  (void)outputs;
+  no_gpu(name());
+#endif
 }
 
 } // namespace fused_moe

@@ -106,6 +106,17 @@ std::vector<mx::array> down_combine_metal_inputs(
     int group_size,
     mx::StreamOrDevice s = {});
 
+std::vector<mx::array> route_metal_inputs(
+    const mx::array& x,
+    const mx::array& gate_weight,
+    const std::optional<mx::array>& gate_scales,
+    const std::optional<mx::array>& gate_biases,
+    const mx::array& bias,
+    int k,
+    std::optional<int> bits,
+    std::optional<int> group_size,
+    mx::StreamOrDevice s = {});
+
 // ---------------------------------------------------------------------------
 // Primitives
 // ---------------------------------------------------------------------------

@@ -28,4 +28,17 @@ struct FusedMoeArgs {
 
 static_assert(sizeof(FusedMoeArgs) == 32, "FusedMoeArgs layout");
 
+// The argument struct of the router kernels (route.h), which read x [T, D]
+// and gate rows [E, D] (float, or 8-bit codes with scales and biases
+// [E, groups_per_row]) and write indices and weights [T, k].
+struct RouteArgs {
+  uint32_t tokens; // T
+  uint32_t top_k; // k, at most kMaxTopK
+  uint32_t hidden; // D
+  uint32_t experts; // E, at most kRouteMaxExperts
+  uint32_t groups_per_row; // D/group_size for a quantized gate, else 0
+};
+
+static_assert(sizeof(RouteArgs) == 20, "RouteArgs layout");
+
 } // namespace fused_moe_args

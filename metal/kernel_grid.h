@@ -43,11 +43,18 @@
   FM_STR(op) "_" FM_STR(variant) "_" FM_STR(dtype_name) "_b" FM_STR(bits) \
       "_gs" FM_STR(group_size)
 
-// The ops with Metal kernels: X(op), where `op` is the kernel name prefix
-// and the name of the kernel template family in the .metal sources.
-#define FM_FOR_EACH_OP(X, ...)  \
-  X(gate_up_swiglu, __VA_ARGS__) \
+// The expert ops, whose kernels span the grid above: X(op), where `op` is
+// the kernel name prefix and the name of the kernel template family in the
+// .metal sources.
+#define FM_FOR_EACH_EXPERT_OP(X, ...) \
+  X(gate_up_swiglu, __VA_ARGS__)      \
   X(down_combine, __VA_ARGS__)
+
+// Every op with Metal kernels: the expert ops and the router (route.h),
+// whose kernels span their own list below.
+#define FM_FOR_EACH_OP(X, ...)          \
+  FM_FOR_EACH_EXPERT_OP(X, __VA_ARGS__) \
+  X(route, __VA_ARGS__)
 
 // Calls X(op, variant, dtype_name, metal_type, bits, group_size) once per
 // kernel of the allow-list. Nested expansion goes through one helper per
@@ -60,4 +67,31 @@
 #define FM_GRID_VARIANT_(variant, X, op) \
   FM_FOR_EACH_DTYPE(FM_GRID_DTYPE_, X, op, variant)
 #define FM_GRID_OP_(op, X) FM_FOR_EACH_VARIANT(FM_GRID_VARIANT_, X, op)
-#define FM_FOR_EACH_KERNEL(X) FM_FOR_EACH_OP(FM_GRID_OP_, X)
+#define FM_FOR_EACH_KERNEL(X) FM_FOR_EACH_EXPERT_OP(FM_GRID_OP_, X)
+
+// The router's kernels: x dtype × gate form. A gate form is either an
+// unquantized gate dtype or 8-bit affine codes with a group size; written out
+// one by one because the router's quantization (8 bits, any group size) is
+// not the experts' grid.
+// X(gate_name, family, gate_arg): kernel template route_<family>_gate, whose
+// second template argument is gate_arg (the Metal element type of a float
+// gate, the group size of a quantized one).
+#define FM_FOR_EACH_ROUTE_GATE(X, ...)  \
+  X(float16, float, half, __VA_ARGS__)   \
+  X(bfloat16, float, bfloat, __VA_ARGS__) \
+  X(float32, float, float, __VA_ARGS__)  \
+  X(b8_gs32, quantized, 32, __VA_ARGS__) \
+  X(b8_gs64, quantized, 64, __VA_ARGS__) \
+  X(b8_gs128, quantized, 128, __VA_ARGS__)
+
+// The router's name grammar: route_<x dtype>_gate_<gate form>, e.g.
+// "route_bfloat16_gate_float32" or "route_float16_gate_b8_gs64".
+#define FM_ROUTE_KERNEL_NAME(dtype_name, gate_name) \
+  "route_" FM_STR(dtype_name) "_gate_" FM_STR(gate_name)
+
+// Calls X(dtype_name, metal_type, gate_name, family, gate_arg) once per
+// router kernel.
+#define FM_ROUTE_GATE_(gate_name, family, gate_arg, X, dn, mt) \
+  X(dn, mt, gate_name, family, gate_arg)
+#define FM_ROUTE_DTYPE_(dn, mt, X) FM_FOR_EACH_ROUTE_GATE(FM_ROUTE_GATE_, X, dn, mt)
+#define FM_FOR_EACH_ROUTE_KERNEL(X) FM_FOR_EACH_DTYPE(FM_ROUTE_DTYPE_, X)

@@ -68,6 +68,16 @@ FM_TILE_CONSTANT int kDownPrefillSimdgroups = 2;
 FM_TILE_CONSTANT int kDownPrefillTokens = 16;
 FM_TILE_CONSTANT int kDownPrefillPairBatch = 4;
 
+// The router (route.h). One threadgroup per token: kRouteSimdgroups SIMD
+// groups share the E gate rows, kRouteRowsPerSimdgroup rows in flight per
+// SIMD group (each x load serves that many rows). The logits, scores and
+// biased scores of a token live in threadgroup memory, so E is capped at
+// kRouteMaxExperts (3 × 4 KiB of the 32 KiB); MiniMax has 154 experts,
+// other public MoE routers at most a few hundred.
+FM_TILE_CONSTANT int kRouteSimdgroups = 4;
+FM_TILE_CONSTANT int kRouteRowsPerSimdgroup = 4;
+FM_TILE_CONSTANT int kRouteMaxExperts = 1024;
+
 static_assert(32 % (kGateUpDecodeRowPairs * kGateUpDecodeSimdgroups) == 0,
               "gate_up decode rows per threadgroup must divide 32");
 static_assert(32 % (kGateUpPrefillRowPairs * kGateUpPrefillSimdgroups) == 0,

@@ -1,6 +1,6 @@
 """The backends every kernel case runs on: CPU, the Metal emulator, and real
-Metal where MLX has it. Each offers the two ops with the signature of
-``fused_moe.gate_up_swiglu`` / ``down_combine`` minus ``stream``.
+Metal where MLX has it. Each offers the ops with the signature of
+``fused_moe.gate_up_swiglu`` / ``down_combine`` / ``route`` minus ``stream``.
 
 GPU semantics differ from the CPU in one place: an expert id outside [0, E)
 raises from ``mx.eval`` on the CPU, while the Metal kernels cannot raise and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 import fused_moe as fm
+from fused_moe.router import gate_arrays
 
 
 class StreamBackend:
@@ -29,6 +30,9 @@ class StreamBackend:
     def down_combine(self, h, packed, indices, weights):
         return fm.down_combine(h, packed, indices, weights, stream=self.stream)
 
+    def route(self, x, gate, bias, k):
+        return fm.route(x, gate, bias, k, stream=self.stream)
+
 
 class EmulatorBackend:
     """The Metal kernels in the Linux emulator. Eager (numpy buffers), so it
@@ -45,6 +49,10 @@ class EmulatorBackend:
 
     def down_combine(self, h, packed, indices, weights):
         return self.emulator.down_combine(h, packed, indices, weights).out
+
+    def route(self, x, gate, bias, k):
+        w, scales, biases, bits, group_size = gate_arrays(gate)
+        return self.emulator.route(x, w, scales, biases, bias, k, bits, group_size).out
 
 
 def metal_available() -> bool:

@@ -36,7 +36,7 @@ def _backend(request, name):
 
 @pytest.fixture(params=BACKENDS)
 def device(request):
-    """A backend offering gate_up_swiglu and down_combine."""
+    """A backend offering gate_up_swiglu, down_combine and route."""
     return _backend(request, request.param)
 
 

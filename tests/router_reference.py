@@ -97,10 +97,11 @@ def by_index(indices, weights):
     return np.take_along_axis(idx, order, 1), np.take_along_axis(w, order, 1)
 
 
-def check_against_stock(x, gate, bias, k, stream=None) -> None:
-    """fused_moe.route against stock: the same sets, and weights within the
-    tolerance rule of tolerance.py against the fp64 reference."""
-    indices, weights = fm.route(x, gate, bias, k, stream=stream)
+def check_against_stock(x, gate, bias, k, route=fm.route) -> None:
+    """fused_moe.route (or a backend's route, tests/backends.py) against
+    stock: the same sets, and weights within the tolerance rule of
+    tolerance.py against the fp64 reference."""
+    indices, weights = route(x, gate, bias, k)
     assert indices.dtype == mx.uint32 and weights.dtype == mx.float32
     assert indices.shape == weights.shape == (*x.shape[:-1], k)
     stock_i, stock_w = stock_route(x, gate, bias, k)

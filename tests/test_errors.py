@@ -124,3 +124,6 @@ def test_non_metal_gpu_raises(ex, args):
         mx.eval(fm.gate_up_swiglu(x, ex.packed, indices, stream=mx.gpu))
     with pytest.raises(RuntimeError, match="DownCombine has no GPU implementation in this build"):
         mx.eval(fm.down_combine(h, ex.packed, indices, weights, stream=mx.gpu))
+    gate = mx.random.normal((8, x.shape[-1]))
+    with pytest.raises(RuntimeError, match="Route has no GPU implementation in this build"):
+        mx.eval(fm.route(x, gate, mx.zeros((8,)), 2, stream=mx.gpu))

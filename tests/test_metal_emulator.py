@@ -1,7 +1,8 @@
 """The Metal kernels on the Linux emulator (tests/metal_emulator/): every
 instantiated kernel, the MiniMax shapes, bad expert ids, and proof that the
-guard pages catch what they must. The op cases of test_ops.py also run here
-through the `metal_emulator` backend of conftest.py."""
+guard pages catch what they must. The op cases of test_ops.py and
+test_route.py also run here through the `metal_emulator` backend of
+conftest.py."""
 
 import mlx.core as mx
 import numpy as np
@@ -19,9 +20,12 @@ from moe_reference import (
     stock_h,
     stock_y,
 )
+from router_reference import check_against_stock, clear_inputs, make_gate
 from tolerance import assert_within_tolerance
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+EXPERT_KERNELS = [n for n in _ext.metal_kernel_names() if not n.startswith("route_")]
+ROUTE_KERNELS = [n for n in _ext.metal_kernel_names() if n.startswith("route_")]
 
 
 def parse_kernel_name(name):
@@ -36,7 +40,7 @@ def test_emulator_registers_exactly_the_allow_list(metal_emulator):
     assert sorted(metal_emulator.kernel_names()) == sorted(_ext.metal_kernel_names())
 
 
-@pytest.mark.parametrize("name", _ext.metal_kernel_names())
+@pytest.mark.parametrize("name", EXPERT_KERNELS)
 def test_every_kernel(name, metal_emulator):
     op, variant, dtype, bits, gs = parse_kernel_name(name)
     seed = _ext.metal_kernel_names().index(name)
@@ -60,6 +64,57 @@ def test_every_kernel(name, metal_emulator):
             r.out, stock_y(ex, h, indices, weights), reference_y(ex, h, indices, weights), dtype, name
         )
     assert r.kernel == name
+
+
+def emulated_route(metal_emulator, kernels):
+    """A route(x, gate, bias, k) on the emulator that records each kernel."""
+
+    def route(x, gate, bias, k):
+        w, s, b, bits, gs = fm.router.gate_arrays(gate)
+        r = metal_emulator.route(x, w, s, b, bias, k, bits, gs)
+        kernels.append(r.kernel)
+        return r.out
+
+    return route
+
+
+@pytest.mark.parametrize("name", ROUTE_KERNELS)
+def test_every_route_kernel(name, metal_emulator):
+    """route_<x dtype>_gate_<form>: 37 experts (a partial block of rows per
+    SIMD group), k=5, against stock under the rules of test_route.py."""
+    _, x_dtype, _, form = name.split("_", 3)
+    seed = ROUTE_KERNELS.index(name)
+    E, k, D = 37, 5, 256
+    if form in DTYPES:
+        gate = make_gate(E, D, form, seed=seed)
+    else:
+        gate = make_gate(E, D, "q8", seed=seed, group_size=int(form.split("_gs")[1]))
+    bias = mx.random.normal((E,), key=mx.random.key(seed)) * 0.05
+    x = clear_inputs((3, D), gate, bias, k, seed=seed, dtype=DTYPES[x_dtype])
+    kernels = []
+    check_against_stock(x, gate, bias, k, route=emulated_route(metal_emulator, kernels))
+    assert kernels == [name]
+
+
+def test_route_at_the_expert_cap(metal_emulator):
+    """E = kRouteMaxExperts (1024), the most the kernel's threadgroup memory
+    holds, with the largest k."""
+    E, k, D = 1024, 16, 64
+    gate, bias = make_gate(E, D, "bfloat16", seed=3), mx.random.normal((E,), key=mx.random.key(3)) * 0.05
+    x = clear_inputs((2, D), gate, bias, k, seed=3)
+    check_against_stock(x, gate, bias, k, route=emulated_route(metal_emulator, []))
+
+
+def test_route_guard_pages_catch_a_write_past_the_weights(metal_emulator):
+    """The router's outputs are guarded like the others: a weights buffer one
+    token short fails and names it."""
+    E, k, D, T = 8, 2, 64, 3
+    gate = make_gate(E, D, "float32")
+    inputs = _ext.route_metal_inputs(mx.random.normal((T, D)), gate.weight, None, None, mx.zeros((E,)), k, None, None)
+    mx.eval(inputs)
+    problem = dict(bits=0, group_size=0, tokens=T, top_k=k, hidden=D, intermediate=0, experts=E)
+    with pytest.raises(EmulatorError, match=r"kernel route_float32_gate_float32: out-of-bounds access .* past the end of buffer 'weights'"):
+        metal_emulator.run_outputs("route", problem, inputs, [((T, k), mx.uint32), ((T - 1, k), mx.float32)], mx.float32)
 
 
 def per_pair_reference(ex, x, indices, weights):

@@ -1,4 +1,8 @@
-"""fused_moe.route: the MoE router as one primitive, against mlx-lm's."""
+"""fused_moe.route: the MoE router as one primitive, against mlx-lm's.
+
+Every case that takes `device` runs on each backend of conftest.py: the CPU
+kernels, the Metal kernel on a real GPU, and the same Metal kernel in the
+Linux emulator (skipped, naming the missing backend, where absent)."""
 
 import os
 import subprocess
@@ -16,15 +20,6 @@ from router_reference import GATE_FORMS, check_against_stock, clear_inputs, make
 D = 256
 
 
-@pytest.fixture(params=["cpu", "metal"])
-def device(request):
-    """The streams fm.route runs on. It has no Metal kernel yet, so on a
-    Metal GPU it raises (test_errors.py); the emulator has nothing to run."""
-    if request.param == "metal":
-        pytest.skip("fm.route has no Metal kernel yet")
-    return mx.cpu
-
-
 def random_bias(E, seed=1, scale=0.05):
     return mx.random.normal((E,), key=mx.random.key(seed)) * scale
 
@@ -36,14 +31,14 @@ def random_bias(E, seed=1, scale=0.05):
 def test_matches_stock(form, E, k, lead, device):
     gate, bias = make_gate(E, D, form, seed=E + k), random_bias(E)
     x = clear_inputs((*lead, D), gate, bias, k, seed=len(lead))
-    check_against_stock(x, gate, bias, k, stream=device)
+    check_against_stock(x, gate, bias, k, route=device.route)
 
 
 @pytest.mark.parametrize("form", ["bfloat16", "q8"])
 def test_minimax_shapes(form, device):
     gate, bias = make_gate(154, 3072, form), random_bias(154)
     x = clear_inputs((3, 3072), gate, bias, 8, seed=2)
-    check_against_stock(x, gate, bias, 8, stream=device)
+    check_against_stock(x, gate, bias, 8, route=device.route)
 
 
 @pytest.mark.parametrize("x_dtype", [mx.bfloat16, mx.float16])
@@ -51,14 +46,14 @@ def test_minimax_shapes(form, device):
 def test_half_precision_x_and_bias(x_dtype, bias_dtype, device):
     gate, bias = make_gate(154, D, "bfloat16"), random_bias(154).astype(bias_dtype)
     x = clear_inputs((7, D), gate, bias, 8, seed=3, dtype=x_dtype)
-    check_against_stock(x, gate, bias, 8, stream=device)
+    check_against_stock(x, gate, bias, 8, route=device.route)
 
 
 @pytest.mark.parametrize("group_size", fm.SUPPORTED_GROUP_SIZES)
 def test_quantized_group_sizes(group_size, device):
     gate, bias = make_gate(154, D, "q8", group_size=group_size), random_bias(154)
     x = clear_inputs((4, D), gate, bias, 8, seed=4)
-    check_against_stock(x, gate, bias, 8, stream=device)
+    check_against_stock(x, gate, bias, 8, route=device.route)
 
 
 @pytest.mark.parametrize("d", [1, 7, 100])
@@ -67,7 +62,7 @@ def test_widths_with_a_tail(d, device):
     for form in ("float32", "bfloat16", "float16"):
         gate, bias = make_gate(8, d, form, seed=d), random_bias(8, scale=0.01)
         x = clear_inputs((6, d), gate, bias, 3, seed=5)
-        check_against_stock(x, gate, bias, 3, stream=device)
+        check_against_stock(x, gate, bias, 3, route=device.route)
 
 
 def test_negative_bias_changes_the_selection(device):
@@ -80,9 +75,9 @@ def test_negative_bias_changes_the_selection(device):
     bias[np.array(unbiased[0])] = -2.0
     bias = mx.array(bias)
     x = clear_inputs((6, D), gate, bias, k, seed=6)
-    indices, _ = fm.route(x, gate, bias, k, stream=device)
+    indices, _ = device.route(x, gate, bias, k)
     assert not set(np.array(indices[0]).tolist()) & set(np.array(unbiased[0]).tolist())
-    check_against_stock(x, gate, bias, k, stream=device)
+    check_against_stock(x, gate, bias, k, route=device.route)
 
 
 # ---------------------------------------------------------------- ties
@@ -102,7 +97,7 @@ def test_planted_tie_goes_to_the_lower_index(k, device):
     bias[leaders] = 10.0  # clearly ahead of the pair
     bias[[3, E - 1]] = 5.0  # the pair: clearly ahead of the rest
     x = mx.random.normal((4, D), key=mx.random.key(7))
-    indices, weights = fm.route(x, gate, mx.array(bias), k, stream=device)
+    indices, weights = device.route(x, gate, mx.array(bias), k)
     for row in np.array(indices):
         assert sorted(row.tolist()) == sorted(leaders + [3])
 
@@ -112,7 +107,7 @@ def test_all_scores_tied_chooses_the_lowest_indices(device):
     E, k = 154, 8
     gate = mx.ones((E, D))
     x = mx.ones((2, D))
-    indices, weights = fm.route(x, gate, mx.zeros((E,)), k, stream=device)
+    indices, weights = device.route(x, gate, mx.zeros((E,)), k)
     assert np.array(indices).tolist() == [list(range(k))] * 2
     np.testing.assert_array_equal(np.array(weights), np.full((2, k), 1 / k, np.float32))
 
@@ -125,13 +120,13 @@ def test_nan_biased_scores_rank_last(device):
     bias[nan_experts] = np.nan
     x = mx.random.normal((3, D), key=mx.random.key(8))
     # k = number of numbers: exactly the experts with a numeric score.
-    indices, weights = fm.route(x, gate, mx.array(bias), E - 3, stream=device)
+    indices, weights = device.route(x, gate, mx.array(bias), E - 3)
     for row in np.array(indices):
         assert sorted(row.tolist()) == [1, 3, 4, 6, 7]
     assert np.all(np.isfinite(np.array(weights)))
     # k = E: the NaN experts come last, lower index first; their weights are
     # their (finite) unbiased scores, normalised with the others.
-    indices, weights = fm.route(x, gate, mx.array(bias), E, stream=device)
+    indices, weights = device.route(x, gate, mx.array(bias), E)
     assert np.array(indices)[:, -3:].tolist() == [nan_experts] * 3
     np.testing.assert_allclose(np.array(weights).sum(axis=1), 1.0, rtol=1e-6)
 
@@ -141,7 +136,7 @@ def test_order_is_best_first_and_weights_follow_indices(device):
     gate = make_gate(E, D, "float32")
     bias = random_bias(E)
     x = mx.random.normal((5, D), key=mx.random.key(9))
-    indices, weights = fm.route(x, gate, bias, k, stream=device)
+    indices, weights = device.route(x, gate, bias, k)
     biased = mx.sigmoid(x @ gate.weight.T) + bias
     ranked = np.take_along_axis(np.array(biased), np.array(indices).astype(np.int64), 1)
     assert np.all(np.diff(ranked, axis=1) <= 0)
@@ -164,7 +159,7 @@ def test_bit_identical_for_any_thread_count(T, form, device):
         results = []
         for n in (1, 2, 3):
             fm.set_num_threads(n)
-            results.append([np.array(a) for a in fm.route(x, gate, bias, 8, stream=device)])
+            results.append([np.array(a) for a in device.route(x, gate, bias, 8)])
     finally:
         fm.set_num_threads(before)
     for other in results[1:]:
@@ -201,11 +196,12 @@ def test_lazy_compiled_and_empty(device):
     gate = make_gate(8, D, "float32")
     bias = random_bias(8)
     x = mx.random.normal((4, D), key=mx.random.key(11))
-    eager = fm.route(x, gate, bias, 2, stream=device)
-    compiled = mx.compile(lambda a: fm.route(a, gate.weight, bias, 2, stream=device))(x)
-    for a, b in zip(eager, compiled):
-        assert mx.array_equal(a, b).item()
-    indices, weights = fm.route(x[:0], gate, bias, 2, stream=device)
+    eager = device.route(x, gate, bias, 2)
+    if device.compiles:
+        compiled = mx.compile(lambda a: device.route(a, gate.weight, bias, 2))(x)
+        for a, b in zip(eager, compiled):
+            assert mx.array_equal(a, b).item()
+    indices, weights = device.route(x[:0], gate, bias, 2)
     assert indices.shape == weights.shape == (0, 2)
     mx.eval(indices, weights)
 
@@ -220,8 +216,8 @@ def test_strided_inputs(device):
     wide_x = mx.repeat(x, 2, axis=1)[:, ::2]
     gate_t = mx.array(np.ascontiguousarray(np.array(gate.weight.astype(mx.float32)).T)).astype(mx.bfloat16).T
     mx.eval(bias, wide_x, gate_t)
-    want = fm.route(x, gate.weight, mx.array(np.array(bias)), k, stream=device)
-    got = fm.route(wide_x, gate_t, bias, k, stream=device)
+    want = device.route(x, gate.weight, mx.array(np.array(bias)), k)
+    got = device.route(wide_x, gate_t, bias, k)
     for a, b in zip(want, got):
         assert mx.array_equal(a, b).item()
 
@@ -308,9 +304,3 @@ def test_gate_of_another_type_or_with_a_bias(small):
     with pytest.raises(ValueError, match="gate is a Linear with a bias"):
         fm.route(x, nn.Linear(64, 8), bias, 2)
 
-
-@pytest.mark.skipif(not mx.is_available(mx.gpu), reason="no GPU backend in this MLX")
-def test_gpu_raises_until_kernels_land(small):
-    x, gate, bias = small
-    with pytest.raises(RuntimeError, match="Route has no GPU implementation yet"):
-        mx.eval(fm.route(x, gate, bias, 2, stream=mx.gpu))

@@ -36,8 +36,10 @@ void encode(
     const LaunchPlan& plan,
     const mx::Stream& stream,
     const std::vector<mx::array>& inputs,
-    mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+    std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
   if (plan.threadgroups[0] == 0) {
     return; // no tokens
   }
@@ -54,10 +56,10 @@ void encode(
   for (const auto& b : plan.buffers) {
     switch (b.source) {
       case Source::input:
-        encoder.set_input_array(inputs[b.input], b.slot);
+        encoder.set_input_array(inputs[b.index], b.slot);
         break;
       case Source::output:
-        encoder.set_output_array(out, b.slot);
+        encoder.set_output_array(outputs[b.index], b.slot);
         break;
       case Source::args:
         encoder.set_bytes(plan.args.data(), int(plan.args.size()), b.slot);
@@ -70,6 +72,16 @@ void encode(
       MTL::Size(plan.threads_per_threadgroup[0],
                 plan.threads_per_threadgroup[1],
                 plan.threads_per_threadgroup[2]));
+}
+
+void encode(
+    const LaunchPlan& plan,
+    const mx::Stream& stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out) {
+  // An mx::array is a handle: the copy shares out's data.
+  std::vector<mx::array> outputs = {out};
+  encode(plan, stream, inputs, outputs);
 }
 
 } // namespace fused_moe::metal

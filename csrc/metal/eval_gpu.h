@@ -15,6 +15,13 @@ void encode(
     const LaunchPlan& plan,
     const mlx::core::Stream& stream,
     const std::vector<mlx::core::array>& inputs,
+    std::vector<mlx::core::array>& outputs);
+
+// The one-output ops.
+void encode(
+    const LaunchPlan& plan,
+    const mlx::core::Stream& stream,
+    const std::vector<mlx::core::array>& inputs,
     mlx::core::array& out);
 
 } // namespace fused_moe::metal

@@ -76,6 +76,9 @@ Variant choose_variant(int tokens, int top_k) {
 }
 
 TileShape tile_shape(Op op, Variant v) {
+  if (op == Op::route) {
+    return {tiles::kRouteRowsPerSimdgroup, tiles::kRouteSimdgroups, 0, 1};
+  }
   if (op == Op::gate_up_swiglu) {
     if (v == Variant::decode) {
       return {tiles::kGateUpDecodeRowPairs, tiles::kGateUpDecodeSimdgroups, 0,
@@ -101,19 +104,22 @@ const std::vector<std::string>& instantiated_kernels() {
   FM_KERNEL_NAME(op, variant, dtype_name, bits, gs),
       FM_FOR_EACH_KERNEL(FM_HOST_NAME)
 #undef FM_HOST_NAME
+#define FM_HOST_ROUTE_NAME(dtype_name, metal_type, gate_name, family, arg) \
+  FM_ROUTE_KERNEL_NAME(dtype_name, gate_name),
+      FM_FOR_EACH_ROUTE_KERNEL(FM_HOST_ROUTE_NAME)
+#undef FM_HOST_ROUTE_NAME
   };
   return names;
 }
 
-std::string kernel_name(Op op, Variant v, Dtype t, int bits, int group_size) {
-  const std::string name = std::string(op_name(op)) + "_" + variant_name(v) +
-      "_" + dtype_name(t) + "_b" + std::to_string(bits) + "_gs" +
-      std::to_string(group_size);
+namespace {
+
+// `name` if fused_moe.metal instantiates it; else std::invalid_argument
+// listing the instantiated kernels whose names start with `family`.
+std::string instantiated(const std::string& name, const std::string& family) {
   const auto& all = instantiated_kernels();
   if (std::find(all.begin(), all.end(), name) == all.end()) {
     std::string same_family;
-    const std::string family =
-        std::string(op_name(op)) + "_" + variant_name(v) + "_";
     for (const auto& n : all) {
       if (n.rfind(family, 0) == 0) {
         same_family += (same_family.empty() ? "" : ", ") + n;
@@ -125,6 +131,23 @@ std::string kernel_name(Op op, Variant v, Dtype t, int bits, int group_size) {
         same_family);
   }
   return name;
+}
+
+} // namespace
+
+std::string kernel_name(Op op, Variant v, Dtype t, int bits, int group_size) {
+  return instantiated(
+      std::string(op_name(op)) + "_" + variant_name(v) + "_" + dtype_name(t) +
+          "_b" + std::to_string(bits) + "_gs" + std::to_string(group_size),
+      std::string(op_name(op)) + "_" + variant_name(v) + "_");
+}
+
+std::string route_kernel_name(Dtype x, int bits, int group_size, Dtype gate) {
+  const std::string form = bits == 0
+      ? std::string(dtype_name(gate))
+      : "b" + std::to_string(bits) + "_gs" + std::to_string(group_size);
+  return instantiated(
+      std::string("route_") + dtype_name(x) + "_gate_" + form, "route_");
 }
 
 namespace {
@@ -152,9 +175,73 @@ std::vector<uint8_t> as_bytes(const Args& a) {
   return bytes;
 }
 
+// The router: one threadgroup per token (metal/route.h).
+LaunchPlan make_route_plan(const Problem& p) {
+  if (p.tokens < 0) {
+    fail(p, "tokens=" + std::to_string(p.tokens) + " must be >= 0");
+  }
+  check_positive(p, "top_k", p.top_k);
+  check_positive(p, "hidden (D)", p.hidden);
+  check_positive(p, "experts (E)", p.experts);
+  if (p.top_k > p.experts) {
+    fail(p, "top_k=" + std::to_string(p.top_k) + " is more than E=" +
+             std::to_string(p.experts));
+  }
+  if (p.experts > tiles::kRouteMaxExperts) {
+    // The kernel keeps a token's E logits in threadgroup memory.
+    fail(p, "E=" + std::to_string(p.experts) + " experts exceed the " +
+             std::to_string(tiles::kRouteMaxExperts) +
+             " the Metal router kernel holds (kRouteMaxExperts, "
+             "metal/tile_shapes.h)");
+  }
+  const bool quantized = p.bits != 0;
+  if (quantized && (p.group_size < 4 || p.hidden % p.group_size != 0)) {
+    fail(p, "D=" + std::to_string(p.hidden) +
+             " must be a multiple of group_size=" +
+             std::to_string(p.group_size));
+  }
+
+  LaunchPlan plan;
+  plan.problem = p;
+  plan.variant = Variant::decode;
+  plan.kernel = route_kernel_name(p.dtype, p.bits, p.group_size, p.gate_dtype);
+  const TileShape tile = tile_shape(Op::route, plan.variant);
+  plan.threads_per_threadgroup = {
+      uint32_t(tile.simdgroups * tiles::kSimdWidth), 1, 1};
+  plan.threadgroups = p.tokens == 0
+      ? std::array<uint32_t, 3>{0, 0, 0}
+      : std::array<uint32_t, 3>{uint32_t(p.tokens), 1, 1};
+  // Slots in the Primitive's input order, then its two outputs.
+  int slot = 0;
+  auto bind = [&](const char* name, Source source, int index) {
+    plan.buffers.push_back({slot++, name, source, index});
+  };
+  bind("x", Source::input, 0);
+  bind("gate_weight", Source::input, 1);
+  bind("bias", Source::input, 2);
+  if (quantized) {
+    bind("gate_scales", Source::input, 3);
+    bind("gate_biases", Source::input, 4);
+  }
+  bind("indices", Source::output, 0);
+  bind("weights", Source::output, 1);
+  bind("args", Source::args, -1);
+  fused_moe_args::RouteArgs a{};
+  a.tokens = p.tokens;
+  a.top_k = p.top_k;
+  a.hidden = p.hidden;
+  a.experts = p.experts;
+  a.groups_per_row = quantized ? p.hidden / p.group_size : 0;
+  plan.args = as_bytes(a);
+  return plan;
+}
+
 } // namespace
 
 LaunchPlan make_launch_plan(const Problem& p) {
+  if (p.op == Op::route) {
+    return make_route_plan(p);
+  }
   if (p.tokens < 0) {
     fail(p, "tokens=" + std::to_string(p.tokens) + " must be >= 0");
   }
@@ -219,7 +306,7 @@ LaunchPlan make_launch_plan(const Problem& p) {
     if (prefill) {
       in("order", 5);
     }
-    plan.buffers.push_back({slot++, "h", Source::output, -1});
+    plan.buffers.push_back({slot++, "h", Source::output, 0});
   } else {
     in("h", 0);
     in("down_weight", 1);
@@ -230,7 +317,7 @@ LaunchPlan make_launch_plan(const Problem& p) {
     if (prefill) {
       in("order", 6);
     }
-    plan.buffers.push_back({slot++, "y", Source::output, -1});
+    plan.buffers.push_back({slot++, "y", Source::output, 0});
   }
   plan.buffers.push_back({slot++, "args", Source::args, -1});
   fused_moe_args::FusedMoeArgs a{};

@@ -30,9 +30,11 @@ Op op_from_name(const std::string& name);
 Dtype dtype_from_name(const std::string& name);
 
 // One call of an op, as the Primitive sees it (inputs flattened to T tokens).
+// route: dtype is x's; bits 0 means an unquantized gate of gate_dtype, bits 8
+// an 8-bit affine gate of group_size; intermediate is unused.
 struct Problem {
   Op op;
-  Dtype dtype; // activations, scales, biases and output
+  Dtype dtype; // activations, scales, biases and output (route: x only)
   int bits;
   int group_size;
   int tokens; // T
@@ -40,6 +42,7 @@ struct Problem {
   int hidden; // D
   int intermediate; // H
   int experts; // E
+  Dtype gate_dtype = Dtype::float32; // route, unquantized gate only
 };
 
 // Decode (matrix-vector) for few (token, slot) pairs, prefill (grouped by
@@ -47,12 +50,14 @@ struct Problem {
 // Primitive needs the expert-sorted pair order as an extra input.
 Variant choose_variant(int tokens, int top_k);
 
-// The tile of one kernel variant, read from metal/tile_shapes.h.
+// The tile of one kernel variant, read from metal/tile_shapes.h. route has
+// one kernel per (x dtype, gate form), planned as `decode`: one threadgroup
+// per token.
 struct TileShape {
   int rows_per_simdgroup; // output rows (rows of h for kernel A, of y for B)
   int simdgroups; // per threadgroup
   int pairs_per_threadgroup; // A prefill: entries of the sorted order; else 0
-  int tokens_per_threadgroup; // B prefill: tokens; B decode: 1; else 0
+  int tokens_per_threadgroup; // B prefill: tokens; B decode, route: 1; else 0
   int rows_per_threadgroup() const {
     return rows_per_simdgroup * simdgroups;
   }
@@ -63,13 +68,17 @@ TileShape tile_shape(Op op, Variant v);
 // metal/kernel_grid.h. Throws std::invalid_argument naming the kernel and the
 // instantiated set when the name is not in the allow-list.
 std::string kernel_name(Op op, Variant v, Dtype t, int bits, int group_size);
+// "route_<x dtype>_gate_<gate form>", the router grammar of kernel_grid.h:
+// the gate form is gate_dtype's name for bits 0, "b<bits>_gs<group_size>"
+// otherwise. Throws std::invalid_argument like kernel_name.
+std::string route_kernel_name(Dtype x, int bits, int group_size, Dtype gate);
 // Every kernel fused_moe.metal instantiates, in instantiation order.
 const std::vector<std::string>& instantiated_kernels();
 
 // Where a kernel buffer slot gets its data from.
 enum class Source {
-  input, // the Primitive's input number `input`
-  output, // the Primitive's output
+  input, // the Primitive's input number `index`
+  output, // the Primitive's output number `index`
   args, // the plan's argument struct (set_bytes)
 };
 
@@ -77,7 +86,7 @@ struct Binding {
   int slot; // [[buffer(slot)]]
   const char* name; // for errors, e.g. "gate_up_weight"
   Source source;
-  int input; // for Source::input
+  int index; // input or output number; -1 for Source::args
 };
 
 struct LaunchPlan {

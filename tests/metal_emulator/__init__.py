@@ -3,9 +3,9 @@
 ``build()`` compiles the exact kernel sources with the MSL-subset header in
 ``include/`` plus ``emulator_runtime.cpp`` and the host launch plan
 (``csrc/metal/launch_plan.cpp``) into a shared library, cached by a hash of
-every source. ``gate_up_swiglu`` and ``down_combine`` mirror the ops in
-``fused_moe``: they take the Primitive inputs a GPU stream would get (from
-``fused_moe._ext.*_metal_inputs``, the op's own host code), and run the
+every source. ``gate_up_swiglu``, ``down_combine`` and ``route`` mirror the
+ops in ``fused_moe``: they take the Primitive inputs a GPU stream would get
+(from ``fused_moe._ext.*_metal_inputs``, the op's own host code), and run the
 launch plan over guarded buffers. See README.md for what this proves and
 what it cannot.
 """
@@ -108,7 +108,8 @@ class Emulator:
         lib.fm_emu_kernel_name.restype = ctypes.c_char_p
         lib.fm_emu_kernel_name.argtypes = [ctypes.c_int]
         lib.fm_emu_run.argtypes = [ctypes.c_char_p] * 2 + [ctypes.c_int] * 7 + [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int,
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
         ]
         self.lib = lib
@@ -121,9 +122,16 @@ class Emulator:
         """Runs the launch plan of `problem` on `inputs` (mx or numpy arrays,
         bound as raw bytes in guarded buffers). The output buffer starts as
         0xFF bytes (NaN), so elements no thread writes show up."""
+        outs, name = self.run_outputs(op, problem, inputs, [(out_shape, out_dtype)], out_dtype)
+        return Result(outs[0], name)
+
+    def run_outputs(self, op: str, problem: dict, inputs: list, outputs: list, dtype,
+                    gate_dtype=mx.float32) -> tuple[list, str]:
+        """`run` for any number of outputs, given as (shape, dtype) pairs;
+        `dtype` and `gate_dtype` are the Problem's (launch_plan.h). Every
+        output starts as 0xFF bytes (NaN, or 2^32 - 1 for uint32)."""
         raws = [_raw(a) if isinstance(a, mx.array) else np.ascontiguousarray(a).reshape(-1) for a in inputs]
-        out_items = int(np.prod(out_shape))
-        out_bytes = out_items * out_dtype.size
+        out_bytes = [int(np.prod(shape)) * out_dtype.size for shape, out_dtype in outputs]
         ptrs = []
         try:
             for r in raws:
@@ -132,29 +140,39 @@ class Emulator:
                     raise MemoryError(f"emulator buffer of {r.nbytes} bytes")
                 ctypes.memmove(p, r.ctypes.data, r.nbytes)
                 ptrs.append(p)
-            out_ptr = self.lib.fm_emu_buffer_alloc(out_bytes)
-            ptrs.append(out_ptr)
-            ctypes.memset(out_ptr, 0xFF, out_bytes)
+            out_ptrs = []
+            for nbytes in out_bytes:
+                p = self.lib.fm_emu_buffer_alloc(nbytes)
+                if not p and nbytes:
+                    raise MemoryError(f"emulator buffer of {nbytes} bytes")
+                ptrs.append(p)
+                out_ptrs.append(p)
+                ctypes.memset(p, 0xFF, nbytes)
             arr = (ctypes.c_void_p * len(raws))(*ptrs[: len(raws)])
+            out_arr = (ctypes.c_void_p * len(out_ptrs))(*out_ptrs)
             kernel = ctypes.create_string_buffer(256)
             err = ctypes.create_string_buffer(4096)
             rc = self.lib.fm_emu_run(
-                op.encode(), dtype_name(out_dtype).encode(), problem["bits"], problem["group_size"],
+                op.encode(), dtype_name(dtype).encode(), problem["bits"], problem["group_size"],
                 problem["tokens"], problem["top_k"], problem["hidden"],
-                problem["intermediate"], problem["experts"],
-                arr, len(raws), out_ptr, WORKERS, kernel, 256, err, 4096,
+                problem["intermediate"], problem["experts"], dtype_name(gate_dtype).encode(),
+                arr, len(raws), out_arr, len(out_ptrs), WORKERS, kernel, 256, err, 4096,
             )
             name = kernel.value.decode()
             if rc != 0:
                 raise EmulatorError(err.value.decode())
             self.kernels_run.add(name)
-            host = np.frombuffer(ctypes.string_at(out_ptr, out_bytes),
-                                 dtype=np.uint16 if out_dtype == mx.bfloat16 else
-                                 {mx.float16: np.float16, mx.float32: np.float32}[out_dtype])
-            out = mx.array(host.reshape(out_shape))
-            if out_dtype == mx.bfloat16:
-                out = out.view(mx.bfloat16)
-            return Result(out, name)
+            results = []
+            for p, nbytes, (shape, out_dtype) in zip(out_ptrs, out_bytes, outputs):
+                host = np.frombuffer(ctypes.string_at(p, nbytes),
+                                     dtype=np.uint16 if out_dtype == mx.bfloat16 else
+                                     {mx.float16: np.float16, mx.float32: np.float32,
+                                      mx.uint32: np.uint32}[out_dtype])
+                out = mx.array(host.reshape(shape))
+                if out_dtype == mx.bfloat16:
+                    out = out.view(mx.bfloat16)
+                results.append(out)
+            return results, name
         finally:
             for p in ptrs:
                 self.lib.fm_emu_buffer_free(p)
@@ -185,3 +203,21 @@ class Emulator:
         r = self.run("down_combine", problem, inputs, (T, D), h.dtype)
         r.out = r.out.reshape(*h.shape[:-2], D)
         return r
+
+    def route(self, x, gate_weight, gate_scales, gate_biases, bias, k, bits, group_size):
+        """fused_moe._ext.route's arguments; (indices, weights) in a Result
+        whose `out` is that pair."""
+        inputs = _ext.route_metal_inputs(
+            x, gate_weight, gate_scales, gate_biases, bias, k, bits, group_size, stream=mx.cpu
+        )
+        mx.eval(inputs)
+        T, D = inputs[0].shape
+        E = inputs[1].shape[0]
+        problem = dict(bits=bits or 0, group_size=group_size or 0, tokens=T, top_k=k, hidden=D,
+                       intermediate=0, experts=E)
+        lead = x.shape[:-1]
+        outs, name = self.run_outputs(
+            "route", problem, inputs, [((T, k), mx.uint32), ((T, k), mx.float32)], x.dtype,
+            gate_dtype=mx.float32 if bits else gate_weight.dtype,
+        )
+        return Result(tuple(o.reshape(*lead, k) for o in outs), name)

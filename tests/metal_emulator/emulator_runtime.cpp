@@ -412,19 +412,22 @@ const char* fm_emu_kernel_name(int i) {
 }
 
 // Runs one op call: builds the launch plan with the host code, binds the
-// Primitive's inputs (guarded buffers from fm_emu_buffer_alloc) and its
-// output by the plan's bindings, and runs every threadgroup. Returns 0, or
+// Primitive's inputs and outputs (guarded buffers from fm_emu_buffer_alloc)
+// by the plan's bindings, and runs every threadgroup. Returns 0, or
 // non-zero with a message in `err`. The kernel's name goes to `kernel_out`.
+// gate_dtype: the router's unquantized gate (Problem::gate_dtype).
 int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int tokens,
                int top_k, int hidden, int intermediate, int experts,
-               void* const* inputs, int n_inputs, void* output, int workers,
+               const char* gate_dtype, void* const* inputs, int n_inputs,
+               void* const* outputs, int n_outputs, int workers,
                char* kernel_out, size_t kernel_out_len, char* err,
                size_t err_len) {
   plan_ns::LaunchPlan plan;
   try {
     plan = plan_ns::make_launch_plan(
         {plan_ns::op_from_name(op), plan_ns::dtype_from_name(dtype), bits,
-         group_size, tokens, top_k, hidden, intermediate, experts});
+         group_size, tokens, top_k, hidden, intermediate, experts,
+         plan_ns::dtype_from_name(gate_dtype)});
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return 1;
@@ -454,16 +457,23 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
   for (const auto& b : plan.buffers) {
     void* p = nullptr;
     if (b.source == plan_ns::Source::input) {
-      if (b.input >= n_inputs) {
+      if (b.index >= n_inputs) {
         set_error(err, err_len,
                   "kernel " + plan.kernel + " binds input " +
-                      std::to_string(b.input) + " ('" + b.name + "') but " +
+                      std::to_string(b.index) + " ('" + b.name + "') but " +
                       std::to_string(n_inputs) + " inputs were given");
         return 1;
       }
-      p = inputs[b.input];
+      p = inputs[b.index];
     } else if (b.source == plan_ns::Source::output) {
-      p = output;
+      if (b.index >= n_outputs) {
+        set_error(err, err_len,
+                  "kernel " + plan.kernel + " binds output " +
+                      std::to_string(b.index) + " ('" + b.name + "') but " +
+                      std::to_string(n_outputs) + " outputs were given");
+        return 1;
+      }
+      p = outputs[b.index];
     } else {
       p = fm_emu_buffer_alloc(plan.args.size());
       std::memcpy(p, plan.args.data(), plan.args.size());
