@@ -126,16 +126,15 @@ class Timing:
 # ----------------------------------------------------------------- setup
 
 
-def pick_device() -> tuple[str, bool]:
-    """Sets the device to run on. Returns how it was chosen, and whether the
-    fused router runs there (fm.route has no GPU kernel yet)."""
+def pick_device() -> str:
+    """Sets the device to run on; returns how it was chosen."""
     device = mx.default_device()
     if device.type == mx.gpu and mx.metal.is_available():
-        return "gpu (Metal)", False
+        return "gpu (Metal)"
     if device.type == mx.gpu:
         mx.set_default_device(mx.cpu)
-        return "cpu (MLX's default is a CUDA GPU, where fused_moe has no kernels)", True
-    return "cpu", True
+        return "cpu (MLX's default is a CUDA GPU, where fused_moe has no kernels)"
+    return "cpu"
 
 
 def cpu_model() -> str:
@@ -321,15 +320,14 @@ class Row:
     stock_router: Optional[Timing] = None
 
 
-def measure_fused(bench: Bench, T: int, repeats: int, with_router: bool) -> Row:
+def measure_fused(bench: Bench, T: int, repeats: int) -> Row:
     fused_s, touched = bench.median_s(fused_ab, T, repeats)
     a_s, _ = bench.median_s(fused_a, T, repeats)
     b_s, _ = bench.median_s(fused_b, T, repeats)
     s = bench.shapes
     flops = 2 * s.k * 3 * s.D * s.H * T
     row = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9, flops / fused_s / 1e9)
-    if with_router:
-        row.router = 1e3 * bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))[0]
+    row.router = 1e3 * bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))[0]
     return row
 
 
@@ -376,9 +374,6 @@ def fmt_router(t: Optional[Timing], width: int) -> str:
     return f"{'-':>{width}}" if t is None else f"{t.ms:>{width}.3f}"
 
 
-def fmt_ms(ms: Optional[float], width: int) -> str:
-    return f"{'-':>{width}}" if ms is None else f"{ms:>{width}.3f}"
-
 
 def format_row(r: Row) -> str:
     speedup = f"{r.stock.ms / r.fused:>7.1f}x" if r.stock else f"{'-':>8}"
@@ -387,7 +382,7 @@ def format_row(r: Row) -> str:
         f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  {100 * r.gb_s / r.probe_gb_s:>5.1f}  "
         f"{r.gflop_s:>7.1f}  {100 * r.gflop_s / r.probe_gflop_s:>5.1f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
         f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  |  "
-        f"{fmt_ms(r.router, 9)}  {fmt_router(r.stock_router, 15)}"
+        f"{r.router:>9.3f}  {fmt_router(r.stock_router, 15)}"
     ).rstrip()
 
 
@@ -455,13 +450,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace, with_router: bool) -> list[Row]:
+def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[Row]:
     """Measures and prints one row per token count, smallest first, with a
     probe sample before and after each fused measurement."""
     rows, ref = [], None  # ref: the row of the largest T stock ran at
     for T in sorted(set(args.tokens)):
         probes.sample()
-        row = measure_fused(bench, T, args.repeats, with_router)
+        row = measure_fused(bench, T, args.repeats)
         probes.sample()
         row.probe_gb_s, row.probe_gflop_s = probes.gb_s, probes.gflop_s
         if not args.no_stock:
@@ -495,7 +490,7 @@ def targets(rows: list[Row], probes: Probes) -> list[dict]:
     return out
 
 
-def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace, with_router: bool) -> list[str]:
+def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace) -> list[str]:
     notes = [
         f"probes (medians of {len(probes.read_gb_s)} samples taken between the kernel runs): "
         f"read {probes.gb_s:.1f} GB/s on {os.cpu_count()} threads; "
@@ -506,8 +501,6 @@ def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace, with_ro
         f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
         f">= {ROUTER_MIN_REPEATS} calls (stock: at most {ROUTER_STOCK_SECONDS:g} s of calls)",
     ]
-    if not with_router:
-        notes.append("router -: fm.route has no GPU kernel yet")
     measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
     if any(r.stock and r.stock.extrapolated for r in rows):
         notes.append(f"* extrapolated linearly per token from stock at T={max(measured)} "
@@ -546,7 +539,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    device, with_router = pick_device()
+    device = pick_device()
     if args.threads:
         fm.set_num_threads(args.threads)
     D, H, _, _ = MINIMAX_M25_REAP
@@ -561,9 +554,9 @@ def main() -> None:
     print("\n".join(lines))
     print()
     print(COLUMNS, flush=True)
-    rows = measure_all(bench, probes, args, with_router)
+    rows = measure_all(bench, probes, args)
     print()
-    print("\n".join(footnotes(rows, probes, args, with_router)))
+    print("\n".join(footnotes(rows, probes, args)))
     results = targets(rows, probes)
     if results:
         print()

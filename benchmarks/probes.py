@@ -20,6 +20,8 @@ from fused_moe import _ext
 READ_BYTES = 512 << 20
 # A square fp32 matmul big enough to run at BLAS's full speed.
 MATMUL_N = 2048
+# Pause after each probe sample, longer than BLAS threads spin when idle.
+SETTLE_S = 0.5
 
 
 class Probes:
@@ -47,6 +49,9 @@ class Probes:
         start = time.perf_counter()
         self.a @ self.b
         self.matmul_gflop_s.append(2 * MATMUL_N**3 / (time.perf_counter() - start) / 1e9)
+        # BLAS worker threads spin for a while after a matmul; let them go
+        # idle, or they take cores from the kernel runs that follow.
+        time.sleep(SETTLE_S)
 
     @property
     def gb_s(self) -> float:
