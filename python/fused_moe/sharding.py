@@ -112,6 +112,8 @@ def read_own_experts(model: nn.Module, model_path: Path, group) -> None:
             setattr(block, format.MODULE_NAME, PackedExperts(*projections))
         else:
             glu = block.switch_mlp
+            if not all(hasattr(glu[p], "bits") for p in ("gate_proj", "up_proj", "down_proj")):
+                raise ValueError(f"{model_path}: {path}: the experts are not quantized; fused_moe shards quantized experts only")
             H = glu.down_proj.weight.shape[-1] * 32 // glu.down_proj.bits * ranks
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 module = glu[proj]
