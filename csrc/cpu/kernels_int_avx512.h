@@ -184,8 +184,10 @@ static inline void row_dot_int(
   const float* scale[TOKENS];
   float bias_part[TOKENS];
   // Two accumulators per token, alternating by group, halve the length of
-  // the dependent chain of FMAs.
-  __m512 acc[2][TOKENS];
+  // the dependent chain of FMAs. They are separate arrays indexed only by
+  // constants, so they stay in registers (an index like `g & 1` sends them
+  // through the stack on every group).
+  __m512 acc_even[TOKENS], acc_odd[TOKENS];
   for (int t = 0; t < TOKENS; ++t) {
     hi[t] = q.hi + act_rows[t] * cols;
     lo[t] = q.lo + act_rows[t] * cols;
@@ -194,11 +196,11 @@ static inline void row_dot_int(
                                   q.scale + act_rows[t] * groups,
                                   q.sum + act_rows[t] * groups, groups, sc);
     scale[t] = sc;
-    acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+    acc_even[t] = acc_odd[t] = _mm512_setzero_ps();
   }
   if (gs == 32) {
     // Lanes 0-7 of a chunk belong to group 2c, lanes 8-15 to group 2c+1.
-    for (int c = 0; c < cols / kChunk; ++c) {
+    auto chunk = [&](int c, __m512(&acc)[TOKENS]) {
       const __m512i w = _mm512_loadu_si512(codes + c * kChunk);
       for (int t = 0; t < TOKENS; ++t) {
         const __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
@@ -208,12 +210,21 @@ static inline void row_dot_int(
         const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ih, 7), il);
         const __m512 sc = _mm512_mask_blend_ps(0xFF00,
             _mm512_set1_ps(scale[t][2 * c]), _mm512_set1_ps(scale[t][2 * c + 1]));
-        acc[c & 1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[c & 1][t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[t]);
       }
+    };
+    const int n = cols / kChunk;
+    int c = 0;
+    for (; c + 2 <= n; c += 2) {
+      chunk(c, acc_even);
+      chunk(c + 1, acc_odd);
+    }
+    if (c < n) {
+      chunk(c, acc_even);
     }
   } else {
     const int chunks = gs / kChunk;
-    for (int g = 0; g < groups; ++g) {
+    auto group = [&](int g, __m512(&acc)[TOKENS]) {
       __m512i ih[TOKENS], il[TOKENS];
       for (int t = 0; t < TOKENS; ++t) {
         ih[t] = il[t] = _mm512_setzero_si512();
@@ -228,13 +239,21 @@ static inline void row_dot_int(
       }
       for (int t = 0; t < TOKENS; ++t) {
         const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ih[t], 7), il[t]);
-        acc[g & 1][t] = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(v), _mm512_set1_ps(scale[t][g]), acc[g & 1][t]);
+        acc[t] = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(v), _mm512_set1_ps(scale[t][g]), acc[t]);
       }
+    };
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      group(g, acc_even);
+      group(g + 1, acc_odd);
+    }
+    if (g < groups) {
+      group(g, acc_even);
     }
   }
   for (int t = 0; t < TOKENS; ++t) {
-    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])) +
+    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc_even[t], acc_odd[t])) +
         bias_part[t];
   }
 }
