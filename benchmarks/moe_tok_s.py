@@ -38,8 +38,16 @@ Reading a result line:
 * ``GB/s``: the bytes of weights, scales and biases of the distinct experts
   the call selected (all three projections), averaged over the calls, over
   the fused time: how close the fused path gets to memory bandwidth;
+* ``%BW``: that bandwidth as a share of the read probe (probes.py);
+* ``GFLOP/s``: 2·k·3·D·H flops per token over the fused time, and ``%fp32``
+  its share of numpy's fp32 matmul probe;
 * ``A``, ``B``, ``stock A``, ``stock B``: the per-op breakdown in ms;
 * ``router``, ``stock router``: the router alone in ms.
+
+Probe samples are taken before and after each fused measurement; the end
+of the run checks the project's CPU targets against their medians.
+``--e2e N`` adds a synthetic full-width MiniMax through mlx-lm's generation
+(e2e.py); ``--json`` and ``--plot`` write the results out.
 
 It only measures and reports; it exits 0 however slow either path is.
 """
