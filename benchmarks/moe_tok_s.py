@@ -59,7 +59,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional

@@ -1,7 +1,6 @@
 """The ``fused-moe`` command line: generate and server, run as users run them."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
