@@ -169,11 +169,30 @@ static inline float row_act_affine(
   return _mm512_reduce_add_ps(bias_acc);
 }
 
+// A row's codes as 64-byte chunks: unpacked once into a buffer when several
+// tokens share the row, or unpacked on the fly when one token uses it.
+struct BufferedCodes {
+  const uint8_t* codes;
+  __m512i operator()(int off) const {
+    return _mm512_loadu_si512(codes + off);
+  }
+};
+
+template <int BITS>
+struct PackedCodes {
+  const uint8_t* packed; // the row's packed bytes
+  int last; // offset of the row's last chunk, read with a masked load
+  __m512i operator()(int off) const {
+    const uint8_t* p = packed + off * BITS / 8;
+    return off == last ? unpack_chunk<BITS, true>(p) : unpack_chunk<BITS>(p);
+  }
+};
+
 // out[t] = row · act(t) for TOKENS activation rows (indices into q).
-template <int TOKENS>
+template <int TOKENS, typename Codes>
 static inline void row_dot_int(
     const float* affine, // the row's fp32 scales then biases (row_affine)
-    const uint8_t* codes,
+    Codes codes,
     const QuantizedActs& q,
     const int64_t* act_rows,
     float* scale_buf, // [TOKENS * groups]
@@ -201,7 +220,7 @@ static inline void row_dot_int(
   if (gs == 32) {
     // Lanes 0-7 of a chunk belong to group 2c, lanes 8-15 to group 2c+1.
     auto chunk = [&](int c, __m512(&acc)[TOKENS]) {
-      const __m512i w = _mm512_loadu_si512(codes + c * kChunk);
+      const __m512i w = codes(c * kChunk);
       for (int t = 0; t < TOKENS; ++t) {
         const __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
             _mm512_loadu_si512(hi[t] + c * kChunk));
@@ -231,7 +250,7 @@ static inline void row_dot_int(
       }
       for (int cc = 0; cc < chunks; ++cc) {
         const int off = g * gs + cc * kChunk;
-        const __m512i w = _mm512_loadu_si512(codes + off);
+        const __m512i w = codes(off);
         for (int t = 0; t < TOKENS; ++t) {
           ih[t] = _mm512_dpbusd_epi32(ih[t], w, _mm512_loadu_si512(hi[t] + off));
           il[t] = _mm512_dpbusd_epi32(il[t], w, _mm512_loadu_si512(lo[t] + off));
@@ -281,24 +300,37 @@ static void row_dot_pairs_int(
       _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     }
   }
-  if (m.bits == 3) {
-    unpack_row<3>(packed, m.cols, codes);
-  } else {
-    unpack_row<4>(packed, m.cols, codes);
-  }
   const int groups = m.cols / m.group_size;
   float* affine = scale_buf;
   row_affine(m, row_id, affine);
   scale_buf += 2 * groups;
   int64_t rows[4];
+  if (count == 1) {
+    // One token (decode): unpacking into a buffer would only add a store
+    // and a reload per chunk.
+    rows[0] = act_row_of(pairs[0]);
+    const int last = m.cols - kChunk;
+    if (m.bits == 3) {
+      row_dot_int<1>(affine, PackedCodes<3>{packed, last}, q, rows, scale_buf, out);
+    } else {
+      row_dot_int<1>(affine, PackedCodes<4>{packed, last}, q, rows, scale_buf, out);
+    }
+    return;
+  }
+  if (m.bits == 3) {
+    unpack_row<3>(packed, m.cols, codes);
+  } else {
+    unpack_row<4>(packed, m.cols, codes);
+  }
+  const BufferedCodes buffered{codes};
   int i = 0;
   for (; i + 4 <= count; i += 4) {
     for (int t = 0; t < 4; ++t) rows[t] = act_row_of(pairs[i + t]);
-    row_dot_int<4>(affine, codes, q, rows, scale_buf, out + i);
+    row_dot_int<4>(affine, buffered, q, rows, scale_buf, out + i);
   }
   for (; i < count; ++i) {
     rows[0] = act_row_of(pairs[i]);
-    row_dot_int<1>(affine, codes, q, rows, scale_buf, out + i);
+    row_dot_int<1>(affine, buffered, q, rows, scale_buf, out + i);
   }
 }
 
