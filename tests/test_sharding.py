@@ -14,13 +14,12 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import fused_moe as fm
-from minimax_models import SMALL, build_model, save_checkpoint, tiny_llama
+from minimax_models import PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
 from tolerance import rel_err, slack
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 PATHS = ("patch_after_shard", "shard_patched", "load_stock", "load_packed")
-PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]  # as in sharding_worker.py
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -151,5 +150,5 @@ def test_split_check_names_h_n_and_group_size():
     model, _ = build_model(dict(SMALL, intermediate_size=192), seed=13)
     fm.patch(model)
     with pytest.raises(ValueError, match=r"H=192 over N=2 ranks.*group size 64"):
-        check_split(model.layers[0].block_sparse_moe.experts, 2, "here")
-    check_split(model.layers[0].block_sparse_moe.experts, 3, "here")  # 64 each: fine
+        check_split(192, 2, model.layers[0].block_sparse_moe.experts.down_group_size, "here")
+    check_split(192, 3, model.layers[0].block_sparse_moe.experts.down_group_size, "here")  # 64 each: fine

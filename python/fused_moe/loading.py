@@ -87,17 +87,13 @@ def _load_packed_model(utils, model_path: Path, layers: dict, where: str, lazy: 
 def _stock_split_check(config: dict, ranks: int, where: str) -> None:
     """The H split's group check for a stock checkpoint, from its config alone,
     before mlx-lm slices anything."""
+    from fused_moe.sharding import check_split
+
     quantization = config.get("quantization") or {}
-    H = config["intermediate_size"]
     for i in range(config["num_hidden_layers"]):
         entry = quantization.get(f"{block_path(i)}.switch_mlp.down_proj")
         group = entry["group_size"] if isinstance(entry, dict) else quantization.get("group_size", 64)
-        if H % ranks or (H // ranks) % group:
-            raise ValueError(
-                f"{where}: {block_path(i)}: cannot split the expert width H={H} over "
-                f"N={ranks} ranks: H/N must be a whole number of down-projection "
-                f"groups (group size {group})"
-            )
+        check_split(config["intermediate_size"], ranks, group, f"{where}: {block_path(i)}")
 
 
 def _load_sharded(utils, model_path: Path, config: dict, layers, group, where: str, kwargs):
@@ -112,12 +108,12 @@ def _load_sharded(utils, model_path: Path, config: dict, layers, group, where: s
         _stock_split_check(config, group.size(), where)
         model, config = utils.load_model(model_path, lazy=True, strict=False, trust_remote_code=trust)
         model.shard(group)
-        read_own_experts(model, model_path, group)
+        read_own_experts(model, model_path, group, config["intermediate_size"])
         patch(model)
     else:
         model, config = _load_packed_model(utils, model_path, layers, where, True, trust_remote_code=trust)
         shard(model, group)
-        read_own_experts(model, model_path, group)
+        read_own_experts(model, model_path, group, config["intermediate_size"])
     tokenizer = utils.load_tokenizer(
         model_path,
         kwargs.get("tokenizer_config") or {"trust_remote_code": trust},

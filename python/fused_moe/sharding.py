@@ -22,55 +22,22 @@ from fused_moe.packing import PackedExperts, QuantizedProjection
 from fused_moe.patch import BLOCK_ATTR, block_path, check_minimax
 
 
-def check_split(experts: PackedExperts, ranks: int, where: str) -> None:
-    """Raises unless H splits into `ranks` slices of whole quantization groups."""
-    H, group = experts.intermediate_dims, experts.down_group_size
-    if H % ranks or (H // ranks) % group:
+def check_split(H: int, ranks: int, group_size: int, where: str) -> None:
+    """Raises unless H splits into `ranks` slices of whole down-projection
+    quantization groups."""
+    if H % ranks or (H // ranks) % group_size:
         raise ValueError(
             f"{where}: cannot split the expert width H={H} over N={ranks} ranks: "
             f"H/N must be a whole number of down-projection groups (group size "
-            f"{group}), so that every rank keeps whole quantization groups"
+            f"{group_size}), so that every rank keeps whole quantization groups"
         )
 
 
-def slice_experts(experts: PackedExperts, rank: int, ranks: int) -> PackedExperts:
-    """Rank `rank`'s slice ``H[r·H/N : (r+1)·H/N]`` of the packed experts."""
-    h = experts.intermediate_dims // ranks
-    a, b = rank * h, (rank + 1) * h
-    gu = experts.projection("gate_up")
-    dn = experts.projection("down")
-    words = dn.bits / 32  # packed words per input column of down
-
-    def own(arr: mx.array, start: int, stop: int) -> mx.array:
-        # contiguous: the slice must not keep the whole array alive.
-        return mx.contiguous(arr[..., start:stop])
-
-    gate_up = QuantizedProjection(
-        *(mx.contiguous(arr[:, 2 * a : 2 * b]) for arr in gu[:3]), gu.bits, gu.group_size
-    )
-    down = QuantizedProjection(
-        own(dn.weight, int(a * words), int(b * words)),
-        own(dn.scales, a // dn.group_size, b // dn.group_size),
-        own(dn.biases, a // dn.group_size, b // dn.group_size),
-        dn.bits,
-        dn.group_size,
-    )
-    return PackedExperts(gate_up, down)
-
-
-def _checkpoint_index(model_path: Path) -> dict:
-    """Tensor name -> TensorInfo over every safetensors file of a checkpoint."""
-    from fused_moe.convert.safetensors_io import read_header
-
-    index = {}
-    for file in sorted(Path(model_path).glob("model*.safetensors")):
-        index.update(read_header(file))
-    return index
-
-
-def _own_slice_spec(ranks: int, rank: int, H: int, proj: str, bits: int, group_size: int):
-    """(axis, start, stop) of each array of one projection for this rank:
-    rows of gate/up (gate_up rows come in pairs), columns of down."""
+def own_slice(proj: str, H: int, ranks: int, rank: int, bits: int, group_size: int) -> dict:
+    """{array: (axis, start, stop)}: rank `rank`'s part of one projection of
+    expert width H, packed ("gate_up", "down") or stock ("gate_proj",
+    "up_proj", "down_proj"): rows of gate/up (gate_up rows come in pairs),
+    whole groups of the columns of down."""
     h = H // ranks
     a, b = rank * h, (rank + 1) * h
     if proj in ("gate_proj", "up_proj"):
@@ -84,11 +51,38 @@ def _own_slice_spec(ranks: int, rank: int, H: int, proj: str, bits: int, group_s
     }
 
 
-def read_own_experts(model: nn.Module, model_path: Path, group) -> None:
-    """Replaces the (lazy, whole) expert arrays of a model sharded by
-    :func:`shard` or mlx-lm's ``Model.shard`` with this rank's slices read
-    straight from the checkpoint, so a rank never holds another rank's
-    experts; then evaluates the model one layer at a time."""
+def slice_experts(experts: PackedExperts, rank: int, ranks: int) -> PackedExperts:
+    """Rank `rank`'s slice ``H[r·H/N : (r+1)·H/N]`` of the packed experts."""
+    H = experts.intermediate_dims
+    projections = []
+    for proj in format.PROJECTIONS:
+        q = experts.projection(proj)
+        spec = own_slice(proj, H, ranks, rank, q.bits, q.group_size)
+        arrays = []
+        for arr, a in zip(format.ARRAYS, q[:3]):
+            axis, start, stop = spec[arr]
+            index = (slice(None),) * axis + (slice(start, stop),)
+            # contiguous: the slice must not keep the whole array alive.
+            arrays.append(mx.contiguous(a[index]))
+        projections.append(QuantizedProjection(*arrays, q.bits, q.group_size))
+    return PackedExperts(*projections)
+
+
+def _checkpoint_index(model_path: Path) -> dict:
+    """Tensor name -> TensorInfo over every safetensors file of a checkpoint."""
+    from fused_moe.convert.safetensors_io import read_header
+
+    index = {}
+    for file in sorted(Path(model_path).glob("model*.safetensors")):
+        index.update(read_header(file))
+    return index
+
+
+def read_own_experts(model: nn.Module, model_path: Path, group, H: int) -> None:
+    """Replaces the (lazy) expert arrays of a model sharded by :func:`shard`
+    or mlx-lm's ``Model.shard`` with this rank's slices of the experts of
+    width H, read straight from the checkpoint, so a rank never holds another
+    rank's experts; then evaluates the model one layer at a time."""
     from fused_moe.convert.safetensors_io import read_slice
 
     index = _checkpoint_index(model_path)
@@ -102,22 +96,23 @@ def read_own_experts(model: nn.Module, model_path: Path, group) -> None:
     for i, layer in enumerate(model.layers):
         block, path = getattr(layer, BLOCK_ATTR), block_path(i)
         if isinstance(block, MiniMaxMoE):
-            H = block.experts.intermediate_dims * ranks  # already sliced once
             projections = []
             for proj in format.PROJECTIONS:
                 q = block.experts.projection(proj)
-                spec = _own_slice_spec(ranks, rank, H, proj, q.bits, q.group_size)
+                spec = own_slice(proj, H, ranks, rank, q.bits, q.group_size)
                 arrays = [read(f"{path}.{format.MODULE_NAME}.{proj}.{arr}", spec[arr]) for arr in format.ARRAYS]
                 projections.append(QuantizedProjection(*arrays, q.bits, q.group_size))
             setattr(block, format.MODULE_NAME, PackedExperts(*projections))
         else:
             glu = block.switch_mlp
-            if not all(hasattr(glu[p], "bits") for p in ("gate_proj", "up_proj", "down_proj")):
-                raise ValueError(f"{model_path}: {path}: the experts are not quantized; fused_moe shards quantized experts only")
-            H = glu.down_proj.weight.shape[-1] * 32 // glu.down_proj.bits * ranks
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 module = glu[proj]
-                spec = _own_slice_spec(ranks, rank, H, proj, module.bits, module.group_size)
+                if not hasattr(module, "bits"):
+                    raise ValueError(
+                        f"{model_path}: {path}: the experts are not quantized; "
+                        f"fused_moe shards quantized experts only"
+                    )
+                spec = own_slice(proj, H, ranks, rank, module.bits, module.group_size)
                 module.update({arr: read(f"{path}.switch_mlp.{proj}.{arr}", spec[arr]) for arr in format.ARRAYS})
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
@@ -154,7 +149,8 @@ def shard(model: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.
         if isinstance(getattr(layer, BLOCK_ATTR), MiniMaxMoE)
     ]
     for i, _, block in fused:
-        check_split(block.experts, ranks, f"fused_moe.shard: {block_path(i)}")
+        experts = block.experts
+        check_split(experts.intermediate_dims, ranks, experts.down_group_size, f"fused_moe.shard: {block_path(i)}")
     args = model.args
     for name in ("num_attention_heads", "num_key_value_heads"):
         if getattr(args, name) % ranks:
