@@ -54,6 +54,9 @@ FULL_WIDTH = dict(
 
 SEED_GROUP_SIZE = 64
 
+# The token ids every model test feeds (all below SMALL's vocabulary).
+PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]
+
 
 def seed_recipe(num_layers: int):
     """mlx-lm quant_predicate of the seed recipe: 4-bit experts in the first

@@ -22,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 
 import fused_moe as fm
+from minimax_models import PROMPT
 
-PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]
 GENERATE = 16
 
 

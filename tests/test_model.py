@@ -20,11 +20,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import fused_moe as fm
 from fused_moe import format
-from minimax_models import FULL_WIDTH, SMALL, build_model, save_checkpoint, tiny_llama
+from minimax_models import FULL_WIDTH, PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
 from moe_reference import Experts, reference_h, reference_y
 from tolerance import assert_within_tolerance, rel_err, slack
 
-PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]
 
 
 @pytest.fixture(scope="module")
