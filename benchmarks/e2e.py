@@ -16,7 +16,7 @@ patched model is the same model after ``fused_moe.patch``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -72,7 +72,7 @@ def build_model(shapes, layers: int, make_projection: Callable, vocab: int = VOC
         bits = shapes.bits
         if shapes.bits == 3 and layers >= 3 and i in (0, layers - 1):
             bits = 4
-        s = type(shapes)(**{**shapes.__dict__, "bits": bits})
+        s = replace(shapes, bits=bits)
         glu = layer.block_sparse_moe.switch_mlp
         # Replaced before anything evaluates SwitchGLU's float weights.
         glu.gate_proj = make_projection(s, s.H, s.D)
