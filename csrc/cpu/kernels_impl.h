@@ -338,25 +338,32 @@ static void gate_up_rows_float(
 #if FUSED_MOE_INT_PATH
 static void gate_up_rows_int(
     const GateUpArgs& a, ExpertSlice ex, int r_begin, int r_end) {
-  const int D = a.w.cols;
   const int H = a.w.rows / 2;
   const int k = a.groups.k;
-  const int groups = D / a.w.group_size;
-  uint8_t* codes = scratch<uint8_t>(D);
-  float* scales = scratch<float, 0>(6 * groups);
-  float* gate = scratch<float, 1>(ex.count);
-  float* up = scratch<float, 2>(ex.count);
-  auto act_row = [k](int32_t p) { return static_cast<int64_t>(p / k); };
-  for (int r = r_begin; r < r_end; ++r) {
-    for (int which = 0; which < 2; ++which) {
-      row_dot_pairs_int(
-          a.w, ex.expert, 2 * r + which, *a.xq, ex.pairs, ex.count, act_row,
-          codes, scales, which == 0 ? gate : up);
-    }
+  float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
+  // [4][count]: gate r, up r, gate r+1, up r+1 for every pair.
+  float* out = scratch<float, 1>(4 * static_cast<size_t>(ex.count));
+  int64_t* act_rows = scratch<int64_t>(ex.count);
+  for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i] / k;
+  const int64_t first = static_cast<int64_t>(ex.expert) * a.w.rows;
+  auto emit = [&](int r, const float* gate, const float* up) {
     for (int i = 0; i < ex.count; ++i) {
       store_as(a.h, a.h_type, static_cast<int64_t>(ex.pairs[i]) * H + r,
                silu(gate[i]) * up[i]);
     }
+  };
+  int r = r_begin;
+  // Two (gate, up) row pairs at a time: packed rows 2r .. 2r+3. The next
+  // tile is fetched while it stays inside this expert (and so is used).
+  for (; r + 2 <= r_end; r += 2) {
+    const int64_t next = r + 4 <= H ? first + 2 * (r + 2) : -1;
+    dot_rows_of(a.w, first + 2 * r, 4, *a.xq, act_rows, ex.count, next, buf, out);
+    emit(r, out, out + ex.count);
+    emit(r + 1, out + 2 * ex.count, out + 3 * ex.count);
+  }
+  if (r < r_end) {
+    dot_rows_of(a.w, first + 2 * r, 2, *a.xq, act_rows, ex.count, -1, buf, out);
+    emit(r, out, out + ex.count);
   }
 }
 #endif
@@ -407,23 +414,38 @@ static void down_rows_float(const DownArgs& a, int d_begin, int d_end) {
 #if FUSED_MOE_INT_PATH
 static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
-  const int H = a.w.cols;
   const int k = a.groups.k;
-  const int groups = H / a.w.group_size;
-  uint8_t* codes = scratch<uint8_t>(H);
-  float* scales = scratch<float, 0>(6 * groups);
-  float* out = scratch<float, 1>(a.groups.offsets[a.groups.n_used]);
-  auto act_row = [](int32_t p) { return static_cast<int64_t>(p); };
+  const int total_pairs = a.groups.offsets[a.groups.n_used];
+  float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
+  float* out = scratch<float, 1>(4 * static_cast<size_t>(total_pairs));
+  int64_t* act_rows = scratch<int64_t>(total_pairs);
   for (int u = 0; u < a.groups.n_used; ++u) {
     const ExpertSlice ex = expert_slice(a.groups, u);
-    for (int d = d_begin; d < d_end; ++d) {
-      row_dot_pairs_int(
-          a.w, ex.expert, d, *a.hq, ex.pairs, ex.count, act_row, codes,
-          scales, out);
-      for (int i = 0; i < ex.count; ++i) {
-        const int32_t p = ex.pairs[i];
-        a.y_acc[static_cast<int64_t>(p / k) * D + d] += a.pair_weights[p] * out[i];
+    for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
+    const int64_t first = static_cast<int64_t>(ex.expert) * D;
+    // This task's rows of the next expert follow this expert's last tile.
+    const int64_t next_expert = u + 1 < a.groups.n_used
+        ? static_cast<int64_t>(a.groups.experts[u + 1]) * D + d_begin
+        : -1;
+    // out[r * count + i]: row d + r against pair i.
+    auto accumulate = [&](int d, int rows) {
+      for (int r = 0; r < rows; ++r) {
+        for (int i = 0; i < ex.count; ++i) {
+          const int32_t p = ex.pairs[i];
+          a.y_acc[static_cast<int64_t>(p / k) * D + d + r] +=
+              a.pair_weights[p] * out[r * ex.count + i];
+        }
       }
+    };
+    int d = d_begin;
+    for (; d + 4 <= d_end; d += 4) {
+      const int64_t next = d + 8 <= d_end ? first + d + 4 : next_expert;
+      dot_rows_of(a.w, first + d, 4, *a.hq, act_rows, ex.count, next, buf, out);
+      accumulate(d, 4);
+    }
+    if (d < d_end) {
+      dot_rows_of(a.w, first + d, d_end - d, *a.hq, act_rows, ex.count, -1, buf, out);
+      accumulate(d, d_end - d);
     }
   }
 }

@@ -102,15 +102,6 @@ static inline __m512i unpack_chunk(const uint8_t* p) {
   }
 }
 
-template <int BITS>
-static void unpack_row(const uint8_t* q, int cols, uint8_t* out) {
-  const int last = cols - kChunk;
-  for (int c = 0; c < last; c += kChunk) {
-    _mm512_storeu_si512(out + c, unpack_chunk<BITS>(q + c * BITS / 8));
-  }
-  _mm512_storeu_si512(out + last, unpack_chunk<BITS, true>(q + last * BITS / 8));
-}
-
 // Lanes [0, n) of a 16-lane vector, n >= 1.
 static inline __mmask16 first_lanes(int n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -134,204 +125,307 @@ static inline __m512 load_affine(const void* p, FloatType t, int64_t i, int n) {
   return _mm512_setzero_ps();
 }
 
-// One row's scales and biases as fp32, converted once per row: s[groups]
-// then b[groups] in `out`.
-static inline void row_affine(const QuantMatrix& m, int64_t row_id, float* out) {
-  const int groups = m.cols / m.group_size;
-  for (int g = 0; g < groups; g += 16) {
-    const int n = std::min(16, groups - g);
-    const int64_t at = row_id * groups + g;
-    _mm512_mask_storeu_ps(out + g, first_lanes(n),
-                          load_affine(m.scales, m.scale_type, at, n));
-    _mm512_mask_storeu_ps(out + groups + g, first_lanes(n),
-                          load_affine(m.biases, m.scale_type, at, n));
-  }
+// A tile is kTileRows (4) rows × up to kMaxTileTokens tokens. The rows'
+// int32 group sums are folded into one vector (lane 4j + r holds row r), so
+// each group costs one conversion and one FMA per token for all four rows.
+static_assert(kTileRows == 4, "the folds below take four rows");
+constexpr int kMaxTileTokens = 4;
+
+// Floats of per-token scale quads for `groups` groups (whole blocks of 16).
+static inline int quad_floats(int groups) {
+  return (groups + 15) / 16 * 16 * kTileRows;
 }
 
-// For one row (fp32 scales s, biases b) and one activation row:
-// scale[g] = s_g·sx_g for every group, and the returned Σ_g b_g·(Σx)_g.
-static inline float row_act_affine(
-    const float* s,
-    const float* b,
-    const float* sx,
-    const float* xsum,
-    int groups,
-    float* scale) {
-  __m512 bias_acc = _mm512_setzero_ps();
-  for (int g = 0; g < groups; g += 16) {
-    const __mmask16 mask = first_lanes(groups - g);
-    _mm512_mask_storeu_ps(scale + g, mask,
-        _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + g),
-                      _mm512_maskz_loadu_ps(mask, sx + g)));
-    bias_acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, b + g),
-        _mm512_maskz_loadu_ps(mask, xsum + g), bias_acc);
-  }
-  return _mm512_reduce_add_ps(bias_acc);
+// Where group g's quad (s_g·sx_g of rows 0-3) sits in a token's scales: the
+// 4×4 transposes of tile_affine leave blocks of 16 groups in this order.
+static inline int quad_at(int g) {
+  return (g & ~15) * 4 + (g & 3) * 16 + ((g >> 2) & 3) * 4;
 }
 
-// A row's codes as 64-byte chunks: unpacked once into a buffer when several
-// tokens share the row, or unpacked on the fly when one token uses it.
-struct BufferedCodes {
-  const uint8_t* codes;
-  __m512i operator()(int off) const {
-    return _mm512_loadu_si512(codes + off);
-  }
-};
+// a + b folded so that each 128-bit lane holds [Σ a, Σ b] pairs:
+// lanes (a0+a2, b0+b2, a1+a3, b1+b3) of every 128-bit lane.
+static inline __m512i fold2(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
 
-template <int BITS>
-struct PackedCodes {
-  const uint8_t* packed; // the row's packed bytes
-  int last; // offset of the row's last chunk, read with a masked load
-  __m512i operator()(int off) const {
-    const uint8_t* p = packed + off * BITS / 8;
-    return off == last ? unpack_chunk<BITS, true>(p) : unpack_chunk<BITS>(p);
-  }
-};
+// Four rows' vectors folded to lane 4j + r = the part of row r in 128-bit
+// lane j. The same adds in the same order for every row.
+static inline __m512i fold4(const __m512i v[kTileRows]) {
+  const __m512i a = fold2(v[0], v[1]), b = fold2(v[2], v[3]);
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
 
-// out[t] = row · act(t) for TOKENS activation rows (indices into q).
-template <int TOKENS, typename Codes>
-static inline void row_dot_int(
-    const float* affine, // the row's fp32 scales then biases (row_affine)
-    Codes codes,
+static inline __m512 fold4(const __m512 v[kTileRows]) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+  const __m512d ad = _mm512_castps_pd(a), bd = _mm512_castps_pd(b);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ad, bd)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(ad, bd)));
+}
+
+// Per token of the tile: the group scale quads s_g·sx_g in quad_at order,
+// and the bias part Σ_g b_g·(Σx)_g of every row, folded like the sums.
+template <int TOKENS>
+static inline void tile_affine(
+    const QuantMatrix& m,
+    const int64_t row_ids[kTileRows],
     const QuantizedActs& q,
     const int64_t* act_rows,
-    float* scale_buf, // [TOKENS * groups]
-    float* out) {
-  const int cols = q.cols, gs = q.group_size, groups = cols / gs;
+    float* quads, // [TOKENS][quad_floats(groups)]
+    __m512 bias[TOKENS]) {
+  const int groups = m.cols / m.group_size;
+  const int stride = quad_floats(groups);
+  __m512 bias_acc[TOKENS][kTileRows];
+  for (int t = 0; t < TOKENS; ++t) {
+    for (int r = 0; r < kTileRows; ++r) bias_acc[t][r] = _mm512_setzero_ps();
+  }
+  for (int g = 0; g < groups; g += 16) {
+    const int n = std::min(16, groups - g);
+    const __mmask16 mask = first_lanes(n);
+    __m512 s[kTileRows], b[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t at = row_ids[r] * groups + g;
+      s[r] = load_affine(m.scales, m.scale_type, at, n);
+      b[r] = load_affine(m.biases, m.scale_type, at, n);
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      const __m512 sx = _mm512_maskz_loadu_ps(mask, q.scale + act_rows[t] * groups + g);
+      const __m512 xsum = _mm512_maskz_loadu_ps(mask, q.sum + act_rows[t] * groups + g);
+      __m512 p[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) {
+        p[r] = _mm512_mul_ps(s[r], sx);
+        bias_acc[t][r] = _mm512_fmadd_ps(b[r], xsum, bias_acc[t][r]);
+      }
+      // 4×4 transposes within each 128-bit lane: vector k gets the quads
+      // of groups g + 4j + k (quad_at).
+      const __m512 t0 = _mm512_unpacklo_ps(p[0], p[1]), t1 = _mm512_unpackhi_ps(p[0], p[1]);
+      const __m512 t2 = _mm512_unpacklo_ps(p[2], p[3]), t3 = _mm512_unpackhi_ps(p[2], p[3]);
+      auto lo = [](__m512 a, __m512 c) {
+        return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+      };
+      auto hi = [](__m512 a, __m512 c) {
+        return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+      };
+      float* out = quads + t * stride + g * kTileRows;
+      _mm512_storeu_ps(out, lo(t0, t2));
+      _mm512_storeu_ps(out + 16, hi(t0, t2));
+      _mm512_storeu_ps(out + 32, lo(t1, t3));
+      _mm512_storeu_ps(out + 48, hi(t1, t3));
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) bias[t] = fold4(bias_acc[t]);
+}
+
+// out[r * out_stride + t] = row_ids[r] · act(act_rows[t]) for the tile's
+// kTileRows rows (the first `rows` of them are wanted; the others repeat a
+// wanted row) and TOKENS activation rows. Codes are unpacked on the fly,
+// once per tile, straight into registers. `next` (or null) is the start of
+// the kTileRows rows of the tile that will follow: it is fetched meanwhile,
+// a tile ahead, which hides the memory latency that one core's hardware
+// prefetcher leaves exposed.
+//
+// One step covers kChunk codes per row, or a whole group when the group is
+// longer: per (row, token) two vpdpbusd chains give the hi and lo plane
+// sums, combined as 128·hi + lo; the four rows are folded into one vector,
+// converted once and scaled once per group. A row's result does not depend
+// on its place in the tile, on the other rows, or on the other tokens.
+template <int BITS, int GS, int TOKENS>
+static inline void dot_tile(
+    const QuantMatrix& m,
+    const int64_t row_ids[kTileRows],
+    int rows,
+    const QuantizedActs& q,
+    const int64_t* act_rows,
+    const uint8_t* next,
+    float* quads,
+    float* out,
+    int out_stride) {
+  constexpr int kStepChunks = GS > kChunk ? GS / kChunk : 1;
+  constexpr int kStep = kStepChunks * kChunk; // codes per step
+  const int cols = m.cols;
+  const int64_t row_bytes = static_cast<int64_t>(cols) * BITS / 8;
+  const int stride = quad_floats(cols / GS);
+  const uint8_t* packed[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) {
+    packed[r] = m.weight + row_ids[r] * row_bytes;
+  }
   const int8_t* hi[TOKENS];
   const int8_t* lo[TOKENS];
-  const float* scale[TOKENS];
-  float bias_part[TOKENS];
-  // Two accumulators per token, alternating by group, halve the length of
-  // the dependent chain of FMAs. They are separate arrays indexed only by
-  // constants, so they stay in registers (an index like `g & 1` sends them
-  // through the stack on every group).
-  __m512 acc_even[TOKENS], acc_odd[TOKENS];
   for (int t = 0; t < TOKENS; ++t) {
     hi[t] = q.hi + act_rows[t] * cols;
     lo[t] = q.lo + act_rows[t] * cols;
-    float* sc = scale_buf + t * groups;
-    bias_part[t] = row_act_affine(affine, affine + groups,
-                                  q.scale + act_rows[t] * groups,
-                                  q.sum + act_rows[t] * groups, groups, sc);
-    scale[t] = sc;
-    acc_even[t] = acc_odd[t] = _mm512_setzero_ps();
   }
-  if (gs == 32) {
-    // Lanes 0-7 of a chunk belong to group 2c, lanes 8-15 to group 2c+1.
-    auto chunk = [&](int c, __m512(&acc)[TOKENS]) {
-      const __m512i w = codes(c * kChunk);
-      for (int t = 0; t < TOKENS; ++t) {
-        const __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-            _mm512_loadu_si512(hi[t] + c * kChunk));
-        const __m512i il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-            _mm512_loadu_si512(lo[t] + c * kChunk));
-        const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ih, 7), il);
-        const __m512 sc = _mm512_mask_blend_ps(0xFF00,
-            _mm512_set1_ps(scale[t][2 * c]), _mm512_set1_ps(scale[t][2 * c + 1]));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[t]);
+  __m512 acc[TOKENS];
+  tile_affine<TOKENS>(m, row_ids, q, act_rows, quads, acc);
+  // The codes of one step, unpacked. kLast: the row's final step, whose
+  // last chunk must not read past the row (a masked load for 3-bit codes).
+  using Codes = __m512i[kTileRows][kStepChunks];
+  auto unpack_step = [&](int off, auto last_tag, Codes& codes)
+      __attribute__((always_inline)) {
+    constexpr bool kLast = decltype(last_tag)::value;
+    for (int r = 0; r < kTileRows; ++r) {
+      for (int c = 0; c < kStepChunks; ++c) {
+        const uint8_t* p = packed[r] + (off + c * kChunk) * BITS / 8;
+        codes[r][c] = (kLast && c == kStepChunks - 1)
+            ? unpack_chunk<BITS, true>(p)
+            : unpack_chunk<BITS>(p);
       }
-    };
-    const int n = cols / kChunk;
-    int c = 0;
-    for (; c + 2 <= n; c += 2) {
-      chunk(c, acc_even);
-      chunk(c + 1, acc_odd);
     }
-    if (c < n) {
-      chunk(c, acc_even);
-    }
-  } else {
-    const int chunks = gs / kChunk;
-    auto group = [&](int g, __m512(&acc)[TOKENS]) {
-      __m512i ih[TOKENS], il[TOKENS];
-      for (int t = 0; t < TOKENS; ++t) {
-        ih[t] = il[t] = _mm512_setzero_si512();
+  };
+  auto step = [&](int off, const Codes& codes) __attribute__((always_inline)) {
+    if (next) {
+      for (int r = 0; r < kTileRows; ++r) {
+        // To L2: a software prefetch into L1 holds one of L1's few miss
+        // buffers until its line arrives, which capped one core's stream
+        // at about 10 GB/s.
+        _mm_prefetch(reinterpret_cast<const char*>(
+                         next + r * row_bytes + off * BITS / 8),
+                     _MM_HINT_T1);
       }
-      for (int cc = 0; cc < chunks; ++cc) {
-        const int off = g * gs + cc * kChunk;
-        const __m512i w = codes(off);
-        for (int t = 0; t < TOKENS; ++t) {
-          ih[t] = _mm512_dpbusd_epi32(ih[t], w, _mm512_loadu_si512(hi[t] + off));
-          il[t] = _mm512_dpbusd_epi32(il[t], w, _mm512_loadu_si512(lo[t] + off));
+    }
+    const int g = off / GS;
+    for (int t = 0; t < TOKENS; ++t) {
+      __m512i xh[kStepChunks], xl[kStepChunks];
+      for (int c = 0; c < kStepChunks; ++c) {
+        xh[c] = _mm512_loadu_si512(hi[t] + off + c * kChunk);
+        xl[c] = _mm512_loadu_si512(lo[t] + off + c * kChunk);
+      }
+      __m512i v[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m512i* w = codes[r];
+        v[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], xh[0]);
+        for (int c = 1; c < kStepChunks; ++c) {
+          v[r] = _mm512_dpbusd_epi32(v[r], w[c], xh[c]);
+        }
+        v[r] = _mm512_slli_epi32(v[r], 7);
+        for (int c = 0; c < kStepChunks; ++c) {
+          v[r] = _mm512_dpbusd_epi32(v[r], w[c], xl[c]);
         }
       }
-      for (int t = 0; t < TOKENS; ++t) {
-        const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(ih[t], 7), il[t]);
-        acc[t] = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(v), _mm512_set1_ps(scale[t][g]), acc[t]);
+      const float* sc = quads + t * stride;
+      __m512 scale;
+      if constexpr (GS >= kChunk) {
+        scale = _mm512_broadcast_f32x4(_mm_loadu_ps(sc + quad_at(g)));
+      } else {
+        // 128-bit lanes 0-1 of a chunk belong to group g, lanes 2-3 to g+1.
+        scale = _mm512_mask_broadcast_f32x4(
+            _mm512_broadcast_f32x4(_mm_loadu_ps(sc + quad_at(g))), 0xFF00,
+            _mm_loadu_ps(sc + quad_at(g + 1)));
       }
-    };
-    int g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      group(g, acc_even);
-      group(g + 1, acc_odd);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fold4(v)), scale, acc[t]);
     }
-    if (g < groups) {
-      group(g, acc_even);
+  };
+  // Software-pipelined: the next step's codes are unpacked before this
+  // step's dot products, so the unpack latency overlaps them.
+  const int last = cols - kStep;
+  Codes a, b;
+  if (last == 0) {
+    unpack_step(0, std::true_type{}, a);
+    step(0, a);
+  } else {
+    // Two steps per iteration, alternating buffers a and b.
+    unpack_step(0, std::false_type{}, a);
+    int off = 0;
+    for (; off + 2 * kStep < last; off += 2 * kStep) {
+      unpack_step(off + kStep, std::false_type{}, b);
+      step(off, a);
+      unpack_step(off + 2 * kStep, std::false_type{}, a);
+      step(off + kStep, b);
+    }
+    // off + kStep == last or off + 2·kStep == last.
+    if (off + kStep == last) {
+      unpack_step(last, std::true_type{}, b);
+      step(off, a);
+      step(last, b);
+    } else {
+      unpack_step(off + kStep, std::false_type{}, b);
+      step(off, a);
+      unpack_step(last, std::true_type{}, a);
+      step(off + kStep, b);
+      step(last, a);
     }
   }
   for (int t = 0; t < TOKENS; ++t) {
-    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc_even[t], acc_odd[t])) +
-        bias_part[t];
+    // The four 128-bit lanes of the folded sums, added pairwise.
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
+                                      _mm512_extractf32x8_ps(acc[t], 1));
+    alignas(16) float quad[4];
+    _mm_store_ps(quad, _mm_add_ps(_mm256_castps256_ps128(half),
+                                  _mm256_extractf128_ps(half, 1)));
+    for (int r = 0; r < rows; ++r) out[r * out_stride + t] = quad[r];
   }
 }
 
-// out[i] = row · act(act_row_of(pairs[i])) for every pair of one expert.
-template <typename ActRowOf>
-static void row_dot_pairs_int(
+// out[r * count + i] = row (row_id + r) · act(act_rows[i]) for `rows` <=
+// kTileRows consecutive rows and `count` activation rows, in tiles of up to
+// kMaxTileTokens tokens. `next_row_id` (or -1) starts the rows of the next
+// call, fetched meanwhile.
+template <int BITS, int GS>
+static void dot_rows(
     const QuantMatrix& m,
-    int e,
-    int row,
+    int64_t row_id,
+    int rows,
     const QuantizedActs& q,
-    const int32_t* pairs,
+    const int64_t* act_rows,
     int count,
-    ActRowOf act_row_of,
-    uint8_t* codes,
-    float* scale_buf, // [6 * cols / group_size]
+    int64_t next_row_id,
+    float* quads,
     float* out) {
-  const int64_t row_id = static_cast<int64_t>(e) * m.rows + row;
-  const int64_t row_bytes = static_cast<int64_t>(m.cols) * m.bits / 8;
-  const uint8_t* packed = m.weight + row_id * row_bytes;
-  // Rows are visited in order: fetch a few ahead to hide memory latency.
-  if (row + kPrefetchRows < m.rows) {
-    const uint8_t* ahead = packed + kPrefetchRows * row_bytes;
-    for (int64_t off = 0; off < row_bytes; off += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-    }
-  }
-  const int groups = m.cols / m.group_size;
-  float* affine = scale_buf;
-  row_affine(m, row_id, affine);
-  scale_buf += 2 * groups;
-  int64_t rows[4];
-  if (count == 1) {
-    // One token (decode): unpacking into a buffer would only add a store
-    // and a reload per chunk.
-    rows[0] = act_row_of(pairs[0]);
-    const int last = m.cols - kChunk;
-    if (m.bits == 3) {
-      row_dot_int<1>(affine, PackedCodes<3>{packed, last}, q, rows, scale_buf, out);
-    } else {
-      row_dot_int<1>(affine, PackedCodes<4>{packed, last}, q, rows, scale_buf, out);
-    }
-    return;
-  }
-  if (m.bits == 3) {
-    unpack_row<3>(packed, m.cols, codes);
-  } else {
-    unpack_row<4>(packed, m.cols, codes);
-  }
-  const BufferedCodes buffered{codes};
+  int64_t row_ids[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) row_ids[r] = row_id + std::min(r, rows - 1);
+  const uint8_t* next = next_row_id < 0
+      ? nullptr
+      : m.weight + next_row_id * (static_cast<int64_t>(m.cols) * BITS / 8);
   int i = 0;
-  for (; i + 4 <= count; i += 4) {
-    for (int t = 0; t < 4; ++t) rows[t] = act_row_of(pairs[i + t]);
-    row_dot_int<4>(affine, buffered, q, rows, scale_buf, out + i);
+  for (; i + kMaxTileTokens <= count; i += kMaxTileTokens) {
+    dot_tile<BITS, GS, kMaxTileTokens>(
+        m, row_ids, rows, q, act_rows + i, next, quads, out + i, count);
   }
-  for (; i < count; ++i) {
-    rows[0] = act_row_of(pairs[i]);
-    row_dot_int<1>(affine, buffered, q, rows, scale_buf, out + i);
+  auto tail = [&](auto tokens) {
+    dot_tile<BITS, GS, decltype(tokens)::value>(
+        m, row_ids, rows, q, act_rows + i, next, quads, out + i, count);
+  };
+  switch (count - i) {
+    case 3: return tail(std::integral_constant<int, 3>{});
+    case 2: return tail(std::integral_constant<int, 2>{});
+    case 1: return tail(std::integral_constant<int, 1>{});
   }
+}
+
+// dot_rows for the matrix's bits and group size: the allow-list of
+// instantiated configurations is bits {3, 4} × group size {32, 64, 128}.
+static void dot_rows_of(
+    const QuantMatrix& m,
+    int64_t row_id,
+    int rows,
+    const QuantizedActs& q,
+    const int64_t* act_rows,
+    int count,
+    int64_t next_row_id,
+    float* quads,
+    float* out) {
+  auto run = [&](auto bits, auto gs) {
+    dot_rows<decltype(bits)::value, decltype(gs)::value>(
+        m, row_id, rows, q, act_rows, count, next_row_id, quads, out);
+  };
+  using B3 = std::integral_constant<int, 3>;
+  using B4 = std::integral_constant<int, 4>;
+  using G32 = std::integral_constant<int, 32>;
+  using G64 = std::integral_constant<int, 64>;
+  using G128 = std::integral_constant<int, 128>;
+  switch (m.bits * 1000 + m.group_size) {
+    case 3032: return run(B3{}, G32{});
+    case 3064: return run(B3{}, G64{});
+    case 3128: return run(B3{}, G128{});
+    case 4032: return run(B4{}, G32{});
+    case 4064: return run(B4{}, G64{});
+    case 4128: return run(B4{}, G128{});
+  }
+}
+
+// Scratch floats dot_rows_of needs for the matrix's rows.
+static inline size_t dot_rows_scratch(const QuantMatrix& m) {
+  return static_cast<size_t>(kMaxTileTokens) * quad_floats(m.cols / m.group_size);
 }
 
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
