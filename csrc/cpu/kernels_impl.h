@@ -412,6 +412,7 @@ static void down_rows_float(const DownArgs& a, int d_begin, int d_end) {
 }
 
 #if FUSED_MOE_INT_PATH
+constexpr int kDownPrefetchTiles = 2;
 static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
   const int k = a.groups.k;
@@ -419,16 +420,30 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
   float* out = scratch<float, 1>(4 * static_cast<size_t>(total_pairs));
   int64_t* act_rows = scratch<int64_t>(total_pairs);
+  // The task's tiles in order: 4 rows of d for each expert in turn. Tile s
+  // fetches tile s + kDownPrefetchTiles, across experts too: each expert's
+  // run in a task is only a few short rows long.
+  const int tiles = (d_end - d_begin + 3) / 4;
+  auto tile_row = [&](int64_t s) -> int64_t {
+    return static_cast<int64_t>(a.groups.experts[s / tiles]) * D + d_begin +
+        4 * (s % tiles);
+  };
+  // Only whole tiles of a used expert are fetched: nothing past the task's
+  // rows, nothing past the weights.
+  auto prefetch_row = [&](int64_t s) -> int64_t {
+    const bool whole = d_begin + 4 * (s % tiles) + 4 <= d_end;
+    return s / tiles < a.groups.n_used && whole ? tile_row(s) : -1;
+  };
   for (int u = 0; u < a.groups.n_used; ++u) {
     const ExpertSlice ex = expert_slice(a.groups, u);
     for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
-    const int64_t first = static_cast<int64_t>(ex.expert) * D;
-    // This task's rows of the next expert follow this expert's last tile.
-    const int64_t next_expert = u + 1 < a.groups.n_used
-        ? static_cast<int64_t>(a.groups.experts[u + 1]) * D + d_begin
-        : -1;
-    // out[r * count + i]: row d + r against pair i.
-    auto accumulate = [&](int d, int rows) {
+    for (int j = 0; j < tiles; ++j) {
+      const int d = d_begin + 4 * j;
+      const int rows = std::min(4, d_end - d);
+      const int64_t s = static_cast<int64_t>(u) * tiles + j;
+      dot_rows_of(a.w, tile_row(s), rows, *a.hq, act_rows, ex.count,
+                  prefetch_row(s + kDownPrefetchTiles), buf, out);
+      // out[r * count + i]: row d + r against pair i.
       for (int r = 0; r < rows; ++r) {
         for (int i = 0; i < ex.count; ++i) {
           const int32_t p = ex.pairs[i];
@@ -436,16 +451,6 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
               a.pair_weights[p] * out[r * ex.count + i];
         }
       }
-    };
-    int d = d_begin;
-    for (; d + 4 <= d_end; d += 4) {
-      const int64_t next = d + 8 <= d_end ? first + d + 4 : next_expert;
-      dot_rows_of(a.w, first + d, 4, *a.hq, act_rows, ex.count, next, buf, out);
-      accumulate(d, 4);
-    }
-    if (d < d_end) {
-      dot_rows_of(a.w, first + d, d_end - d, *a.hq, act_rows, ex.count, -1, buf, out);
-      accumulate(d, d_end - d);
     }
   }
 }

@@ -20,48 +20,68 @@ namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 // Largest |128·hi + lo|: hi stays within int8 and lo within [-64, 63].
 constexpr float kActLevels = 16256.0f;
 constexpr int kChunk = 64; // codes per vpdpbusd
-constexpr int kPrefetchRows = 4; // how far ahead the weight rows are fetched
 
 // Where activation i of a 32-code block sits, so that it meets its code: the
 // 3-bit unpacking keeps codes in order; the 4-bit one yields the 16 low
 // nibbles (even codes) of a block before the 16 high nibbles (odd codes).
-static inline int act_position(int i, int bits) {
-  if (bits == 3) {
-    return i;
+// As a byte permutation of the block: byte m takes activation src(m).
+static inline __m256i act_positions(int bits) {
+  alignas(32) uint8_t src[32];
+  for (int m = 0; m < 32; ++m) {
+    src[m] = static_cast<uint8_t>(bits == 3 ? m : (m < 16 ? 2 * m : 2 * (m - 16) + 1));
   }
-  const int base = i & ~31, j = i & 31;
-  return base + (j & 1) * 16 + j / 2;
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(src));
 }
 
-// Quantizes one activation row (see QuantizedActs).
+// 32 int32 values (lo16, hi16) as int8 bytes in act_position order.
+static inline __m256i to_plane(__m512i lo16, __m512i hi16, __m256i positions) {
+  const __m256i bytes = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm512_cvtepi32_epi8(lo16)),
+      _mm512_cvtepi32_epi8(hi16), 1);
+  return _mm256_permutexvar_epi8(positions, bytes);
+}
+
+// Quantizes one activation row (see QuantizedActs). Group sizes are
+// multiples of 32.
 static void quantize_acts(const float* x, int64_t row, const QuantizedActs& q) {
   const int cols = q.cols, gs = q.group_size, groups = cols / gs;
   int8_t* hi = q.hi + row * cols;
   int8_t* lo = q.lo + row * cols;
+  const __m256i positions = act_positions(q.bits);
   for (int g = 0; g < groups; ++g) {
     const float* xg = x + row * cols + g * gs;
-    float amax = 0.0f, sum = 0.0f;
-    bool has_nan = false;
-    for (int i = 0; i < gs; ++i) {
-      amax = std::max(amax, std::fabs(xg[i]));
-      sum += xg[i];
-      has_nan |= std::isnan(xg[i]);
+    __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int i = 0; i < gs; i += 16) {
+      const __m512 v = _mm512_loadu_ps(xg + i);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vsum = _mm512_add_ps(vsum, v);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
-    if (has_nan) {
-      amax = NAN; // std::max skips NaN; the scale must carry it
-    }
+    // max skips NaN; the scale must carry it.
+    const float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
     q.scale[row * groups + g] = amax / kActLevels;
-    q.sum[row * groups + g] = sum;
+    q.sum[row * groups + g] = _mm512_reduce_add_ps(vsum);
     // Zero, NaN and Inf groups keep zero planes: their scale alone makes the
     // group's product 0, NaN or NaN, which stays inside this token.
     const bool finite_nonzero = amax > 0.0f && std::isfinite(amax);
-    const float inv = finite_nonzero ? kActLevels / amax : 0.0f;
-    for (int i = 0; i < gs; ++i) {
-      const int v = finite_nonzero ? static_cast<int>(std::lrintf(xg[i] * inv)) : 0;
-      const int h = (v + 64) >> 7;
-      const int pos = g * gs + act_position(i, q.bits);
-      hi[pos] = static_cast<int8_t>(h);
-      lo[pos] = static_cast<int8_t>(v - (h << 7));
+    const __m512 inv = _mm512_set1_ps(kActLevels / amax);
+    for (int i = 0; i < gs; i += 32) {
+      __m512i h[2], l[2];
+      for (int half = 0; half < 2; ++half) {
+        // Rounded to nearest even. x·0 is NaN for Inf or NaN x, so such
+        // groups skip the conversion.
+        const __m512i v = finite_nonzero
+            ? _mm512_cvtps_epi32(
+                  _mm512_mul_ps(_mm512_loadu_ps(xg + i + 16 * half), inv))
+            : _mm512_setzero_si512();
+        h[half] = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(64)), 7);
+        l[half] = _mm512_sub_epi32(v, _mm512_slli_epi32(h[half], 7));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + g * gs + i),
+                          to_plane(h[0], h[1], positions));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + g * gs + i),
+                          to_plane(l[0], l[1], positions));
     }
   }
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -52,6 +53,33 @@ struct Job {
   }
 };
 
+// Lets a spinning thread yield its core's resources while it waits.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long a thread spins for the next job (worker) or for the workers to
+// finish (caller) before it sleeps. A layer calls parallel_for a few times,
+// microseconds apart; waking a sleeping thread costs tens of microseconds.
+constexpr std::chrono::microseconds kSpin{50};
+
+// Spins until done() or kSpin has passed; returns done().
+template <typename Done>
+bool spin_until(Done done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 1; !done(); ++i) {
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > until) {
+      return done();
+    }
+  }
+  return true;
+}
+
 class Pool {
  public:
   ~Pool() {
@@ -72,7 +100,7 @@ class Pool {
     // Workers start from the current generation, read here rather than in
     // the new thread, which might only run after the next job is posted.
     for (int i = 0; i < workers; ++i) {
-      threads_.emplace_back([this, g = generation_] { worker(g); });
+      threads_.emplace_back([this, g = generation_.load()] { worker(g); });
     }
   }
 
@@ -84,23 +112,27 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
-      ++generation_;
       active_ = workers();
+      ++generation_;
     }
     wake_.notify_all();
     job.run();
-    std::unique_lock<std::mutex> lock(mutex_);
-    finished_.wait(lock, [this] { return active_ == 0; });
+    if (!spin_until([this] { return active_.load() == 0; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      finished_.wait(lock, [this] { return active_.load() == 0; });
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
     job_ = nullptr;
   }
 
  private:
   void worker(uint64_t seen) {
     for (;;) {
+      spin_until([&] { return stop_.load() || generation_.load() != seen; });
       Job* job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
         if (stop_) {
           return;
         }
@@ -108,11 +140,11 @@ class Pool {
         job = job_;
       }
       job->run();
-      {
+      if (active_.fetch_sub(1) == 1) {
+        // Under the mutex, so a caller between its check and its wait
+        // cannot miss this.
         std::lock_guard<std::mutex> lock(mutex_);
-        if (--active_ == 0) {
-          finished_.notify_one();
-        }
+        finished_.notify_one();
       }
     }
   }
@@ -121,10 +153,10 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable finished_;
-  Job* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0;
-  bool stop_ = false;
+  Job* job_ = nullptr; // guarded by mutex_
+  std::atomic<uint64_t> generation_{0}; // written under mutex_
+  std::atomic<int> active_{0};
+  std::atomic<bool> stop_{false}; // written under mutex_
 };
 
 std::mutex& config_mutex() {
