@@ -434,9 +434,16 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
     const bool whole = d_begin + 4 * (s % tiles) + 4 <= d_end;
     return s / tiles < a.groups.n_used && whole ? tile_row(s) : -1;
   };
+  // Per pair of the expert: where its token's y row starts, and its weight.
+  int64_t* y_at = scratch<int64_t, 1>(total_pairs);
+  float* weight = scratch<float, 2>(total_pairs);
   for (int u = 0; u < a.groups.n_used; ++u) {
     const ExpertSlice ex = expert_slice(a.groups, u);
-    for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
+    for (int i = 0; i < ex.count; ++i) {
+      act_rows[i] = ex.pairs[i];
+      y_at[i] = static_cast<int64_t>(ex.pairs[i] / k) * D;
+      weight[i] = a.pair_weights[ex.pairs[i]];
+    }
     for (int j = 0; j < tiles; ++j) {
       const int d = d_begin + 4 * j;
       const int rows = std::min(4, d_end - d);
@@ -446,9 +453,7 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
       // out[r * count + i]: row d + r against pair i.
       for (int r = 0; r < rows; ++r) {
         for (int i = 0; i < ex.count; ++i) {
-          const int32_t p = ex.pairs[i];
-          a.y_acc[static_cast<int64_t>(p / k) * D + d + r] +=
-              a.pair_weights[p] * out[r * ex.count + i];
+          a.y_acc[y_at[i] + d + r] += weight[i] * out[r * ex.count + i];
         }
       }
     }
