@@ -14,9 +14,10 @@
 // Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
 // see kernels_int_avx512.h.
 //
-// Either way a row is unpacked once per call however many tokens use it: at
-// decode each selected expert's rows stream once; at prefill the unpacked
-// row is reused across all tokens of the expert.
+// Either way each selected expert's rows stream from memory once per call:
+// the fp32 path dequantizes a row once for all tokens of its expert; the
+// integer path unpacks it into registers once per tile of up to four
+// tokens, from cache after the first tile.
 #pragma once
 
 #include <cmath>

@@ -8,6 +8,10 @@
 // float32 inputs never come here.
 //
 // Per row and token:  row·x = Σ_g s_g·sx_g·Σ_{i∈g} q_i·xq_i + b_g·Σ_{i∈g} x_i
+//
+// Cost on Zen 4: vpdpbusd, vpmultishiftqb and the FMA share one pair of
+// pipes and vpermb takes from both pairs. The per-chunk instruction mix
+// alone measured 4.8 cycles per 64 codes and row; dot_tile, in cache, 6.5.
 #pragma once
 
 #include <immintrin.h>
@@ -336,7 +340,7 @@ static inline void dot_tile(
     }
   };
   // Software-pipelined: the next step's codes are unpacked before this
-  // step's dot products, so the unpack latency overlaps them.
+  // step's dot products (2-4% faster than unpacking in step order).
   const int last = cols - kStep;
   Codes a, b;
   if (last == 0) {
