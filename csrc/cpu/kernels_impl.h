@@ -353,18 +353,15 @@ static void gate_up_rows_int(
                silu(gate[i]) * up[i]);
     }
   };
-  int r = r_begin;
-  // Two (gate, up) row pairs at a time: packed rows 2r .. 2r+3. The next
-  // tile is fetched while it stays inside this expert (and so is used).
-  for (; r + 2 <= r_end; r += 2) {
+  // Two (gate, up) row pairs at a time: packed rows 2r .. 2r+3. The ops
+  // keep H a multiple of 32 and tasks start at multiples of 32 pairs, so
+  // every range holds whole tiles. The next tile is fetched while it stays
+  // inside this expert (and so is used).
+  for (int r = r_begin; r < r_end; r += 2) {
     const int64_t next = r + 4 <= H ? first + 2 * (r + 2) : -1;
-    dot_rows_of(a.w, first + 2 * r, 4, *a.xq, act_rows, ex.count, next, buf, out);
+    dot_rows_of(a.w, first + 2 * r, *a.xq, act_rows, ex.count, next, buf, out);
     emit(r, out, out + ex.count);
     emit(r + 1, out + 2 * ex.count, out + 3 * ex.count);
-  }
-  if (r < r_end) {
-    dot_rows_of(a.w, first + 2 * r, 2, *a.xq, act_rows, ex.count, -1, buf, out);
-    emit(r, out, out + ex.count);
   }
 }
 #endif
@@ -421,19 +418,17 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
   float* out = scratch<float, 1>(4 * static_cast<size_t>(total_pairs));
   int64_t* act_rows = scratch<int64_t>(total_pairs);
-  // The task's tiles in order: 4 rows of d for each expert in turn. Tile s
-  // fetches tile s + kDownPrefetchTiles, across experts too: each expert's
-  // run in a task is only a few short rows long.
-  const int tiles = (d_end - d_begin + 3) / 4;
+  // The task's tiles in order: 4 rows of d for each expert in turn (the ops
+  // keep D a multiple of 32 and tasks start at multiples of 32 rows, so the
+  // tiles are whole). Tile s fetches tile s + kDownPrefetchTiles, across
+  // experts too: each expert's run in a task is only a few short rows long.
+  const int tiles = (d_end - d_begin) / 4;
   auto tile_row = [&](int64_t s) -> int64_t {
     return static_cast<int64_t>(a.groups.experts[s / tiles]) * D + d_begin +
         4 * (s % tiles);
   };
-  // Only whole tiles of a used expert are fetched: nothing past the task's
-  // rows, nothing past the weights.
   auto prefetch_row = [&](int64_t s) -> int64_t {
-    const bool whole = d_begin + 4 * (s % tiles) + 4 <= d_end;
-    return s / tiles < a.groups.n_used && whole ? tile_row(s) : -1;
+    return s / tiles < a.groups.n_used ? tile_row(s) : -1;
   };
   // Per pair of the expert: where its token's y row starts, and its weight.
   int64_t* y_at = scratch<int64_t, 1>(total_pairs);
@@ -447,12 +442,11 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
     }
     for (int j = 0; j < tiles; ++j) {
       const int d = d_begin + 4 * j;
-      const int rows = std::min(4, d_end - d);
       const int64_t s = static_cast<int64_t>(u) * tiles + j;
-      dot_rows_of(a.w, tile_row(s), rows, *a.hq, act_rows, ex.count,
+      dot_rows_of(a.w, tile_row(s), *a.hq, act_rows, ex.count,
                   prefetch_row(s + kDownPrefetchTiles), buf, out);
       // out[r * count + i]: row d + r against pair i.
-      for (int r = 0; r < rows; ++r) {
+      for (int r = 0; r < kTileRows; ++r) {
         for (int i = 0; i < ex.count; ++i) {
           a.y_acc[y_at[i] + d + r] += weight[i] * out[r * ex.count + i];
         }

@@ -192,7 +192,7 @@ static inline __m512 fold4(const __m512 v[kTileRows]) {
 template <int TOKENS>
 static inline void tile_affine(
     const QuantMatrix& m,
-    const int64_t row_ids[kTileRows],
+    int64_t row_id, // of the tile's first row
     const QuantizedActs& q,
     const int64_t* act_rows,
     float* quads, // [TOKENS][quad_floats(groups)]
@@ -208,7 +208,7 @@ static inline void tile_affine(
     const __mmask16 mask = first_lanes(n);
     __m512 s[kTileRows], b[kTileRows];
     for (int r = 0; r < kTileRows; ++r) {
-      const int64_t at = row_ids[r] * groups + g;
+      const int64_t at = (row_id + r) * groups + g;
       s[r] = load_affine(m.scales, m.scale_type, at, n);
       b[r] = load_affine(m.biases, m.scale_type, at, n);
     }
@@ -240,9 +240,8 @@ static inline void tile_affine(
   for (int t = 0; t < TOKENS; ++t) bias[t] = fold4(bias_acc[t]);
 }
 
-// out[r * out_stride + t] = row_ids[r] · act(act_rows[t]) for the tile's
-// kTileRows rows (the first `rows` of them are wanted; the others repeat a
-// wanted row) and TOKENS activation rows. Codes are unpacked on the fly,
+// out[r * out_stride + t] = row (row_id + r) · act(act_rows[t]) for the
+// tile's kTileRows rows and TOKENS activation rows. Codes are unpacked on the fly,
 // once per tile, straight into registers. `next` (or null) is the start of
 // the kTileRows rows of the tile that will follow: it is fetched meanwhile,
 // a tile ahead, which hides the memory latency that one core's hardware
@@ -256,8 +255,7 @@ static inline void tile_affine(
 template <int BITS, int GS, int TOKENS>
 static inline void dot_tile(
     const QuantMatrix& m,
-    const int64_t row_ids[kTileRows],
-    int rows,
+    int64_t row_id,
     const QuantizedActs& q,
     const int64_t* act_rows,
     const uint8_t* next,
@@ -271,7 +269,7 @@ static inline void dot_tile(
   const int stride = quad_floats(cols / GS);
   const uint8_t* packed[kTileRows];
   for (int r = 0; r < kTileRows; ++r) {
-    packed[r] = m.weight + row_ids[r] * row_bytes;
+    packed[r] = m.weight + (row_id + r) * row_bytes;
   }
   const int8_t* hi[TOKENS];
   const int8_t* lo[TOKENS];
@@ -280,7 +278,7 @@ static inline void dot_tile(
     lo[t] = q.lo + act_rows[t] * cols;
   }
   __m512 acc[TOKENS];
-  tile_affine<TOKENS>(m, row_ids, q, act_rows, quads, acc);
+  tile_affine<TOKENS>(m, row_id, q, act_rows, quads, acc);
   // The codes of one step, unpacked. kLast: the row's final step, whose
   // last chunk must not read past the row (a masked load for 3-bit codes).
   using Codes = __m512i[kTileRows][kStepChunks];
@@ -376,38 +374,35 @@ static inline void dot_tile(
     alignas(16) float quad[4];
     _mm_store_ps(quad, _mm_add_ps(_mm256_castps256_ps128(half),
                                   _mm256_extractf128_ps(half, 1)));
-    for (int r = 0; r < rows; ++r) out[r * out_stride + t] = quad[r];
+    for (int r = 0; r < kTileRows; ++r) out[r * out_stride + t] = quad[r];
   }
 }
 
-// out[r * count + i] = row (row_id + r) · act(act_rows[i]) for `rows` <=
-// kTileRows consecutive rows and `count` activation rows, in tiles of up to
+// out[r * count + i] = row (row_id + r) · act(act_rows[i]) for kTileRows
+// consecutive rows and `count` activation rows, in tiles of up to
 // kMaxTileTokens tokens. `next_row_id` (or -1) starts the rows of the next
 // call, fetched meanwhile.
 template <int BITS, int GS>
 static void dot_rows(
     const QuantMatrix& m,
     int64_t row_id,
-    int rows,
     const QuantizedActs& q,
     const int64_t* act_rows,
     int count,
     int64_t next_row_id,
     float* quads,
     float* out) {
-  int64_t row_ids[kTileRows];
-  for (int r = 0; r < kTileRows; ++r) row_ids[r] = row_id + std::min(r, rows - 1);
   const uint8_t* next = next_row_id < 0
       ? nullptr
       : m.weight + next_row_id * (static_cast<int64_t>(m.cols) * BITS / 8);
   int i = 0;
   for (; i + kMaxTileTokens <= count; i += kMaxTileTokens) {
     dot_tile<BITS, GS, kMaxTileTokens>(
-        m, row_ids, rows, q, act_rows + i, next, quads, out + i, count);
+        m, row_id, q, act_rows + i, next, quads, out + i, count);
   }
   auto tail = [&](auto tokens) {
     dot_tile<BITS, GS, decltype(tokens)::value>(
-        m, row_ids, rows, q, act_rows + i, next, quads, out + i, count);
+        m, row_id, q, act_rows + i, next, quads, out + i, count);
   };
   switch (count - i) {
     case 3: return tail(std::integral_constant<int, 3>{});
@@ -421,7 +416,6 @@ static void dot_rows(
 static void dot_rows_of(
     const QuantMatrix& m,
     int64_t row_id,
-    int rows,
     const QuantizedActs& q,
     const int64_t* act_rows,
     int count,
@@ -430,7 +424,7 @@ static void dot_rows_of(
     float* out) {
   auto run = [&](auto bits, auto gs) {
     dot_rows<decltype(bits)::value, decltype(gs)::value>(
-        m, row_id, rows, q, act_rows, count, next_row_id, quads, out);
+        m, row_id, q, act_rows, count, next_row_id, quads, out);
   };
   using B3 = std::integral_constant<int, 3>;
   using B4 = std::integral_constant<int, 4>;
