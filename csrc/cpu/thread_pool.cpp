@@ -5,7 +5,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -31,26 +33,75 @@ int default_threads() {
 }
 
 // One batch of work shared by all participating threads.
-struct Job {
-  const std::function<void(int)>* fn = nullptr;
-  int n = 0;
-  std::atomic<int> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
+//
+// The tasks are cut into one contiguous range per thread. Each thread walks
+// its own range from the front, so consecutive tasks (consecutive weight
+// rows) stay on one core and its prefetchers see one long stream; a thread
+// that runs out takes tasks from the back of the other ranges, so a core
+// slowed by something else does not hold up the call. Measured at one
+// MiniMax token: about 4% faster than handing out tasks one by one.
+class Job {
+ public:
+  Job(const std::function<void(int)>& fn, int n, int parts)
+      : fn_(fn), parts_(parts), ranges_(new std::atomic<uint64_t>[parts]) {
+    for (int p = 0; p < parts; ++p) {
+      ranges_[p] = pack(static_cast<int64_t>(n) * p / parts,
+                        static_cast<int64_t>(n) * (p + 1) / parts);
+    }
+  }
 
+  // Called once by each of the `parts` participating threads.
   void run() {
-    for (int i; (i = next.fetch_add(1)) < n;) {
-      try {
-        (*fn)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) {
-          error = std::current_exception();
+    const int me = next_part_.fetch_add(1);
+    for (int k = 0; k < parts_ && !stop_; ++k) {
+      const int p = (me + k) % parts_;
+      for (int i; !stop_ && take(p, /*front=*/k == 0, i);) {
+        try {
+          fn_(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex_);
+          if (!error_) {
+            error_ = std::current_exception();
+          }
+          stop_ = true; // stop handing out work
         }
-        next.store(n); // stop handing out work
       }
     }
   }
+
+  const std::exception_ptr& error() const {
+    return error_;
+  }
+
+ private:
+  // A range [begin, end) as one word, so that a take is one compare-and-swap.
+  static uint64_t pack(int64_t begin, int64_t end) {
+    return static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(end);
+  }
+
+  // Takes the first (owner) or last (others) task left in range p.
+  bool take(int p, bool front, int& task) {
+    uint64_t r = ranges_[p].load();
+    for (;;) {
+      const uint32_t begin = r >> 32, end = r & 0xFFFFFFFFu;
+      if (begin >= end) {
+        return false;
+      }
+      const uint64_t rest = front ? pack(begin + 1, end) : pack(begin, end - 1);
+      if (ranges_[p].compare_exchange_weak(r, rest)) {
+        task = static_cast<int>(front ? begin : end - 1);
+        return true;
+      }
+    }
+  }
+
+  const std::function<void(int)>& fn_;
+  const int parts_;
+  std::unique_ptr<std::atomic<uint64_t>[]> ranges_;
+  std::atomic<int> next_part_{0};
+  std::atomic<bool> stop_{false};
+  std::exception_ptr error_;
+  std::mutex error_mutex_;
 };
 
 // Lets a spinning thread yield its core's resources while it waits.
@@ -197,22 +248,25 @@ void parallel_for(int n, const std::function<void(int)>& fn) {
   // One parallel_for at a time: MLX may evaluate on several CPU streams.
   std::lock_guard<std::mutex> lock(config_mutex());
   const int threads = requested_threads();
-  Job job;
-  job.fn = &fn;
-  job.n = n;
   if (threads <= 1 || n == 1) {
+    Job job(fn, n, 1);
     job.run();
-  } else {
-    // The pool keeps requested - 1 workers; it is rebuilt only when the
-    // requested count changes, never per call.
-    Pool& p = pool();
-    if (p.workers() != threads - 1) {
-      p.resize(threads - 1);
+    if (job.error()) {
+      std::rethrow_exception(job.error());
     }
-    p.run(job);
+    return;
   }
-  if (job.error) {
-    std::rethrow_exception(job.error);
+  // The pool keeps requested - 1 workers; it is rebuilt only when the
+  // requested count changes, never per call. Every worker and the caller
+  // each run the job once.
+  Pool& p = pool();
+  if (p.workers() != threads - 1) {
+    p.resize(threads - 1);
+  }
+  Job job(fn, n, threads);
+  p.run(job);
+  if (job.error()) {
+    std::rethrow_exception(job.error());
   }
 }
 
