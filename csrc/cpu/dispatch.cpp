@@ -24,8 +24,11 @@ using cpu::to_fp32;
 // Rows of output per task: enough tasks to balance threads at decode (96
 // for A and 48 for B at one MiniMax token), long enough that each task reads
 // long contiguous runs of weights; 32-row tasks were about 7% slower for A.
-constexpr int kGateUpRowsPerTask = 128; // even: a tile takes two row pairs
-constexpr int kDownRowsPerTask = 64; // a multiple of the 4-row tile
+constexpr int kGateUpRowsPerTask = 128;
+constexpr int kDownRowsPerTask = 64;
+// The AVX-512 kernels' tiles are 4 rows: two gate/up row pairs in A, four
+// rows of D in B. With D and H multiples of 32, these keep every tile whole.
+static_assert(kGateUpRowsPerTask % 2 == 0 && kDownRowsPerTask % 4 == 0);
 // Activation rows below which quantizing them stays on the calling thread.
 constexpr int64_t kParallelActRows = 64;
 

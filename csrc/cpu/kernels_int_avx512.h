@@ -38,7 +38,7 @@ static inline __m256i act_positions(int bits) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(src));
 }
 
-// 32 int32 values (lo16, hi16) as int8 bytes in act_position order.
+// 32 int32 values (lo16, then hi16) as int8 bytes in act_positions order.
 static inline __m256i to_plane(__m512i lo16, __m512i hi16, __m256i positions) {
   const __m256i bytes = _mm256_inserti128_si256(
       _mm256_castsi128_si256(_mm512_cvtepi32_epi8(lo16)),

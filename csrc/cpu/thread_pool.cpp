@@ -38,8 +38,8 @@ int default_threads() {
 // its own range from the front, so consecutive tasks (consecutive weight
 // rows) stay on one core and its prefetchers see one long stream; a thread
 // that runs out takes tasks from the back of the other ranges, so a core
-// slowed by something else does not hold up the call. Measured at one
-// MiniMax token: about 4% faster than handing out tasks one by one.
+// slowed by something else does not hold up the call. At one MiniMax token
+// A+B took about 2% less time than with tasks handed out one by one.
 class Job {
  public:
   Job(const std::function<void(int)>& fn, int n, int parts)
@@ -248,23 +248,20 @@ void parallel_for(int n, const std::function<void(int)>& fn) {
   // One parallel_for at a time: MLX may evaluate on several CPU streams.
   std::lock_guard<std::mutex> lock(config_mutex());
   const int threads = requested_threads();
-  if (threads <= 1 || n == 1) {
-    Job job(fn, n, 1);
+  const int parts = n == 1 ? 1 : threads;
+  Job job(fn, n, parts);
+  if (parts == 1) {
     job.run();
-    if (job.error()) {
-      std::rethrow_exception(job.error());
+  } else {
+    // The pool keeps requested - 1 workers; it is rebuilt only when the
+    // requested count changes, never per call. Every worker and the caller
+    // each run the job once.
+    Pool& p = pool();
+    if (p.workers() != threads - 1) {
+      p.resize(threads - 1);
     }
-    return;
+    p.run(job);
   }
-  // The pool keeps requested - 1 workers; it is rebuilt only when the
-  // requested count changes, never per call. Every worker and the caller
-  // each run the job once.
-  Pool& p = pool();
-  if (p.workers() != threads - 1) {
-    p.resize(threads - 1);
-  }
-  Job job(fn, n, threads);
-  p.run(job);
   if (job.error()) {
     std::rethrow_exception(job.error());
   }
