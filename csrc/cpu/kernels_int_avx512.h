@@ -382,9 +382,9 @@ static inline void dot_tile(
 // out[r * count + i] = row (row_id + r) · act(act_rows[i]) for kTileRows
 // consecutive rows and `count` activation rows, in tiles of up to
 // kMaxTileTokens tokens. `next_row_id` (or -1) starts the rows of the next
-// call, fetched meanwhile.
-template <int BITS, int GS>
-static void dot_rows(
+// call, fetched meanwhile. The allow-list of instantiated configurations is
+// bits {3, 4} × group size {32, 64, 128}.
+static void dot_rows_of(
     const QuantMatrix& m,
     int64_t row_id,
     const QuantizedActs& q,
@@ -395,37 +395,22 @@ static void dot_rows(
     float* out) {
   const uint8_t* next = next_row_id < 0
       ? nullptr
-      : m.weight + next_row_id * (static_cast<int64_t>(m.cols) * BITS / 8);
-  int i = 0;
-  for (; i + kMaxTileTokens <= count; i += kMaxTileTokens) {
-    dot_tile<BITS, GS, kMaxTileTokens>(
-        m, row_id, q, act_rows + i, next, quads, out + i, count);
-  }
-  auto tail = [&](auto tokens) {
-    dot_tile<BITS, GS, decltype(tokens)::value>(
-        m, row_id, q, act_rows + i, next, quads, out + i, count);
-  };
-  switch (count - i) {
-    case 3: return tail(std::integral_constant<int, 3>{});
-    case 2: return tail(std::integral_constant<int, 2>{});
-    case 1: return tail(std::integral_constant<int, 1>{});
-  }
-}
-
-// dot_rows for the matrix's bits and group size: the allow-list of
-// instantiated configurations is bits {3, 4} × group size {32, 64, 128}.
-static void dot_rows_of(
-    const QuantMatrix& m,
-    int64_t row_id,
-    const QuantizedActs& q,
-    const int64_t* act_rows,
-    int count,
-    int64_t next_row_id,
-    float* quads,
-    float* out) {
+      : m.weight + next_row_id * (static_cast<int64_t>(m.cols) * m.bits / 8);
   auto run = [&](auto bits, auto gs) {
-    dot_rows<decltype(bits)::value, decltype(gs)::value>(
-        m, row_id, q, act_rows, count, next_row_id, quads, out);
+    constexpr int BITS = decltype(bits)::value, GS = decltype(gs)::value;
+    int i = 0;
+    auto tile = [&](auto tokens) {
+      dot_tile<BITS, GS, decltype(tokens)::value>(
+          m, row_id, q, act_rows + i, next, quads, out + i, count);
+    };
+    for (; i + kMaxTileTokens <= count; i += kMaxTileTokens) {
+      tile(std::integral_constant<int, kMaxTileTokens>{});
+    }
+    switch (count - i) {
+      case 3: return tile(std::integral_constant<int, 3>{});
+      case 2: return tile(std::integral_constant<int, 2>{});
+      case 1: return tile(std::integral_constant<int, 1>{});
+    }
   };
   using B3 = std::integral_constant<int, 3>;
   using B4 = std::integral_constant<int, 4>;
