@@ -7,8 +7,9 @@ random weights and fresh random routing on every call (k distinct experts
 per token, positive weights summing to 1). ``--layers`` distinct layers are
 rotated through, one per call, so the weights do not stay in the caches.
 
-For each token count T it times, after one warm-up call, the median of
-``--repeats`` calls (``mx.eval`` between ``time.perf_counter`` reads) of:
+For each token count T it times, after warming up, the median of at least
+``--repeats`` calls (``mx.eval`` between ``time.perf_counter`` reads; the
+fused and router ops are called for at least SAMPLE_MIN_S) of:
 
 * stock: ``SwitchGLU(x, indices)`` then ``(y * weights[..., None]).sum(-2)``;
 * fused: ``fm.down_combine(fm.gate_up_swiglu(x, ...), ...)`` (A+B);
@@ -83,6 +84,10 @@ STOCK_SECONDS_PER_OP = 20.0
 WARMUP_IS_SAMPLE_S = 1.0
 # Fused and router ops run this long before their samples are taken.
 WARMUP_MIN_S = 0.3
+# ... and are sampled for at least this long (and --repeats calls): a few
+# milliseconds of samples can fall entirely inside a burst of the host's
+# noise, which took one decode median from 1.8 to 2.9 ms.
+SAMPLE_MIN_S = 1.0
 # The router takes well under a millisecond at decode: more samples than
 # --repeats make its median stable, and its stock path gets a small budget.
 ROUTER_MIN_REPEATS = 25
@@ -306,7 +311,8 @@ class Bench:
             self.call(op, T)
         samples = [warmup] if budgeted and warmup[0] >= WARMUP_IS_SAMPLE_S else []
         spent = warmup[0]
-        while len(samples) < repeats and not (
+        sample_until = time.perf_counter() + (0 if budgeted else SAMPLE_MIN_S)
+        while (len(samples) < repeats or time.perf_counter() < sample_until) and not (
             budgeted and samples and spent + warmup[0] > budget_s
         ):
             samples.append(self.call(op, T))
