@@ -7,9 +7,11 @@ random weights and fresh random routing on every call (k distinct experts
 per token, positive weights summing to 1). ``--layers`` distinct layers are
 rotated through, one per call, so the weights do not stay in the caches.
 
-For each token count T it times, after warming up, the median of at least
-``--repeats`` calls (``mx.eval`` between ``time.perf_counter`` reads; the
-fused and router ops are called for at least SAMPLE_MIN_S) of:
+For each token count T it times the median of at least ``--repeats`` calls
+(``mx.eval`` between ``time.perf_counter`` reads) of the ops below. The
+fused and router ops are timed first, in FUSED_ROUNDS passes over the token
+counts whose samples are pooled, for at least SAMPLE_MIN_S per op and T; the
+stock ops follow, one T at a time:
 
 * stock: ``SwitchGLU(x, indices)`` then ``(y * weights[..., None]).sum(-2)``;
 * fused: ``fm.down_combine(fm.gate_up_swiglu(x, ...), ...)`` (A+B);
@@ -84,10 +86,12 @@ STOCK_SECONDS_PER_OP = 20.0
 WARMUP_IS_SAMPLE_S = 1.0
 # Fused and router ops run this long before their samples are taken.
 WARMUP_MIN_S = 0.3
-# ... and are sampled for at least this long (and --repeats calls): a few
-# milliseconds of samples can fall entirely inside a burst of the host's
-# noise, which took one decode median from 1.8 to 2.9 ms.
+# ... and are sampled for at least this long per T (and --repeats calls),
+# spread over FUSED_ROUNDS passes over the token counts whose samples are
+# pooled: samples taken in one stretch can fall entirely inside a slow spell
+# of the host, which once took a decode median from 1.8 to 2.9 ms.
 SAMPLE_MIN_S = 1.0
+FUSED_ROUNDS = 3
 # The router takes well under a millisecond at decode: more samples than
 # --repeats make its median stable, and its stock path gets a small budget.
 ROUTER_MIN_REPEATS = 25
@@ -295,32 +299,37 @@ class Bench:
         mx.eval(op(layer, inp))
         return time.perf_counter() - start, inp.distinct_experts * self.expert_bytes
 
-    def median_s(
-        self, op: Op, T: int, repeats: int, budget_s: Optional[float] = None
-    ) -> tuple[float, float]:
-        """(median seconds, mean bytes touched) over `repeats` calls after a
-        warm-up call. With a budget (the slow stock path), calls stop once the
-        next one would exceed it, and a warm-up of WARMUP_IS_SAMPLE_S or more
-        counts as a sample."""
-        warmup = self.call(op, T)
-        budgeted = budget_s is not None
-        # A core that idled through the probe's pause runs the first calls
-        # slowly: fast ops warm up for WARMUP_MIN_S before they are timed.
-        warm_until = time.perf_counter() + (0 if budgeted else WARMUP_MIN_S)
+    def samples(self, op: Op, T: int, repeats: int, min_s: float) -> list[tuple[float, int]]:
+        """Timed calls of a fast op: at least `repeats` of them, for at least
+        `min_s`, after warming up for WARMUP_MIN_S (a core that idled
+        through the probe's pause runs the first calls slowly)."""
+        warm_until = time.perf_counter() + WARMUP_MIN_S
+        self.call(op, T)
         while time.perf_counter() < warm_until:
             self.call(op, T)
-        samples = [warmup] if budgeted and warmup[0] >= WARMUP_IS_SAMPLE_S else []
+        samples = []
+        sample_until = time.perf_counter() + min_s
+        while len(samples) < repeats or time.perf_counter() < sample_until:
+            samples.append(self.call(op, T))
+        return samples
+
+    def median_s(self, op: Op, T: int, repeats: int, budget_s: float) -> tuple[float, float]:
+        """(median seconds, mean bytes touched) of a slow op (the stock path)
+        over at most `repeats` calls after a warm-up call: calls stop once the
+        next one would exceed `budget_s`, and a warm-up of WARMUP_IS_SAMPLE_S
+        or more counts as a sample."""
+        warmup = self.call(op, T)
+        samples = [warmup] if warmup[0] >= WARMUP_IS_SAMPLE_S else []
         spent = warmup[0]
-        sample_until = time.perf_counter() + (0 if budgeted else SAMPLE_MIN_S)
-        while (len(samples) < repeats or time.perf_counter() < sample_until) and not (
-            budgeted and samples and spent + warmup[0] > budget_s
-        ):
+        while len(samples) < repeats and not (samples and spent + warmup[0] > budget_s):
             samples.append(self.call(op, T))
             spent += samples[-1][0]
-        return (
-            statistics.median(s for s, _ in samples),
-            statistics.fmean(b for _, b in samples),
-        )
+        return median(samples)
+
+
+def median(samples: list[tuple[float, int]]) -> tuple[float, float]:
+    """(median seconds, mean bytes touched) of timed calls."""
+    return statistics.median(s for s, _ in samples), statistics.fmean(b for _, b in samples)
 
 
 @dataclass
@@ -340,15 +349,33 @@ class Row:
     stock_router: Optional[Timing] = None
 
 
-def measure_fused(bench: Bench, T: int, repeats: int) -> Row:
-    fused_s, touched = bench.median_s(fused_ab, T, repeats)
-    a_s, _ = bench.median_s(fused_a, T, repeats)
-    b_s, _ = bench.median_s(fused_b, T, repeats)
+FUSED_OPS = (fused_ab, fused_a, fused_b, fused_router)
+
+
+def measure_fused(bench: Bench, probes: Probes, tokens: list[int], repeats: int) -> dict[int, Row]:
+    """The fused ops at every T, in FUSED_ROUNDS passes over the token counts
+    with a probe sample before each T; each op's samples are pooled over the
+    passes. Between them the passes take --repeats calls (the router at least
+    ROUTER_MIN_REPEATS) and SAMPLE_MIN_S of each op at each T."""
+    pooled = {(T, op): [] for T in tokens for op in FUSED_OPS}
+    for _ in range(FUSED_ROUNDS):
+        for T in tokens:
+            probes.sample()
+            for op in FUSED_OPS:
+                n = max(repeats, ROUTER_MIN_REPEATS) if op is fused_router else repeats
+                pooled[T, op] += bench.samples(
+                    op, T, -(-n // FUSED_ROUNDS), SAMPLE_MIN_S / FUSED_ROUNDS
+                )
+    probes.sample()
     s = bench.shapes
-    flops = 2 * s.k * 3 * s.D * s.H * T
-    row = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9, flops / fused_s / 1e9)
-    row.router = 1e3 * bench.median_s(fused_router, T, max(repeats, ROUTER_MIN_REPEATS))[0]
-    return row
+    rows = {}
+    for T in tokens:
+        fused_s, touched = median(pooled[T, fused_ab])
+        a_s, b_s, router_s = (median(pooled[T, op])[0] for op in FUSED_OPS[1:])
+        flops = 2 * s.k * 3 * s.D * s.H * T
+        rows[T] = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9,
+                      flops / fused_s / 1e9, router=1e3 * router_s)
+    return rows
 
 
 def measure_stock_router(bench: Bench, row: Row, repeats: int) -> None:
@@ -471,13 +498,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[Row]:
-    """Measures and prints one row per token count, smallest first, with a
-    probe sample before and after each fused measurement."""
+    """Measures the fused ops at every token count (measure_fused), then
+    stock and prints one row per token count, smallest first."""
+    tokens = sorted(set(args.tokens))
+    fused = measure_fused(bench, probes, tokens, args.repeats)
     rows, ref = [], None  # ref: the row of the largest T stock ran at
-    for T in sorted(set(args.tokens)):
-        probes.sample()
-        row = measure_fused(bench, T, args.repeats)
-        probes.sample()
+    for T in tokens:
+        row = fused[T]
         row.probe_gb_s, row.probe_gflop_s = probes.gb_s, probes.gflop_s
         if not args.no_stock:
             measure_stock_router(bench, row, args.repeats)
