@@ -445,7 +445,8 @@ def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> l
         f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}",
         f"weights:   {args.layers} layers x {layer_gb:.2f} GB packed"
         f"{' (+ as much stock)' if not args.no_stock else ''}, "
-        f"{expert_mb:.2f} MB per expert; {args.repeats} repeats (median)",
+        f"{expert_mb:.2f} MB per expert; medians of >= {args.repeats} calls "
+        f"(fused: and >= {SAMPLE_MIN_S:g} s, over {FUSED_ROUNDS} passes)",
     ]
 
 
