@@ -340,8 +340,8 @@ class Row:
     b: float
     gb_s: float  # distinct expert bytes / fused time
     gflop_s: float  # 2·k·3·D·H flops per token / fused time
-    probe_gb_s: float = 0.0  # the read-bandwidth probe's median so far
-    probe_gflop_s: float = 0.0  # the fp32 matmul probe's median so far
+    probe_gb_s: float = 0.0  # the read-bandwidth probe's median, fused passes
+    probe_gflop_s: float = 0.0  # the fp32 matmul probe's median, fused passes
     stock: Optional[Timing] = None
     stock_a: Optional[Timing] = None
     stock_b: Optional[Timing] = None
