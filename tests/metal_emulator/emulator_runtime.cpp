@@ -456,24 +456,18 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
   std::vector<void*> slots;
   for (const auto& b : plan.buffers) {
     void* p = nullptr;
-    if (b.source == plan_ns::Source::input) {
-      if (b.index >= n_inputs) {
+    if (b.source == plan_ns::Source::input || b.source == plan_ns::Source::output) {
+      const bool input = b.source == plan_ns::Source::input;
+      const int given = input ? n_inputs : n_outputs;
+      const std::string what = input ? "input" : "output";
+      if (b.index >= given) {
         set_error(err, err_len,
-                  "kernel " + plan.kernel + " binds input " +
+                  "kernel " + plan.kernel + " binds " + what + " " +
                       std::to_string(b.index) + " ('" + b.name + "') but " +
-                      std::to_string(n_inputs) + " inputs were given");
+                      std::to_string(given) + " " + what + "s were given");
         return 1;
       }
-      p = inputs[b.index];
-    } else if (b.source == plan_ns::Source::output) {
-      if (b.index >= n_outputs) {
-        set_error(err, err_len,
-                  "kernel " + plan.kernel + " binds output " +
-                      std::to_string(b.index) + " ('" + b.name + "') but " +
-                      std::to_string(n_outputs) + " outputs were given");
-        return 1;
-      }
-      p = outputs[b.index];
+      p = (input ? inputs : outputs)[b.index];
     } else {
       p = fm_emu_buffer_alloc(plan.args.size());
       std::memcpy(p, plan.args.data(), plan.args.size());
