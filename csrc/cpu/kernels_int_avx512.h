@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
@@ -30,12 +31,18 @@ constexpr int kChunk = 64; // codes per vpdpbusd
 // 3-bit unpacking keeps codes in order; the 4-bit one yields the 16 low
 // nibbles (even codes) of a block before the 16 high nibbles (odd codes).
 // As a byte permutation of the block: byte m takes activation src(m).
+// Built once, not per row.
 static inline __m256i act_positions(int bits) {
-  alignas(32) uint8_t src[32];
-  for (int m = 0; m < 32; ++m) {
-    src[m] = static_cast<uint8_t>(bits == 3 ? m : (m < 16 ? 2 * m : 2 * (m - 16) + 1));
-  }
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(src));
+  static const auto tables = [] {
+    std::array<std::array<uint8_t, 32>, 2> t{}; // [0]: 3-bit, [1]: 4-bit
+    for (int m = 0; m < 32; ++m) {
+      t[0][m] = static_cast<uint8_t>(m);
+      t[1][m] = static_cast<uint8_t>(m < 16 ? 2 * m : 2 * (m - 16) + 1);
+    }
+    return t;
+  }();
+  return _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(tables[bits == 3 ? 0 : 1].data()));
 }
 
 // 32 int32 values (lo16, then hi16) as int8 bytes in act_positions order.
