@@ -13,6 +13,7 @@
 #include "cpu/thread_pool.h"
 #include "grid.h"
 #include "metal/launch_plan.h"
+#include "metal/metal_source.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -98,6 +99,16 @@ NB_MODULE(_ext, m) {
       "scales and biases widened to float32).");
   m.def("metal_kernel_names", &fused_moe::metal::instantiated_kernels,
         "Every kernel metal/fused_moe.metal instantiates.");
+  m.def("metal_source", &fused_moe::metal::metal_source,
+        "The Metal kernels' whole translation unit as embedded at build time "
+        "(metal/fused_moe.metal with its headers inlined), instantiating "
+        "every kernel of the allow-list.");
+  m.def("metal_kernel_source", &fused_moe::metal::kernel_source, "kernel"_a,
+        "The source a GPU stream compiles `kernel` from on first use: "
+        "metal_source() with only that kernel's instantiation. ValueError "
+        "for a kernel outside the allow-list.");
+  m.def("metal_library_name", &fused_moe::metal::library_name, "kernel"_a,
+        "The name MLX caches `kernel`'s compiled library under.");
   m.def(
       "metal_launch_plan",
       [](const std::string& op, const std::string& dtype, int bits,

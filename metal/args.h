@@ -13,7 +13,7 @@
 namespace fused_moe_args {
 
 // The argument struct of every kernel. Kernel A reads gate_up rows of D
-// inputs and writes h [T·k, H]; kernel B reads down rows of H inputs and
+// inputs and writes h [T*k, H]; kernel B reads down rows of H inputs and
 // writes y [T, D]. Buffer slots: csrc/metal/launch_plan.cpp.
 struct FusedMoeArgs {
   uint32_t tokens; // T
@@ -21,9 +21,9 @@ struct FusedMoeArgs {
   uint32_t hidden; // D
   uint32_t intermediate; // H
   uint32_t experts; // E: an index >= E marks the rows it feeds NaN
-  uint32_t row_bytes; // bytes of one packed row: inputs·bits/8
+  uint32_t row_bytes; // bytes of one packed row: inputs*bits/8
   uint32_t groups_per_row; // inputs/group_size
-  uint32_t pairs; // T·k
+  uint32_t pairs; // T*k
 };
 
 static_assert(sizeof(FusedMoeArgs) == 32, "FusedMoeArgs layout");

@@ -1,5 +1,5 @@
-// Kernel B, down_combine: y[t, d] = Σ_j w[t, j] · (D_e[d] · h[t·k + j]) with
-// e = indices[t·k + j], accumulated in fp32. Each SIMD group owns output rows
+// Kernel B, down_combine: y[t, d] = sum_j w[t, j] * (D_e[d] * h[t*k + j]) with
+// e = indices[t*k + j], accumulated in fp32. Each SIMD group owns output rows
 // and sums over the experts itself: no atomics and no [T, k, D] intermediate.
 // A token with any expert id >= E gets a NaN output row, and that expert's
 // weights are never read.
@@ -15,9 +15,9 @@ namespace fused_moe_kernels {
 
 using fused_moe_args::FusedMoeArgs;
 
-// Decode: threadgroup (x, y) = (block of kDownDecodeRows ×
+// Decode: threadgroup (x, y) = (block of kDownDecodeRows x
 // kDownDecodeSimdgroups rows of y, token y). A lane keeps its share of
-// Σ_j w_j · (row · h_j) per row; one simd_sum per row at the end.
+// sum_j w_j * (row * h_j) per row; one simd_sum per row at the end.
 template <typename T, int BITS, int GROUP>
 [[kernel]] void down_combine_decode(
     device const T* h [[buffer(0)]],
@@ -86,7 +86,7 @@ template <typename T, int BITS, int GROUP>
 
 // Prefill: `order` lists the pairs sorted by (block of kDownPrefillTokens
 // tokens, expert), so the pairs of threadgroup y's tokens are entries
-// [y·kDownPrefillTokens·k, ...) of it, grouped by expert. Threadgroup (x, y) =
+// [y*kDownPrefillTokens*k, ...) of it, grouped by expert. Threadgroup (x, y) =
 // (block of rows, block of tokens). Each step's codes are loaded once per
 // kDownPrefillPairBatch pairs of one expert; the weighted sums collect in
 // threadgroup memory and are written out once.

@@ -1,5 +1,5 @@
-// Kernel A, gate_up_swiglu: h[p, r] = silu(G_e[r]·x_t) · (U_e[r]·x_t) for
-// every (token, slot) pair p = t·k + j with expert e = indices[p].
+// Kernel A, gate_up_swiglu: h[p, r] = silu(G_e[r]*x_t) * (U_e[r]*x_t) for
+// every (token, slot) pair p = t*k + j with expert e = indices[p].
 //
 // Packed rows 2r and 2r+1 of an expert are gate row r and up row r
 // (docs/FORMAT.md), so one SIMD group reads both from adjacent memory and
@@ -24,9 +24,9 @@ inline float silu_times(float gate, float up) {
   return gate / (1.0f + metal::precise::exp(-gate)) * up;
 }
 
-// Decode: threadgroup (x, y) = (block of kGateUpDecodeRowPairs ×
+// Decode: threadgroup (x, y) = (block of kGateUpDecodeRowPairs x
 // kGateUpDecodeSimdgroups rows of h, pair y). Each lane walks 16 codes of
-// all 2·kGateUpDecodeRowPairs rows per step, so each row streams once.
+// all 2*kGateUpDecodeRowPairs rows per step, so each row streams once.
 template <typename T, int BITS, int GROUP>
 [[kernel]] void gate_up_swiglu_decode(
     device const T* x [[buffer(0)]],

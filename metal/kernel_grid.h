@@ -69,7 +69,7 @@
 #define FM_GRID_OP_(op, X) FM_FOR_EACH_VARIANT(FM_GRID_VARIANT_, X, op)
 #define FM_FOR_EACH_KERNEL(X) FM_FOR_EACH_EXPERT_OP(FM_GRID_OP_, X)
 
-// The router's kernels: x dtype × gate form. A gate form is either an
+// The router's kernels: x dtype x gate form. A gate form is either an
 // unquantized gate dtype or 8-bit affine codes with a group size; written out
 // one by one because the router's quantization (8 bits, any group size) is
 // not the experts' grid.

@@ -3,10 +3,10 @@
 //
 // The masked dot product (the idea of MLX's qdot, our own code): instead of
 // shifting each code down, multiply the code still in place, `word & (m <<
-// b·c)` = q_c · 2^(b·c), by x_c pre-scaled with 2^-(b·c). Every product is
+// b*c)` = q_c * 2^(b*c), by x_c pre-scaled with 2^-(b*c). Every product is
 // exact in fp32 (a code has at most 4 significant bits), so the result is
-// Σ q_c·x_c with no shifts in the inner loop. The affine part is applied once
-// per lane and row: scale·Σ q·x + bias·Σ x.
+// sum q_c*x_c with no shifts in the inner loop. The affine part is applied once
+// per lane and row: scale*sum q*x + bias*sum x.
 #pragma once
 
 #include "tile_shapes.h"
@@ -15,7 +15,7 @@ namespace fused_moe_kernels {
 
 using namespace fused_moe_tiles;
 
-// A lane's 16 codes as two 8-code words: code c of a word at bit BITS·c.
+// A lane's 16 codes as two 8-code words: code c of a word at bit BITS*c.
 struct LaneCodes {
   uint32_t lo; // codes 0-7
   uint32_t hi; // codes 8-15
@@ -41,7 +41,7 @@ inline LaneCodes load_lane_codes(device const uint8_t* row, uint first_code) {
   return codes;
 }
 
-// Loads 16 activations into `scaled` pre-multiplied by 2^-(BITS·(c mod 8))
+// Loads 16 activations into `scaled` pre-multiplied by 2^-(BITS*(c mod 8))
 // and returns their plain sum (for the bias term).
 template <int BITS, typename T>
 inline float load_prescaled(device const T* x, thread float* scaled) {
@@ -54,7 +54,7 @@ inline float load_prescaled(device const T* x, thread float* scaled) {
   return sum;
 }
 
-// Σ_c q_c · x_c for the 16 codes, from pre-scaled activations.
+// sum_c q_c * x_c for the 16 codes, from pre-scaled activations.
 template <int BITS>
 inline float masked_dot(thread const float* scaled, LaneCodes codes) {
   const uint32_t mask = (1u << BITS) - 1u;
@@ -83,15 +83,15 @@ struct LaneRow {
       device const T* biases,
       size_t row_index,
       uint groups_per_row,
-      uint first_code) {
+      uint first_code) thread {
     codes = load_lane_codes<BITS>(row, first_code);
     const size_t g = row_index * groups_per_row + first_code / GROUP;
     scale = float(scales[g]);
     bias = float(biases[g]);
   }
 
-  // This lane's share of row · x: scale·Σ q·x + bias·Σ x.
-  float dot(thread const float* scaled_x, float x_sum) const {
+  // This lane's share of row * x: scale*sum q*x + bias*sum x.
+  float dot(thread const float* scaled_x, float x_sum) const thread {
     return scale * masked_dot<BITS>(scaled_x, codes) + bias * x_sum;
   }
 };

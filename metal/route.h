@@ -1,6 +1,6 @@
-// The router, route: logits = x·Wᵀ in fp32, scores = sigmoid(logits), the k
+// The router, route: logits = x*W^T in fp32, scores = sigmoid(logits), the k
 // experts of highest score + bias (best first), weights = their scores /
-// (Σ + 1e-20). Same semantics and tie rules as the CPU (csrc/cpu/route.cpp):
+// (sum + 1e-20). Same semantics and tie rules as the CPU (csrc/cpu/route.cpp):
 // equal biased scores go to the lower expert index, a NaN biased score ranks
 // below every number.
 //
@@ -129,9 +129,9 @@ template <typename T, typename W>
 }
 
 // An 8-bit affine gate: codes [E, D/4] uint32 (code i of a word in bits
-// 8i..8i+7), w = scale·q + bias per GROUP codes. D is a multiple of GROUP
+// 8i..8i+7), w = scale*q + bias per GROUP codes. D is a multiple of GROUP
 // (>= 32), so lane l reads whole words l, l + 32, ...: 4 codes, all of one
-// group, and applies scale·Σ q·x + bias·Σ x per word.
+// group, and applies scale*sum q*x + bias*sum x per word.
 template <typename T, int GROUP>
 [[kernel]] void route_quantized_gate(
     device const T* x [[buffer(0)]],

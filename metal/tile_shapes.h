@@ -5,7 +5,7 @@
 // and host C++ alike.
 //
 // Constraints, checked by static_asserts below and by the launch plan:
-// - rows per threadgroup (rows per SIMD group × SIMD groups) divides 32,
+// - rows per threadgroup (rows per SIMD group x SIMD groups) divides 32,
 //   because D and H are only promised to be multiples of 32;
 // - every SIMD group has 32 lanes, each owning kCodesPerLane consecutive
 //   codes of a row per step.
@@ -35,7 +35,7 @@ FM_TILE_CONSTANT int kCodesPerStep = kSimdWidth * kCodesPerLane;
 FM_TILE_CONSTANT int kPrefillMinPairs = 64;
 
 // Kernel A, decode. One SIMD group computes kGateUpDecodeRowPairs gate rows
-// and their up rows (2× as many rows in flight: 8, the upper end of the 4-8
+// and their up rows (2 x as many rows in flight: 8, the upper end of the 4-8
 // that public Apple-GPU work found fastest), for one (token, slot) pair.
 // Two SIMD groups per threadgroup keep threadgroups small, so the few
 // threadgroups of a one-token call still spread over every core.
@@ -46,7 +46,7 @@ FM_TILE_CONSTANT int kGateUpDecodeSimdgroups = 2;
 // (token, slot) pairs of the expert-sorted order and reuses each weight load
 // across those of them that share an expert. Rows per SIMD group are halved
 // against decode because every row holds one accumulator per pair
-// (2 × 2 × 8 = 32 registers of accumulators per lane).
+// (2 x 2 x 8 = 32 registers of accumulators per lane).
 FM_TILE_CONSTANT int kGateUpPrefillRowPairs = 2;
 FM_TILE_CONSTANT int kGateUpPrefillSimdgroups = 2;
 FM_TILE_CONSTANT int kGateUpPrefillPairs = 8;
@@ -58,11 +58,11 @@ FM_TILE_CONSTANT int kGateUpPrefillPairs = 8;
 FM_TILE_CONSTANT int kDownDecodeRows = 8;
 FM_TILE_CONSTANT int kDownDecodeSimdgroups = 1;
 
-// Kernel B, prefill. A threadgroup owns kDownPrefillRows × kDownPrefillSimdgroups
+// Kernel B, prefill. A threadgroup owns kDownPrefillRows x kDownPrefillSimdgroups
 // output rows of kDownPrefillTokens consecutive tokens, walks their pairs in
 // expert order and reuses each weight load across kDownPrefillPairBatch pairs
 // of one expert. The fp32 sums live in threadgroup memory
-// (tokens × rows × 4 bytes = 512 bytes), written out once at the end.
+// (tokens x rows x 4 bytes = 512 bytes), written out once at the end.
 FM_TILE_CONSTANT int kDownPrefillRows = 4;
 FM_TILE_CONSTANT int kDownPrefillSimdgroups = 2;
 FM_TILE_CONSTANT int kDownPrefillTokens = 16;
@@ -72,7 +72,7 @@ FM_TILE_CONSTANT int kDownPrefillPairBatch = 4;
 // groups share the E gate rows, kRouteRowsPerSimdgroup rows in flight per
 // SIMD group (each x load serves that many rows). The logits, scores and
 // biased scores of a token live in threadgroup memory, so E is capped at
-// kRouteMaxExperts (3 × 4 KiB of the 32 KiB); MiniMax has 154 experts,
+// kRouteMaxExperts (3 x 4 KiB of the 32 KiB); MiniMax has 154 experts,
 // other public MoE routers at most a few hundred.
 FM_TILE_CONSTANT int kRouteSimdgroups = 4;
 FM_TILE_CONSTANT int kRouteRowsPerSimdgroup = 4;

@@ -1,7 +1,9 @@
-"""The Metal emulator: runs metal/*.metal on Linux, compiled as C++.
+"""The Metal emulator: runs the Metal kernels on Linux, compiled as C++.
 
-``build()`` compiles the exact kernel sources with the MSL-subset header in
-``include/`` plus ``emulator_runtime.cpp`` and the host launch plan
+``build()`` compiles the kernel source exactly as it ships, the string
+``fused_moe._ext.metal_source()`` embedded in the extension at build time
+(not the files on disk), with the MSL-subset header in ``include/`` plus
+``emulator_runtime.cpp`` and the host launch plan
 (``csrc/metal/launch_plan.cpp``) into a shared library, cached by a hash of
 every source. ``gate_up_swiglu``, ``down_combine`` and ``route`` mirror the
 ops in ``fused_moe``: they take the Primitive inputs a GPU stream would get
@@ -27,7 +29,6 @@ from fused_moe import _ext
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-KERNEL_SOURCE = ROOT / "metal" / "fused_moe.metal"
 RUNTIME_SOURCES = [HERE / "emulator_runtime.cpp", ROOT / "csrc" / "metal" / "launch_plan.cpp"]
 CXX = os.environ.get("CXX", "g++")
 # -O2: the kernels are plain scalar loops here; -Wno-attributes: Metal's
@@ -42,8 +43,16 @@ CXXFLAGS = [
 WORKERS = int(os.environ.get("FUSED_MOE_EMULATOR_WORKERS", str(min(4, os.cpu_count() or 1))))
 
 
+def kernel_source() -> str:
+    """The kernels' translation unit as the extension ships it."""
+    return _ext.metal_source()
+
+
 def sources() -> list[Path]:
-    files = sorted((ROOT / "metal").glob("*.metal")) + sorted((ROOT / "metal").glob("*.h"))
+    """The files the library is built from besides kernel_source(): the
+    emulator and the host launch plan, with the metal/ headers the launch
+    plan shares with the kernels."""
+    files = sorted((ROOT / "metal").glob("*.h"))
     files += sorted((HERE / "include").iterdir()) + RUNTIME_SOURCES
     files += [ROOT / "csrc" / "metal" / "launch_plan.h"]
     return files
@@ -53,9 +62,13 @@ def compiler_available() -> bool:
     return shutil.which(CXX) is not None
 
 
-def build(cache_dir: Path) -> Path:
-    """Compiles the emulator library unless a build of these sources exists."""
+def build(cache_dir: Path, source: str | None = None) -> Path:
+    """Compiles the emulator library unless a build of these sources exists.
+    `source` replaces kernel_source(), e.g. with one kernel's source
+    (``_ext.metal_kernel_source``), as a GPU stream compiles it."""
+    source = kernel_source() if source is None else source
     digest = hashlib.sha256(" ".join([CXX, *CXXFLAGS]).encode())
+    digest.update(source.encode())
     for f in sources():
         digest.update(f.name.encode() + f.read_bytes())
     out = Path(cache_dir) / f"libfused_moe_metal_emulator-{digest.hexdigest()[:16]}.so"
@@ -63,11 +76,15 @@ def build(cache_dir: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    # The string goes to a file only because the compiler reads files.
+    kernels = out.with_suffix(f".{os.getpid()}.metal")
+    kernels.write_text(source)
     cmd = [
         CXX, *CXXFLAGS, f"-I{HERE / 'include'}", f"-I{ROOT}", f"-I{ROOT / 'csrc'}",
-        "-x", "c++", str(KERNEL_SOURCE), "-x", "none", *map(str, RUNTIME_SOURCES), "-o", str(tmp),
+        "-x", "c++", str(kernels), "-x", "none", *map(str, RUNTIME_SOURCES), "-o", str(tmp),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    kernels.unlink()
     if proc.returncode != 0:
         raise RuntimeError(
             f"building the Metal emulator failed ({' '.join(cmd)}):\n{proc.stderr[-8000:]}"

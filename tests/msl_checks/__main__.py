@@ -1,0 +1,43 @@
+"""python -m tests.msl_checks [--cache DIR]: runs checks a, b and c on the
+installed extension's embedded source and the checkout's host code, and
+prints what each checked; exits 1 on the first failure."""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import CheckFailed, check_host_code, embedded_source, lint, macos_wheel, strict_compile
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.msl_checks", description=__doc__)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fused_moe" / "msl_checks",
+                   help="where the macOS mlx-metal wheel is kept (default: %(default)s)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        try:
+            t = time.perf_counter()
+            compiled = strict_compile(embedded_source(), work / "a")
+            print(f"a. address-space-strict compile: {len(compiled.host_names)} kernels instantiated, "
+                  f"no error ({time.perf_counter() - t:.1f} s)")
+            violations = lint(compiled)
+            if violations:
+                raise CheckFailed("MSL lint:\n" + "\n".join(map(str, violations)))
+            print("b. MSL lint: no lambda, goto, new/delete, throw/try, double, virtual, "
+                  "thread_local, recursion or member function without `thread`")
+            t = time.perf_counter()
+            symbols = check_host_code(macos_wheel(args.cache), work / "c")
+            print(f"c. Metal host code against MLX's macOS headers: type-checks; all {len(symbols)} "
+                  f"mlx:: symbols it references are exported by libmlx.dylib "
+                  f"({time.perf_counter() - t:.1f} s)")
+        except CheckFailed as e:
+            print(f"FAILED: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

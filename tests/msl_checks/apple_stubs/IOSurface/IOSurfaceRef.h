@@ -1,0 +1,3 @@
+// Stand-in (see ../README.md).
+#pragma once
+typedef struct __IOSurface* IOSurfaceRef;
