@@ -1,7 +1,7 @@
 // The Metal kernel allow-list and kernel-name grammar: the one place they are
 // written. fused_moe.metal instantiates exactly this list, and the host
 // (csrc/metal/launch_plan.cpp) builds its table of kernel names from the
-// same macros, so a name the host asks for exists in the metallib or the host
+// same macros, so a name the host asks for is instantiated or the host
 // raises before any lookup. tests/test_metal_plan.py checks that the list
 // covers csrc/grid.h. Included by Metal sources and by host C++ alike, so it
 // holds nothing but preprocessor macros.
