@@ -41,11 +41,20 @@ template <typename T, int BITS, int GROUP>
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpDecodeRowPairs;
+  constexpr int kStepWords = kCodesPerStep * BITS / 32;
+  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kGateUpDecodeSimdgroups * kRows * kStepWords);
+  FM_THREADGROUP_ARRAY(float, staged_scales, kGateUpDecodeSimdgroups * kRows * kStageGroups);
+  FM_THREADGROUP_ARRAY(float, staged_biases, kGateUpDecodeSimdgroups * kRows * kStageGroups);
+  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
+  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
+  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
   const uint pair = tg_pos.y;
   const uint r0 =
       (tg_pos.x * kGateUpDecodeSimdgroups + simd_group) * kGateUpDecodeRowPairs;
   device T* out = h + size_t(pair) * args.intermediate + r0;
   const uint expert = indices[pair];
+  // The same for every thread of the threadgroup (one pair), so the
+  // barriers below are reached by all or none.
   if (expert >= args.experts) {
     if (lane < uint(kGateUpDecodeRowPairs)) {
       out[lane] = T(NAN);
@@ -60,14 +69,24 @@ template <typename T, int BITS, int GROUP>
   for (int r = 0; r < kRows; ++r) {
     acc[r] = 0.0f;
   }
-  for (uint c = lane * kCodesPerLane; c < args.hidden; c += kCodesPerStep) {
-    float xs[kCodesPerLane];
-    const float x_sum = load_prescaled<BITS>(xt + c, xs);
-    for (int r = 0; r < kRows; ++r) {
-      LaneRow<T, BITS, GROUP> row;
-      row.load(rows + r * args.row_bytes, scales, biases, first_row + r,
-               args.groups_per_row, c);
-      acc[r] += row.dot(xs, x_sum);
+  for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
+    // Before staging: the previous step is done with the staging (and
+    // every lane meets here before the next weight loads).
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const StagedStep step = stage_step<T, BITS, GROUP>(
+        rows, scales, biases, first_row, kRows, args.row_bytes,
+        args.groups_per_row, args.hidden, c0, codes, row_scales, row_biases, lane);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const uint c = c0 + lane * kCodesPerLane;
+    if (c < args.hidden) {
+      float xs[kCodesPerLane];
+      const float x_sum = load_prescaled<BITS>(xt + c, xs);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] += staged_row<BITS>(codes, step.words, row_scales, row_biases,
+                                   step.groups, r, lane * kCodesPerLane,
+                                   c / GROUP - step.first_group)
+                      .dot(xs, x_sum);
+      }
     }
   }
   float result = 0.0f;
@@ -103,11 +122,19 @@ template <typename T, int BITS, int GROUP>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpPrefillRowPairs;
   constexpr int kPairs = kGateUpPrefillPairs;
+  constexpr int kStepWords = kCodesPerStep * BITS / 32;
+  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kGateUpPrefillSimdgroups * kRows * kStepWords);
+  FM_THREADGROUP_ARRAY(float, staged_scales, kGateUpPrefillSimdgroups * kRows * kStageGroups);
+  FM_THREADGROUP_ARRAY(float, staged_biases, kGateUpPrefillSimdgroups * kRows * kStageGroups);
+  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
+  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
+  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
   const uint r0 = (tg_pos.x * kGateUpPrefillSimdgroups + simd_group) *
       kGateUpPrefillRowPairs;
   const uint begin = tg_pos.y * kPairs;
   const uint end = metal::min(begin + kPairs, args.pairs);
 
+  // Segments depend on tg_pos.y only: every thread walks the same ones.
   uint s = begin;
   while (s < end) {
     const uint expert = indices[order[s]];
@@ -133,20 +160,31 @@ template <typename T, int BITS, int GROUP>
         acc[q][r] = 0.0f;
       }
     }
-    for (uint c = lane * kCodesPerLane; c < args.hidden; c += kCodesPerStep) {
-      LaneRow<T, BITS, GROUP> row[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        row[r].load(rows + r * args.row_bytes, scales, biases, first_row + r,
-                    args.groups_per_row, c);
-      }
-      for (int q = 0; q < kPairs; ++q) {
-        if (uint(q) < n) {
-          const uint token = order[s + q] / args.top_k;
-          float xs[kCodesPerLane];
-          const float x_sum =
-              load_prescaled<BITS>(x + size_t(token) * args.hidden + c, xs);
-          for (int r = 0; r < kRows; ++r) {
-            acc[q][r] += row[r].dot(xs, x_sum);
+    for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
+      // Before staging: the previous step is done with the staging (and
+      // every lane meets here before the next weight loads).
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      const StagedStep step = stage_step<T, BITS, GROUP>(
+          rows, scales, biases, first_row, kRows, args.row_bytes,
+          args.groups_per_row, args.hidden, c0, codes, row_scales, row_biases, lane);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      const uint c = c0 + lane * kCodesPerLane;
+      if (c < args.hidden) {
+        LaneRow<BITS> row[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          row[r] = staged_row<BITS>(codes, step.words, row_scales, row_biases,
+                                    step.groups, r, lane * kCodesPerLane,
+                                    c / GROUP - step.first_group);
+        }
+        for (int q = 0; q < kPairs; ++q) {
+          if (uint(q) < n) {
+            const uint token = order[s + q] / args.top_k;
+            float xs[kCodesPerLane];
+            const float x_sum =
+                load_prescaled<BITS>(x + size_t(token) * args.hidden + c, xs);
+            for (int r = 0; r < kRows; ++r) {
+              acc[q][r] += row[r].dot(xs, x_sum);
+            }
           }
         }
       }

@@ -28,6 +28,13 @@ FM_TILE_CONSTANT int kCodesPerLane = 16;
 // Codes of a row one SIMD group covers per step.
 FM_TILE_CONSTANT int kCodesPerStep = kSimdWidth * kCodesPerLane;
 
+// Weight staging (quantized.h): a SIMD group copies its rows' scales and
+// biases into threadgroup memory for up to this many groups per row at a
+// time (whole rows when they have no more; then the copy is one contiguous
+// run). 32 groups are 64 bytes of a row's scales, two full sectors; as float,
+// 8 rows take 2 KiB of threadgroup memory for scales and biases together.
+FM_TILE_CONSTANT int kStageGroups = 32;
+
 // Decode and prefill: (token, slot) pairs at or above this count take the
 // prefill kernels (grouped by expert); fewer take decode (matrix-vector).
 // 64 pairs is 8 tokens at k=8: from there several tokens start to share
