@@ -33,13 +33,7 @@ template <typename T, int BITS, int GROUP>
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = kDownDecodeRows;
-  constexpr int kStepWords = kCodesPerStep * BITS / 32;
-  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kDownDecodeSimdgroups * kRows * kStepWords);
-  FM_THREADGROUP_ARRAY(float, staged_scales, kDownDecodeSimdgroups * kRows * kStageGroups);
-  FM_THREADGROUP_ARRAY(float, staged_biases, kDownDecodeSimdgroups * kRows * kStageGroups);
-  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
-  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
-  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
+  FM_STAGING_ARRAYS(kDownDecodeSimdgroups, kRows);
   const uint token = tg_pos.y;
   const uint d0 = (tg_pos.x * kDownDecodeSimdgroups + simd_group) * kRows;
 
@@ -65,22 +59,16 @@ template <typename T, int BITS, int GROUP>
       part[r] = 0.0f;
     }
     for (uint c0 = 0; c0 < args.intermediate; c0 += kCodesPerStep) {
-      // Before staging: the previous step is done with the staging (and
-      // every lane meets here before the next weight loads).
-      threadgroup_barrier(mem_flags::mem_threadgroup);
       const StagedStep step = stage_step<T, BITS, GROUP>(
           rows, scales, biases, first_row, kRows, args.row_bytes,
-          args.groups_per_row, args.intermediate, c0, codes, row_scales,
-          row_biases, lane);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+          args.groups_per_row, args.intermediate, c0, staging,
+          lane);
       const uint c = c0 + lane * kCodesPerLane;
       if (c < args.intermediate) {
         float hs[kCodesPerLane];
         const float h_sum = load_prescaled<BITS>(hp + c, hs);
         for (int r = 0; r < kRows; ++r) {
-          part[r] += staged_row<BITS>(codes, step.words, row_scales, row_biases,
-                                      step.groups, r, lane * kCodesPerLane,
-                                      c / GROUP - step.first_group)
+          part[r] += staged_row<BITS, GROUP>(staging, step, r, lane)
                          .dot(hs, h_sum);
         }
       }
@@ -129,15 +117,9 @@ template <typename T, int BITS, int GROUP>
   constexpr int kTokens = kDownPrefillTokens;
   constexpr int kBatch = kDownPrefillPairBatch;
   constexpr uint kThreads = kDownPrefillSimdgroups * kSimdWidth;
-  constexpr int kStepWords = kCodesPerStep * BITS / 32;
   FM_THREADGROUP_ARRAY(float, y_sum, kTokens * kTgRows);
   FM_THREADGROUP_ARRAY(uint, token_bad, kTokens);
-  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kDownPrefillSimdgroups * kRows * kStepWords);
-  FM_THREADGROUP_ARRAY(float, staged_scales, kDownPrefillSimdgroups * kRows * kStageGroups);
-  FM_THREADGROUP_ARRAY(float, staged_biases, kDownPrefillSimdgroups * kRows * kStageGroups);
-  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
-  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
-  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
+  FM_STAGING_ARRAYS(kDownPrefillSimdgroups, kRows);
 
   const uint d_tg = tg_pos.x * kTgRows;
   const uint d0 = d_tg + simd_group * kRows;
@@ -179,21 +161,15 @@ template <typename T, int BITS, int GROUP>
         }
       }
       for (uint c0 = 0; c0 < args.intermediate; c0 += kCodesPerStep) {
-        // Before staging: the previous step is done with the staging (and
-        // every lane meets here before the next weight loads).
-        threadgroup_barrier(mem_flags::mem_threadgroup);
         const StagedStep step = stage_step<T, BITS, GROUP>(
             rows, scales, biases, first_row, kRows, args.row_bytes,
-            args.groups_per_row, args.intermediate, c0, codes, row_scales,
-            row_biases, lane);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+            args.groups_per_row, args.intermediate, c0, staging,
+            lane);
         const uint c = c0 + lane * kCodesPerLane;
         if (c < args.intermediate) {
           LaneRow<BITS> row[kRows];
           for (int r = 0; r < kRows; ++r) {
-            row[r] = staged_row<BITS>(codes, step.words, row_scales, row_biases,
-                                      step.groups, r, lane * kCodesPerLane,
-                                      c / GROUP - step.first_group);
+            row[r] = staged_row<BITS, GROUP>(staging, step, r, lane);
           }
           for (int q = 0; q < kBatch; ++q) {
             if (uint(q) < nb) {

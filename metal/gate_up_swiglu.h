@@ -41,13 +41,7 @@ template <typename T, int BITS, int GROUP>
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpDecodeRowPairs;
-  constexpr int kStepWords = kCodesPerStep * BITS / 32;
-  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kGateUpDecodeSimdgroups * kRows * kStepWords);
-  FM_THREADGROUP_ARRAY(float, staged_scales, kGateUpDecodeSimdgroups * kRows * kStageGroups);
-  FM_THREADGROUP_ARRAY(float, staged_biases, kGateUpDecodeSimdgroups * kRows * kStageGroups);
-  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
-  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
-  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
+  FM_STAGING_ARRAYS(kGateUpDecodeSimdgroups, kRows);
   const uint pair = tg_pos.y;
   const uint r0 =
       (tg_pos.x * kGateUpDecodeSimdgroups + simd_group) * kGateUpDecodeRowPairs;
@@ -70,21 +64,15 @@ template <typename T, int BITS, int GROUP>
     acc[r] = 0.0f;
   }
   for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
-    // Before staging: the previous step is done with the staging (and
-    // every lane meets here before the next weight loads).
-    threadgroup_barrier(mem_flags::mem_threadgroup);
     const StagedStep step = stage_step<T, BITS, GROUP>(
         rows, scales, biases, first_row, kRows, args.row_bytes,
-        args.groups_per_row, args.hidden, c0, codes, row_scales, row_biases, lane);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+        args.groups_per_row, args.hidden, c0, staging, lane);
     const uint c = c0 + lane * kCodesPerLane;
     if (c < args.hidden) {
       float xs[kCodesPerLane];
       const float x_sum = load_prescaled<BITS>(xt + c, xs);
       for (int r = 0; r < kRows; ++r) {
-        acc[r] += staged_row<BITS>(codes, step.words, row_scales, row_biases,
-                                   step.groups, r, lane * kCodesPerLane,
-                                   c / GROUP - step.first_group)
+        acc[r] += staged_row<BITS, GROUP>(staging, step, r, lane)
                       .dot(xs, x_sum);
       }
     }
@@ -122,13 +110,7 @@ template <typename T, int BITS, int GROUP>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpPrefillRowPairs;
   constexpr int kPairs = kGateUpPrefillPairs;
-  constexpr int kStepWords = kCodesPerStep * BITS / 32;
-  FM_THREADGROUP_ARRAY(uint32_t, staged_codes, kGateUpPrefillSimdgroups * kRows * kStepWords);
-  FM_THREADGROUP_ARRAY(float, staged_scales, kGateUpPrefillSimdgroups * kRows * kStageGroups);
-  FM_THREADGROUP_ARRAY(float, staged_biases, kGateUpPrefillSimdgroups * kRows * kStageGroups);
-  threadgroup uint32_t* codes = staged_codes + simd_group * kRows * kStepWords;
-  threadgroup float* row_scales = staged_scales + simd_group * kRows * kStageGroups;
-  threadgroup float* row_biases = staged_biases + simd_group * kRows * kStageGroups;
+  FM_STAGING_ARRAYS(kGateUpPrefillSimdgroups, kRows);
   const uint r0 = (tg_pos.x * kGateUpPrefillSimdgroups + simd_group) *
       kGateUpPrefillRowPairs;
   const uint begin = tg_pos.y * kPairs;
@@ -161,20 +143,14 @@ template <typename T, int BITS, int GROUP>
       }
     }
     for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
-      // Before staging: the previous step is done with the staging (and
-      // every lane meets here before the next weight loads).
-      threadgroup_barrier(mem_flags::mem_threadgroup);
       const StagedStep step = stage_step<T, BITS, GROUP>(
           rows, scales, biases, first_row, kRows, args.row_bytes,
-          args.groups_per_row, args.hidden, c0, codes, row_scales, row_biases, lane);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+          args.groups_per_row, args.hidden, c0, staging, lane);
       const uint c = c0 + lane * kCodesPerLane;
       if (c < args.hidden) {
         LaneRow<BITS> row[kRows];
         for (int r = 0; r < kRows; ++r) {
-          row[r] = staged_row<BITS>(codes, step.words, row_scales, row_biases,
-                                    step.groups, r, lane * kCodesPerLane,
-                                    c / GROUP - step.first_group);
+          row[r] = staged_row<BITS, GROUP>(staging, step, r, lane);
         }
         for (int q = 0; q < kPairs; ++q) {
           if (uint(q) < n) {

@@ -138,19 +138,57 @@ struct LaneRow {
   }
 };
 
-// What one step staged: `words` codes words per row, and the scales and
-// biases of `groups` groups per row starting at group `first_group`.
+// One SIMD group's share of a kernel's staging arrays (declared in the
+// kernel with FM_THREADGROUP_ARRAY, sized for all its SIMD groups):
+// codes [rows][kCodesPerStep·BITS/32], scales and biases [rows][kStageGroups].
+struct Staging {
+  threadgroup uint32_t* codes;
+  threadgroup float* scales;
+  threadgroup float* biases;
+};
+
+template <int BITS>
+inline Staging simdgroup_staging(
+    threadgroup uint32_t* codes,
+    threadgroup float* scales,
+    threadgroup float* biases,
+    uint simd_group,
+    uint rows) {
+  Staging s;
+  s.codes = codes + simd_group * rows * (kCodesPerStep * BITS / 32);
+  s.scales = scales + simd_group * rows * kStageGroups;
+  s.biases = biases + simd_group * rows * kStageGroups;
+  return s;
+}
+
+// Declares a kernel's staging arrays for `simdgroups` SIMD groups of `rows`
+// rows each, and `staging`, this SIMD group's share (needs BITS and
+// simd_group in scope; threadgroup arrays can only be declared in a kernel).
+#define FM_STAGING_ARRAYS(simdgroups, rows)                                    \
+  FM_THREADGROUP_ARRAY(uint32_t, staged_codes,                                 \
+                       (simdgroups) * (rows) * (kCodesPerStep * BITS / 32));   \
+  FM_THREADGROUP_ARRAY(float, staged_scales, (simdgroups) * (rows) * kStageGroups); \
+  FM_THREADGROUP_ARRAY(float, staged_biases, (simdgroups) * (rows) * kStageGroups); \
+  const Staging staging = simdgroup_staging<BITS>(                             \
+      staged_codes, staged_scales, staged_biases, simd_group, (rows))
+
+// What one step staged: codes [first_code, first_code + kCodesPerStep) as
+// `words` words per row, and the scales and biases of `groups` groups per row
+// starting at group `first_group`.
 struct StagedStep {
+  uint first_code;
   uint words;
   uint groups;
   uint first_group;
 };
 
-// Stages the step of codes [first_code, first_code + kCodesPerStep) of `rows`
-// consecutive rows (the first is row `first_row` of the stacked matrix, at
-// `rows_start`), and at the first step of each kStageGroups chunk that
-// chunk's scales and biases. Every lane of the SIMD group calls it; the
-// caller puts a threadgroup barrier before reading the staging.
+// Stages one step of `rows` consecutive rows (the first is row `first_row`
+// of the stacked matrix, at `rows_start`), and at the first step of each
+// kStageGroups chunk that chunk's scales and biases, between two
+// threadgroup barriers: the one before waits until the previous step is done
+// with the staging (and lines the lanes up before the weight loads), the one
+// after makes the staging visible. Every thread of the threadgroup calls it
+// the same number of times.
 template <typename T, int BITS, int GROUP>
 inline StagedStep stage_step(
     device const uint8_t* rows_start,
@@ -162,44 +200,39 @@ inline StagedStep stage_step(
     uint groups_per_row,
     uint inputs,
     uint first_code,
-    threadgroup uint32_t* codes_dst,
-    threadgroup float* scales_dst,
-    threadgroup float* biases_dst,
+    Staging dst,
     uint lane) {
   static_assert((kStageGroups * GROUP) % kCodesPerStep == 0,
                 "a step must not straddle two scale chunks");
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   const uint step_group = first_code / GROUP;
   StagedStep step;
+  step.first_code = first_code;
   step.first_group = step_group / kStageGroups * kStageGroups;
   step.groups = metal::min(uint(kStageGroups), groups_per_row - step.first_group);
   if (step_group == step.first_group) {
     stage_affine(scales, biases, first_row, groups_per_row, step.first_group,
-                 step.groups, rows, scales_dst, biases_dst, lane);
+                 step.groups, rows, dst.scales, dst.biases, lane);
   }
   // inputs is a multiple of the group size (>= 32), so whole words.
   step.words = metal::min(uint(kCodesPerStep), inputs - first_code) * BITS / 32;
   stage_codes(rows_start, row_bytes, first_code * BITS / 8, step.words, rows,
-              codes_dst, lane);
+              dst.codes, lane);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   return step;
 }
 
-// Row r of a staging (stage_codes / stage_affine) as this lane sees it:
-// `code` is the lane's first code counted from the staged step's start,
-// `group` its group counted from the staged groups' start.
-template <int BITS>
-inline LaneRow<BITS> staged_row(
-    threadgroup const uint32_t* codes,
-    uint words,
-    threadgroup const float* scales,
-    threadgroup const float* biases,
-    uint groups,
-    uint r,
-    uint code,
-    uint group) {
+// Row r of a staged step as this lane sees it (lane l: codes
+// [16 l, 16 l + 16) of the step).
+template <int BITS, int GROUP>
+inline LaneRow<BITS> staged_row(Staging st, StagedStep step, uint r, uint lane) {
+  const uint code = lane * kCodesPerLane;
+  const uint group = (step.first_code + code) / GROUP - step.first_group;
   LaneRow<BITS> row;
-  row.codes = load_lane_codes<BITS>((threadgroup const uint8_t*)(codes + r * words), code);
-  row.scale = scales[r * groups + group];
-  row.bias = biases[r * groups + group];
+  row.codes = load_lane_codes<BITS>(
+      (threadgroup const uint8_t*)(st.codes + r * step.words), code);
+  row.scale = st.scales[r * step.groups + group];
+  row.bias = st.biases[r * step.groups + group];
   return row;
 }
 

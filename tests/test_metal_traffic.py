@@ -86,3 +86,16 @@ def test_expert_kernels_read_weights_in_full_sectors_once(tracer, op, T, bits):
     # bfloat16, each element once (kernel A prefill's masked h stores, lanes
     # 0-1 only, come between two syncs and may count as divergent).
     assert out.store.bytes_used + out.store.divergent_bytes == pairs_or_tokens * rows * 2
+
+
+@pytest.mark.parametrize("op", ["gate_up_swiglu", "down_combine"])
+def test_sampled_row_blocks_scale_to_the_full_run(tracer, op):
+    """traffic.py traces every S-th row block at T=512 and scales: on a
+    small prefill case the scaled counts equal the full run's."""
+    case = traffic.Case(op, 40, 4, d=512, h=512, k=2, experts=6)
+    full = by_name(traffic.run_case(tracer, case, with_sites=False).buffers)
+    sampled = by_name(traffic.run_case(tracer, case, sample_stride=4, with_sites=False).buffers)
+    for name, b in full.items():
+        s = sampled[name]
+        assert (s.bytes_read, s.distinct_read, s.load.sectors) == (b.bytes_read, b.distinct_read, b.load.sectors), name
+        assert s.store.bytes_used + s.store.divergent_bytes == b.store.bytes_used + b.store.divergent_bytes, name

@@ -48,6 +48,13 @@ ROWS_IN_FLIGHT = {
     ("down_combine", "decode"): "kDownDecodeRows",
     ("down_combine", "prefill"): "kDownPrefillRows",
 }
+# Output rows per threadgroup (the grid's x is out_rows / this), for sampling.
+ROWS_PER_THREADGROUP = {
+    ("gate_up_swiglu", "decode"): "kGateUpDecodeRowPairs * kGateUpDecodeSimdgroups",
+    ("gate_up_swiglu", "prefill"): "kGateUpPrefillRowPairs * kGateUpPrefillSimdgroups",
+    ("down_combine", "decode"): "kDownDecodeRows * kDownDecodeSimdgroups",
+    ("down_combine", "prefill"): "kDownPrefillRows * kDownPrefillSimdgroups",
+}
 # Buffers whose every byte is read by every row block: under sampling their
 # distinct bytes are measured, not scaled (see ASSUMPTIONS).
 SHARED_ACROSS_ROW_BLOCKS = {"x", "h", "indices", "order", "weights", "args"}
@@ -65,16 +72,22 @@ Traffic of the fused MoE Metal kernels, traced in the Linux emulator
   access of every lane of a SIMD group since the group last met (simd_sum,
   barrier, end) is one instruction; lanes with fewer accesses are masked off.
   Where lanes disagree on the site, buffer or direction, those accesses are
-  counted as divergent and left out of the efficiencies ("div" column).
+  counted as divergent and left out of the efficiencies ("div" column); their
+  bytes count lane by lane in the re-read factor (an upper bound). Masked-off
+  lanes are recognised only at the end of a segment: lanes that skip an access
+  in its middle (kernel A prefill's h store by lanes 0-1, then the next
+  segment's index loads) show as divergent until the next sync.
 - Sectors: 32-byte sectors counted from each buffer's start (a Metal buffer
   is page-aligned). Sector efficiency = bytes used (union of the lanes' bytes)
   / (32 x distinct sectors), summed over a buffer's instructions.
 - Re-read = bytes read (each instruction counting a byte once) / distinct
   bytes read. Tile reuse (prefill) = (pair, weight-byte) products the call
   needs / weight bytes read: 1 when every pair reads its expert's rows itself.
-- Roofline: time = max(device bytes / bandwidth, ALU ops / issue rate), device
-  bytes at sector granularity (32 x sectors: no reuse between instructions) and,
-  as the lower bound, each distinct byte once. Bandwidth: M2 Max 400 GB/s spec,
+- Roofline: time = max(device bytes / bandwidth, ALU ops / issue rate), with
+  device bytes counted three ways: "streamed" (the headline: weights, scales
+  and biases at 32 x their sectors, every other buffer's distinct bytes once,
+  as they are small and stay in cache), "sector" (every instruction's sectors,
+  no reuse between instructions at all) and "distinct" (each byte once). Bandwidth: M2 Max 400 GB/s spec,
   340 achievable; M3 Ultra 819 spec, 692 achievable. Issue rate: M2 Max 38 cores,
   M3 Ultra 80 cores, 128 fp32 lanes each at ~1.4 GHz, one op per lane per clock.
 - ALU ops: a per-lane estimate, not a count: per code, row and pair 3 ops (mask,
@@ -350,6 +363,13 @@ class CaseResult:
 
 
 def run_case(tracer: Tracer, case: Case, sample_stride: int = 1, with_sites: bool = True) -> CaseResult:
+    if sample_stride > 1:
+        variant = "prefill" if case.T * case.k >= tile_constant("kPrefillMinPairs") else "decode"
+        out_rows = case.h if case.op == "gate_up_swiglu" else case.d
+        blocks = out_rows // tile_constant(ROWS_PER_THREADGROUP[(case.op, variant)])
+        if blocks % sample_stride:
+            raise ValueError(f"{case.op}: {blocks} row blocks are not a multiple of the sample stride "
+                             f"{sample_stride}, so the counts would not scale exactly")
     problem, inputs, out_shape, touched = case.inputs()
     tracer.set_sample_stride(sample_stride)
     start = time.perf_counter()
@@ -397,16 +417,24 @@ def records(case: Case, result: CaseResult) -> list[dict]:
     return out
 
 
+def is_weight(name: str) -> bool:
+    return name.endswith(("_weight", "_scales", "_biases"))
+
+
 def roofline(result: CaseResult) -> dict:
+    """Device bytes three ways: every instruction's sectors (no reuse between
+    instructions), streamed (weights at their sectors, the small buffers once
+    each: they stay in cache), each distinct byte once (the floor)."""
     sector_bytes, distinct = result.total("sector_bytes"), result.total("distinct_bytes")
-    out = dict(sector_bytes=sector_bytes, distinct_bytes=distinct, alu_ops=result.alu_ops,
-               ops_per_byte=result.alu_ops / sector_bytes)
+    streamed = sum(b.sector_bytes if is_weight(b.name) else b.distinct_bytes for b in result.buffers)
+    out = dict(sector_bytes=sector_bytes, streamed_bytes=streamed, distinct_bytes=distinct,
+               alu_ops=result.alu_ops, ops_per_byte=result.alu_ops / streamed)
     for name, m in MACHINES.items():
         alu_us = result.alu_ops / (m["tops"] * 1e12) * 1e6
         for kind in ("spec", "achievable"):
             bw = m[kind] * 1e9
-            out[f"{name} {kind} us"] = max(sector_bytes / bw * 1e6, alu_us)
-            out[f"{name} {kind} us (distinct)"] = max(distinct / bw * 1e6, alu_us)
+            for what, nbytes in (("sector", sector_bytes), ("streamed", streamed), ("distinct", distinct)):
+                out[f"{name} {kind} us ({what})"] = max(nbytes / bw * 1e6, alu_us)
         out[f"{name} ops/byte balance"] = m["tops"] * 1e12 / (m["achievable"] * 1e9)
     return out
 
@@ -420,25 +448,48 @@ def print_case(case: Case, result: CaseResult, file=sys.stdout, sites: int = 0) 
     print(f"\n## {result.kernel}  T={result.T}  experts touched={result.experts_touched}  "
           f"S={result.sample_stride}  ({result.seconds:.1f} s emulated)", file=file)
     print(f"{'buffer':<16}{'size MB':>9}{'sector MB':>10}{'distinct MB':>12}{'eff':>7}"
-          f"{'load eff':>9}{'reread':>8}{'reuse':>7}{'div':>6}", file=file)
+          f"{'load eff':>9}{'reread':>11}{'reuse':>7}{'div':>11}", file=file)
     for b in result.buffers:
         reuse = tile_reuse(case, result, b) if result.variant == "prefill" else None
         print(f"{b.name:<16}{b.size / 1e6:>9.3f}{b.sector_bytes / 1e6:>10.3f}{b.distinct_bytes / 1e6:>12.3f}"
-              f"{fmt(b.efficiency):>7}{fmt(b.load.efficiency):>9}{fmt(b.reread):>8}{fmt(reuse, '.2f'):>7}"
-              f"{b.load.divergent_accesses + b.store.divergent_accesses:>6}", file=file)
-    print(f"total: {rf['sector_bytes'] / 1e6:.2f} MB at sector granularity, "
-          f"{rf['distinct_bytes'] / 1e6:.2f} MB distinct; ALU ~{rf['alu_ops'] / 1e9:.3f} G ops "
-          f"({rf['ops_per_byte']:.2f} ops/byte; balance M2 Max {rf['M2 Max ops/byte balance']:.1f}, "
+              f"{fmt(b.efficiency):>7}{fmt(b.load.efficiency):>9}{fmt(b.reread, '.2f'):>11}{fmt(reuse, '.2f'):>7}"
+              f"{b.load.divergent_accesses + b.store.divergent_accesses:>11}", file=file)
+    print(f"total: {rf['sector_bytes'] / 1e6:.2f} MB at sector granularity, {rf['streamed_bytes'] / 1e6:.2f} MB "
+          f"streamed, {rf['distinct_bytes'] / 1e6:.2f} MB distinct; ALU ~{rf['alu_ops'] / 1e9:.3f} G ops "
+          f"({rf['ops_per_byte']:.2f} ops per streamed byte; balance M2 Max {rf['M2 Max ops/byte balance']:.1f}, "
           f"M3 Ultra {rf['M3 Ultra ops/byte balance']:.1f})", file=file)
     for name in MACHINES:
-        print(f"roofline {name}: {rf[f'{name} spec us']:.1f} us at spec, {rf[f'{name} achievable us']:.1f} us "
-              f"achievable ({rf[f'{name} achievable us (distinct)']:.1f} us if each byte moved once)", file=file)
+        print(f"roofline {name} (streamed / sector / distinct bytes): "
+              f"{rf[f'{name} spec us (streamed)']:.1f} us at spec, "
+              f"{rf[f'{name} achievable us (streamed)']:.1f} / {rf[f'{name} achievable us (sector)']:.1f} / "
+              f"{rf[f'{name} achievable us (distinct)']:.1f} us achievable", file=file)
     if sites:
         print("  sites (top by sector bytes): where, buffer, load/store, instructions, efficiency", file=file)
         top = sorted(result.sites, key=lambda s: -s.accesses.sectors)[:sites]
         for s in top:
             print(f"    {s.where:<48} {s.buffer:<15} {'st' if s.store else 'ld'} "
                   f"{s.accesses.instructions:>9} {fmt(s.accesses.efficiency)}", file=file)
+
+
+def markdown(results: list[tuple[Case, CaseResult]]) -> str:
+    """The summary table of metal/README.md: weights, activations, reuse and
+    the streamed roofline per case."""
+    head = ("| kernel | T | bits | experts | codes eff / reread | scales eff / reread | biases eff / reread "
+            "| x or h eff / reread | tile reuse | streamed MB | M2 Max us | M3 Ultra us | S |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for case, r in results:
+        b = {x.name.split("_")[-1] if is_weight(x.name) else x.name: x for x in r.buffers}
+        act = b["x" if case.op == "gate_up_swiglu" else "h"]
+        rf = roofline(r)
+        cells = [f"{fmt(b[n].load.efficiency, '.2f')} / {fmt(b[n].reread, '.2f')}" for n in ("weight", "scales", "biases")]
+        reuse = tile_reuse(case, r, b["weight"]) if r.variant == "prefill" else None
+        lines.append(
+            f"| {r.kernel.rsplit('_', 3)[0]} | {r.T} | {r.bits} | {r.experts_touched} | " + " | ".join(cells)
+            + f" | {fmt(act.load.efficiency, '.3f')} / {fmt(act.reread, '.0f')} | {fmt(reuse, '.2f')} "
+            f"| {rf['streamed_bytes'] / 1e6:.1f} | {rf['M2 Max achievable us (streamed)']:.0f} "
+            f"| {rf['M3 Ultra achievable us (streamed)']:.0f} | {r.sample_stride} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -450,6 +501,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-512", type=int, default=64,
                     help="at T >= 512 trace every S-th row block only (default 64)")
     ap.add_argument("--sites", type=int, default=0, help="list the top N load/store sites per case")
+    ap.add_argument("--markdown", action="store_true", help="end with the summary table of metal/README.md")
     ap.add_argument("--cache", type=Path, default=ROOT / ".pytest_cache" / "metal_traffic")
     args = ap.parse_args(argv)
     if not compiler_available(trace=True):
@@ -457,19 +509,22 @@ def main(argv=None) -> int:
         return 2
     tracer = Tracer(build(args.cache, trace=True))
     print(ASSUMPTIONS)
-    all_records = []
+    all_records, results = [], []
     for T in args.tokens:
         for bits in args.bits:
             for op in args.ops:
                 case = Case(op, T, bits)
                 result = run_case(tracer, case, args.sample_512 if T >= 512 else 1)
                 print_case(case, result, sites=args.sites)
+                results.append((case, result))
                 sys.stdout.flush()
                 recs = records(case, result)
                 rf = roofline(result)
                 for r in recs:
                     r["roofline"] = rf
                 all_records += recs
+    if args.markdown:
+        print("\n" + markdown(results))
     if args.json:
         args.json.write_text(json.dumps(all_records, indent=1))
         print(f"\nwrote {len(all_records)} records to {args.json}")
