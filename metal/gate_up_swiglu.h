@@ -92,8 +92,8 @@ template <typename T, int BITS, int GROUP>
 
 // Prefill: `order` lists the pairs sorted by expert. Threadgroup (x, y) =
 // (block of rows, kGateUpPrefillPairs consecutive entries of `order`). The
-// entries of one expert form a segment; each step's codes are loaded once
-// per segment and multiplied with every pair of it.
+// entries of one expert form a segment, taken by the block it starts in;
+// each step's codes are loaded once per kGateUpPrefillPairs pairs of it.
 template <typename T, int BITS, int GROUP>
 [[kernel]] void gate_up_swiglu_prefill(
     device const T* x [[buffer(0)]],
@@ -116,14 +116,28 @@ template <typename T, int BITS, int GROUP>
   const uint begin = tg_pos.y * kPairs;
   const uint end = metal::min(begin + kPairs, args.pairs);
 
-  // Segments depend on tg_pos.y only: every thread walks the same ones.
+  // A segment (the run of one expert in `order`) belongs to the block it
+  // starts in, which takes it whole, kPairs pairs per pass: each pass reads
+  // the expert's rows once, and a segment that crosses into the next block
+  // is not read again there. Segments depend on tg_pos.y only: every thread
+  // walks the same ones.
   uint s = begin;
-  while (s < end) {
-    const uint expert = indices[order[s]];
-    uint n = 1;
-    while (s + n < end && indices[order[s + n]] == expert) {
-      ++n;
+  if (s > 0) {
+    const uint earlier = indices[order[begin - 1]];
+    while (s < end && indices[order[s]] == earlier) {
+      ++s;
     }
+  }
+  uint segment_end = s;
+  while (s < end || s < segment_end) {
+    const uint expert = indices[order[s]];
+    if (s == segment_end) {
+      segment_end = s + 1;
+      while (segment_end < args.pairs && indices[order[segment_end]] == expert) {
+        ++segment_end;
+      }
+    }
+    const uint n = metal::min(uint(kPairs), segment_end - s);
     if (expert >= args.experts) {
       for (uint q = 0; q < n; ++q) {
         if (lane < uint(kGateUpPrefillRowPairs)) {

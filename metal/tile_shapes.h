@@ -49,9 +49,10 @@ FM_TILE_CONSTANT int kPrefillMinPairs = 64;
 FM_TILE_CONSTANT int kGateUpDecodeRowPairs = 4;
 FM_TILE_CONSTANT int kGateUpDecodeSimdgroups = 2;
 
-// Kernel A, prefill. A threadgroup takes kGateUpPrefillPairs consecutive
-// (token, slot) pairs of the expert-sorted order and reuses each weight load
-// across those of them that share an expert. Rows per SIMD group are halved
+// Kernel A, prefill. A threadgroup takes the experts whose runs start among
+// kGateUpPrefillPairs consecutive (token, slot) pairs of the expert-sorted
+// order, each run whole, and reuses each weight load across up to that many
+// pairs of one expert. Rows per SIMD group are halved
 // against decode because every row holds one accumulator per pair
 // (2 × 2 × 8 = 32 registers of accumulators per lane).
 FM_TILE_CONSTANT int kGateUpPrefillRowPairs = 2;

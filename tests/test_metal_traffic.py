@@ -3,6 +3,7 @@ counters must tell a coalesced read from a strided one, see every weight byte
 a kernel reads, and find the expert kernels' weight loads at full sectors,
 each byte read once, on a small shape."""
 
+import numpy as np
 import pytest
 
 import metal_emulator
@@ -99,3 +100,18 @@ def test_sampled_row_blocks_scale_to_the_full_run(tracer, op):
         s = sampled[name]
         assert (s.bytes_read, s.distinct_read, s.load.sectors) == (b.bytes_read, b.distinct_read, b.load.sectors), name
         assert s.store.bytes_used + s.store.divergent_bytes == b.store.bytes_used + b.store.divergent_bytes, name
+
+
+def test_kernel_a_prefill_reads_each_expert_once_per_pass(tracer):
+    """Kernel A prefill: a run of one expert in the sorted order belongs to
+    the block of kGateUpPrefillPairs entries it starts in, which reads the
+    expert's rows once per kGateUpPrefillPairs pairs of it. 80 pairs over 6
+    experts make runs of about 13 that cross block boundaries: the weight
+    bytes read must be exactly sum over experts of ceil(run / 8) reads."""
+    case = traffic.Case("gate_up_swiglu", 40, 3, d=512, h=512, k=2, experts=6)
+    per_pass = traffic.tile_constant("kGateUpPrefillPairs")
+    runs = np.bincount(np.array(case.routing()[0]).reshape(-1), minlength=case.experts)
+    passes = int(sum(-(-n // per_pass) for n in runs if n))
+    buffers = by_name(traffic.run_case(tracer, case, with_sites=False).buffers)
+    for name in ("gate_up_weight", "gate_up_scales", "gate_up_biases"):
+        assert buffers[name].bytes_read == passes * case.weight_bytes_per_expert(name), name

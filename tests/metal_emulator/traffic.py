@@ -301,13 +301,15 @@ class Case:
     experts: int = E
     group: int = GROUP
 
+    def routing(self) -> tuple[mx.array, mx.array]:
+        if self.experts == E and self.k == K:
+            return routing(self.T)
+        rng = np.random.default_rng(self.T)
+        idx = np.argsort(rng.random((self.T, self.experts)), axis=1)[:, : self.k].astype(np.uint32)
+        return mx.array(idx), mx.full((self.T, self.k), 1.0 / self.k)
+
     def inputs(self):
-        indices, weights = routing(self.T)
-        if self.experts != E or self.k != K:
-            rng = np.random.default_rng(self.T)
-            idx = np.argsort(rng.random((self.T, self.experts)), axis=1)[:, : self.k].astype(np.uint32)
-            indices = mx.array(idx)
-            weights = mx.full((self.T, self.k), 1.0 / self.k)
+        indices, weights = self.routing()
         if self.op == "gate_up_swiglu":
             w, s, b = projection(2 * self.h, self.d, self.bits, self.group, self.experts)
             x = mx.zeros((self.T, self.d), dtype=DTYPE)
