@@ -33,6 +33,7 @@ template <typename T, int BITS, int GROUP>
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = kDownDecodeRows;
+  FM_STAGING_ARRAYS(kDownDecodeSimdgroups, kRows);
   const uint token = tg_pos.y;
   const uint d0 = (tg_pos.x * kDownDecodeSimdgroups + simd_group) * kRows;
 
@@ -41,6 +42,8 @@ template <typename T, int BITS, int GROUP>
     acc[r] = 0.0f;
   }
   bool bad_expert = false;
+  // The experts are the token's (tg_pos.y): every thread of the threadgroup
+  // skips the same ones, so the barriers below are reached by all.
   for (uint j = 0; j < args.top_k; ++j) {
     const uint pair = token * args.top_k + j;
     const uint expert = indices[pair];
@@ -55,15 +58,19 @@ template <typename T, int BITS, int GROUP>
     for (int r = 0; r < kRows; ++r) {
       part[r] = 0.0f;
     }
-    for (uint c = lane * kCodesPerLane; c < args.intermediate;
-         c += kCodesPerStep) {
-      float hs[kCodesPerLane];
-      const float h_sum = load_prescaled<BITS>(hp + c, hs);
-      for (int r = 0; r < kRows; ++r) {
-        LaneRow<T, BITS, GROUP> row;
-        row.load(rows + r * args.row_bytes, scales, biases, first_row + r,
-                 args.groups_per_row, c);
-        part[r] += row.dot(hs, h_sum);
+    for (uint c0 = 0; c0 < args.intermediate; c0 += kCodesPerStep) {
+      const StagedStep step = stage_step<T, BITS, GROUP>(
+          rows, scales, biases, first_row, kRows, args.row_bytes,
+          args.groups_per_row, args.intermediate, c0, staging,
+          lane);
+      const uint c = c0 + lane * kCodesPerLane;
+      if (c < args.intermediate) {
+        float hs[kCodesPerLane];
+        const float h_sum = load_prescaled<BITS>(hp + c, hs);
+        for (int r = 0; r < kRows; ++r) {
+          part[r] += staged_row<BITS, GROUP>(staging, step, r, lane)
+                         .dot(hs, h_sum);
+        }
       }
     }
     const float w = router_weights[pair];
@@ -112,6 +119,7 @@ template <typename T, int BITS, int GROUP>
   constexpr uint kThreads = kDownPrefillSimdgroups * kSimdWidth;
   FM_THREADGROUP_ARRAY(float, y_sum, kTokens * kTgRows);
   FM_THREADGROUP_ARRAY(uint, token_bad, kTokens);
+  FM_STAGING_ARRAYS(kDownPrefillSimdgroups, kRows);
 
   const uint d_tg = tg_pos.x * kTgRows;
   const uint d0 = d_tg + simd_group * kRows;
@@ -152,20 +160,25 @@ template <typename T, int BITS, int GROUP>
           part[q][r] = 0.0f;
         }
       }
-      for (uint c = lane * kCodesPerLane; c < args.intermediate;
-           c += kCodesPerStep) {
-        LaneRow<T, BITS, GROUP> row[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          row[r].load(rows + r * args.row_bytes, scales, biases,
-                      first_row + r, args.groups_per_row, c);
-        }
-        for (int q = 0; q < kBatch; ++q) {
-          if (uint(q) < nb) {
-            device const T* hp = h + size_t(order[s + b + q]) * args.intermediate;
-            float hs[kCodesPerLane];
-            const float h_sum = load_prescaled<BITS>(hp + c, hs);
-            for (int r = 0; r < kRows; ++r) {
-              part[q][r] += row[r].dot(hs, h_sum);
+      for (uint c0 = 0; c0 < args.intermediate; c0 += kCodesPerStep) {
+        const StagedStep step = stage_step<T, BITS, GROUP>(
+            rows, scales, biases, first_row, kRows, args.row_bytes,
+            args.groups_per_row, args.intermediate, c0, staging,
+            lane);
+        const uint c = c0 + lane * kCodesPerLane;
+        if (c < args.intermediate) {
+          LaneRow<BITS> row[kRows];
+          for (int r = 0; r < kRows; ++r) {
+            row[r] = staged_row<BITS, GROUP>(staging, step, r, lane);
+          }
+          for (int q = 0; q < kBatch; ++q) {
+            if (uint(q) < nb) {
+              device const T* hp = h + size_t(order[s + b + q]) * args.intermediate;
+              float hs[kCodesPerLane];
+              const float h_sum = load_prescaled<BITS>(hp + c, hs);
+              for (int r = 0; r < kRows; ++r) {
+                part[q][r] += row[r].dot(hs, h_sum);
+              }
             }
           }
         }

@@ -41,11 +41,14 @@ template <typename T, int BITS, int GROUP>
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpDecodeRowPairs;
+  FM_STAGING_ARRAYS(kGateUpDecodeSimdgroups, kRows);
   const uint pair = tg_pos.y;
   const uint r0 =
       (tg_pos.x * kGateUpDecodeSimdgroups + simd_group) * kGateUpDecodeRowPairs;
   device T* out = h + size_t(pair) * args.intermediate + r0;
   const uint expert = indices[pair];
+  // The same for every thread of the threadgroup (one pair), so the
+  // barriers below are reached by all or none.
   if (expert >= args.experts) {
     if (lane < uint(kGateUpDecodeRowPairs)) {
       out[lane] = T(NAN);
@@ -60,14 +63,18 @@ template <typename T, int BITS, int GROUP>
   for (int r = 0; r < kRows; ++r) {
     acc[r] = 0.0f;
   }
-  for (uint c = lane * kCodesPerLane; c < args.hidden; c += kCodesPerStep) {
-    float xs[kCodesPerLane];
-    const float x_sum = load_prescaled<BITS>(xt + c, xs);
-    for (int r = 0; r < kRows; ++r) {
-      LaneRow<T, BITS, GROUP> row;
-      row.load(rows + r * args.row_bytes, scales, biases, first_row + r,
-               args.groups_per_row, c);
-      acc[r] += row.dot(xs, x_sum);
+  for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
+    const StagedStep step = stage_step<T, BITS, GROUP>(
+        rows, scales, biases, first_row, kRows, args.row_bytes,
+        args.groups_per_row, args.hidden, c0, staging, lane);
+    const uint c = c0 + lane * kCodesPerLane;
+    if (c < args.hidden) {
+      float xs[kCodesPerLane];
+      const float x_sum = load_prescaled<BITS>(xt + c, xs);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] += staged_row<BITS, GROUP>(staging, step, r, lane)
+                      .dot(xs, x_sum);
+      }
     }
   }
   float result = 0.0f;
@@ -85,8 +92,8 @@ template <typename T, int BITS, int GROUP>
 
 // Prefill: `order` lists the pairs sorted by expert. Threadgroup (x, y) =
 // (block of rows, kGateUpPrefillPairs consecutive entries of `order`). The
-// entries of one expert form a segment; each step's codes are loaded once
-// per segment and multiplied with every pair of it.
+// entries of one expert form a segment, taken by the block it starts in;
+// each step's codes are loaded once per kGateUpPrefillPairs pairs of it.
 template <typename T, int BITS, int GROUP>
 [[kernel]] void gate_up_swiglu_prefill(
     device const T* x [[buffer(0)]],
@@ -103,18 +110,34 @@ template <typename T, int BITS, int GROUP>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int kRows = 2 * kGateUpPrefillRowPairs;
   constexpr int kPairs = kGateUpPrefillPairs;
+  FM_STAGING_ARRAYS(kGateUpPrefillSimdgroups, kRows);
   const uint r0 = (tg_pos.x * kGateUpPrefillSimdgroups + simd_group) *
       kGateUpPrefillRowPairs;
   const uint begin = tg_pos.y * kPairs;
   const uint end = metal::min(begin + kPairs, args.pairs);
 
+  // A segment (the run of one expert in `order`) belongs to the block it
+  // starts in, which takes it whole, kPairs pairs per pass: each pass reads
+  // the expert's rows once, and a segment that crosses into the next block
+  // is not read again there. Segments depend on tg_pos.y only: every thread
+  // walks the same ones.
   uint s = begin;
-  while (s < end) {
-    const uint expert = indices[order[s]];
-    uint n = 1;
-    while (s + n < end && indices[order[s + n]] == expert) {
-      ++n;
+  if (s > 0) {
+    const uint earlier = indices[order[begin - 1]];
+    while (s < end && indices[order[s]] == earlier) {
+      ++s;
     }
+  }
+  uint segment_end = s;
+  while (s < end || s < segment_end) {
+    const uint expert = indices[order[s]];
+    if (s == segment_end) {
+      segment_end = s + 1;
+      while (segment_end < args.pairs && indices[order[segment_end]] == expert) {
+        ++segment_end;
+      }
+    }
+    const uint n = metal::min(uint(kPairs), segment_end - s);
     if (expert >= args.experts) {
       for (uint q = 0; q < n; ++q) {
         if (lane < uint(kGateUpPrefillRowPairs)) {
@@ -133,20 +156,25 @@ template <typename T, int BITS, int GROUP>
         acc[q][r] = 0.0f;
       }
     }
-    for (uint c = lane * kCodesPerLane; c < args.hidden; c += kCodesPerStep) {
-      LaneRow<T, BITS, GROUP> row[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        row[r].load(rows + r * args.row_bytes, scales, biases, first_row + r,
-                    args.groups_per_row, c);
-      }
-      for (int q = 0; q < kPairs; ++q) {
-        if (uint(q) < n) {
-          const uint token = order[s + q] / args.top_k;
-          float xs[kCodesPerLane];
-          const float x_sum =
-              load_prescaled<BITS>(x + size_t(token) * args.hidden + c, xs);
-          for (int r = 0; r < kRows; ++r) {
-            acc[q][r] += row[r].dot(xs, x_sum);
+    for (uint c0 = 0; c0 < args.hidden; c0 += kCodesPerStep) {
+      const StagedStep step = stage_step<T, BITS, GROUP>(
+          rows, scales, biases, first_row, kRows, args.row_bytes,
+          args.groups_per_row, args.hidden, c0, staging, lane);
+      const uint c = c0 + lane * kCodesPerLane;
+      if (c < args.hidden) {
+        LaneRow<BITS> row[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          row[r] = staged_row<BITS, GROUP>(staging, step, r, lane);
+        }
+        for (int q = 0; q < kPairs; ++q) {
+          if (uint(q) < n) {
+            const uint token = order[s + q] / args.top_k;
+            float xs[kCodesPerLane];
+            const float x_sum =
+                load_prescaled<BITS>(x + size_t(token) * args.hidden + c, xs);
+            for (int r = 0; r < kRows; ++r) {
+              acc[q][r] += row[r].dot(xs, x_sum);
+            }
           }
         }
       }

@@ -28,6 +28,13 @@ FM_TILE_CONSTANT int kCodesPerLane = 16;
 // Codes of a row one SIMD group covers per step.
 FM_TILE_CONSTANT int kCodesPerStep = kSimdWidth * kCodesPerLane;
 
+// Weight staging (quantized.h): a SIMD group copies its rows' scales and
+// biases into threadgroup memory for up to this many groups per row at a
+// time (whole rows when they have no more; then the copy is one contiguous
+// run). 32 groups are 64 bytes of a row's scales, two full sectors; as float,
+// 8 rows take 2 KiB of threadgroup memory for scales and biases together.
+FM_TILE_CONSTANT int kStageGroups = 32;
+
 // Decode and prefill: (token, slot) pairs at or above this count take the
 // prefill kernels (grouped by expert); fewer take decode (matrix-vector).
 // 64 pairs is 8 tokens at k=8: from there several tokens start to share
@@ -42,9 +49,10 @@ FM_TILE_CONSTANT int kPrefillMinPairs = 64;
 FM_TILE_CONSTANT int kGateUpDecodeRowPairs = 4;
 FM_TILE_CONSTANT int kGateUpDecodeSimdgroups = 2;
 
-// Kernel A, prefill. A threadgroup takes kGateUpPrefillPairs consecutive
-// (token, slot) pairs of the expert-sorted order and reuses each weight load
-// across those of them that share an expert. Rows per SIMD group are halved
+// Kernel A, prefill. A threadgroup takes the experts whose runs start among
+// kGateUpPrefillPairs consecutive (token, slot) pairs of the expert-sorted
+// order, each run whole, and reuses each weight load across up to that many
+// pairs of one expert. Rows per SIMD group are halved
 // against decode because every row holds one accumulator per pair
 // (2 x 2 x 8 = 32 registers of accumulators per lane).
 FM_TILE_CONSTANT int kGateUpPrefillRowPairs = 2;

@@ -39,6 +39,18 @@ CXXFLAGS = [
     "-Wno-unused-parameter", "-Wno-unused-variable", "-U_FORTIFY_SOURCE",
     "-fno-fast-math",
 ]
+# The traffic build (traffic.py): clang's load/store tracing on the kernel
+# translation units only (the ignorelist names the others), hooks in
+# trace_hooks.cpp, the probe kernels of trace_probes.metal. No vectorizing,
+# so each load in the source stays one traced load of its own width.
+TRACE_CXX = os.environ.get("FUSED_MOE_TRACE_CXX", "clang++-19")
+TRACE_CXXFLAGS = [
+    "-fsanitize-coverage=inline-8bit-counters,trace-loads,trace-stores",
+    f"-fsanitize-coverage-ignorelist={HERE / 'trace_ignorelist.txt'}",
+    "-fno-vectorize", "-fno-slp-vectorize", "-gline-tables-only",
+]
+TRACE_KERNEL_SOURCES = [HERE / "trace_probes.metal"]
+TRACE_RUNTIME_SOURCES = [HERE / "trace_hooks.cpp"]
 # Worker processes per kernel run (threadgroups are dealt round robin).
 WORKERS = int(os.environ.get("FUSED_MOE_EMULATOR_WORKERS", str(min(4, os.cpu_count() or 1))))
 
@@ -58,20 +70,24 @@ def sources() -> list[Path]:
     return files
 
 
-def compiler_available() -> bool:
-    return shutil.which(CXX) is not None
+def compiler_available(trace: bool = False) -> bool:
+    return shutil.which(TRACE_CXX if trace else CXX) is not None
 
 
-def build(cache_dir: Path, source: str | None = None) -> Path:
+def build(cache_dir: Path, source: str | None = None, trace: bool = False) -> Path:
     """Compiles the emulator library unless a build of these sources exists.
     `source` replaces kernel_source(), e.g. with one kernel's source
-    (``_ext.metal_kernel_source``), as a GPU stream compiles it."""
+    (``_ext.metal_kernel_source``), as a GPU stream compiles it; `trace`
+    makes the traffic build (a library of its own)."""
     source = kernel_source() if source is None else source
-    digest = hashlib.sha256(" ".join([CXX, *CXXFLAGS]).encode())
+    cxx, flags = (TRACE_CXX, CXXFLAGS + TRACE_CXXFLAGS) if trace else (CXX, CXXFLAGS)
+    extra_kernels, extra_runtime = (TRACE_KERNEL_SOURCES, TRACE_RUNTIME_SOURCES) if trace else ([], [])
+    digest = hashlib.sha256(" ".join([cxx, *flags]).encode())
     digest.update(source.encode())
-    for f in sources():
+    for f in sources() + extra_kernels + extra_runtime + ([HERE / "trace_ignorelist.txt"] if trace else []):
         digest.update(f.name.encode() + f.read_bytes())
-    out = Path(cache_dir) / f"libfused_moe_metal_emulator-{digest.hexdigest()[:16]}.so"
+    kind = "traffic" if trace else "emulator"
+    out = Path(cache_dir) / f"libfused_moe_metal_{kind}-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +96,9 @@ def build(cache_dir: Path, source: str | None = None) -> Path:
     kernels = out.with_suffix(f".{os.getpid()}.metal")
     kernels.write_text(source)
     cmd = [
-        CXX, *CXXFLAGS, f"-I{HERE / 'include'}", f"-I{ROOT}", f"-I{ROOT / 'csrc'}",
-        "-x", "c++", str(kernels), "-x", "none", *map(str, RUNTIME_SOURCES), "-o", str(tmp),
+        cxx, *flags, f"-I{HERE / 'include'}", f"-I{ROOT}", f"-I{ROOT / 'csrc'}",
+        "-x", "c++", str(kernels), *map(str, extra_kernels),
+        "-x", "none", *map(str, RUNTIME_SOURCES + extra_runtime), "-o", str(tmp),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     kernels.unlink()

@@ -37,6 +37,20 @@
 #include "emulator_runtime.h"
 #include "metal/launch_plan.h"
 
+// Access tracing (trace_hooks.cpp), linked only into the traffic build of
+// tests/metal_emulator/traffic.py. Weak: in the normal build they are null
+// and every call below is skipped.
+extern "C" {
+__attribute__((weak)) void fm_trace_run_begin(int n_buffers, const char* const* names,
+                                              void* const* data, const size_t* bytes,
+                                              uint32_t threads);
+__attribute__((weak)) void fm_trace_worker_begin(int worker);
+__attribute__((weak)) bool fm_trace_skip_threadgroup(uint32_t x, uint32_t y, uint32_t z);
+__attribute__((weak)) void fm_trace_thread(uint32_t thread);
+__attribute__((weak)) void fm_trace_sync(uint32_t first_thread, uint32_t count);
+__attribute__((weak)) void fm_trace_run_end();
+}
+
 namespace metal_emu {
 
 namespace {
@@ -198,6 +212,9 @@ void run_threadgroup(uint32_t x, uint32_t y, uint32_t z) {
   for (;;) {
     for (uint32_t t = 0; t < n; ++t) {
       if (run.fibers[t].state == State::runnable) {
+        if (fm_trace_thread) {
+          fm_trace_thread(t);
+        }
         resume(run.fibers[t]);
       }
     }
@@ -224,6 +241,9 @@ void run_threadgroup(uint32_t x, uint32_t y, uint32_t z) {
           }
         }
       }
+      if (fm_trace_sync) {
+        fm_trace_sync(g * kSimdWidth, kSimdWidth);
+      }
       float values[kSimdWidth];
       for (int l = 0; l < kSimdWidth; ++l) {
         values[l] = lanes[l].simd_value;
@@ -241,6 +261,9 @@ void run_threadgroup(uint32_t x, uint32_t y, uint32_t z) {
     for (uint32_t t = 0; t < n; ++t) {
       done += run.fibers[t].state == State::done;
       at_barrier += run.fibers[t].state == State::at_barrier;
+    }
+    if ((done == int(n) || at_barrier == int(n)) && fm_trace_sync) {
+      fm_trace_sync(0, n);
     }
     if (done == int(n)) {
       return;
@@ -308,11 +331,15 @@ void worker(int index, int workers) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
   }
+  if (fm_trace_worker_begin) {
+    fm_trace_worker_begin(index);
+  }
   uint64_t i = 0;
   for (uint32_t z = 0; z < run.grid[2]; ++z) {
     for (uint32_t y = 0; y < run.grid[1]; ++y) {
       for (uint32_t x = 0; x < run.grid[0]; ++x, ++i) {
-        if (int(i % uint64_t(workers)) == index) {
+        if (int(i % uint64_t(workers)) == index &&
+            !(fm_trace_skip_threadgroup && fm_trace_skip_threadgroup(x, y, z))) {
           run_threadgroup(x, y, z);
         }
       }
@@ -367,6 +394,119 @@ void* threadgroup_alloc(size_t bytes, size_t align) {
 
 using namespace metal_emu;
 namespace plan_ns = fused_moe::metal;
+
+namespace {
+
+// Runs every threadgroup of `grid` with `threads` threads each, buffers bound
+// in slot order; 0, or non-zero with a message in `err`.
+int launch(const std::string& kernel_name, const Kernel& kernel, const uint32_t* grid,
+           uint32_t threads, const std::vector<std::pair<std::string, void*>>& bound,
+           int workers, char* err, size_t err_len) {
+  Run run;
+  run.kernel_name = kernel_name.c_str();
+  run.kernel = kernel;
+  std::vector<void*> slots;
+  for (const auto& [name, p] : bound) {
+    auto it = buffers().find(reinterpret_cast<uintptr_t>(p));
+    if (it == buffers().end()) {
+      set_error(err, err_len,
+                "buffer '" + name + "' was not allocated by fm_emu_buffer_alloc");
+      return 1;
+    }
+    run.bound.emplace_back(name, it->second);
+    slots.push_back(p);
+  }
+  run.slots = slots.data();
+  for (int d = 0; d < 3; ++d) {
+    run.grid[d] = grid[d];
+  }
+  run.threads = threads;
+  if (run.threads % 32 != 0) {
+    set_error(err, err_len, "threadgroup size must be a multiple of 32");
+    return 1;
+  }
+  run.fibers.resize(run.threads);
+  for (uint32_t t = 0; t < run.threads; ++t) {
+    run.stacks.push_back(static_cast<uint8_t*>(
+        mmap(nullptr, kFiberStackBytes, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)));
+  }
+  run.threadgroup_memory = static_cast<uint8_t*>(std::malloc(kThreadgroupMemoryBytes));
+  run.error = static_cast<char*>(mmap(nullptr, kErrorBytes,
+                                      PROT_READ | PROT_WRITE,
+                                      MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  run.error[0] = 0;
+
+  const uint64_t groups =
+      uint64_t(run.grid[0]) * run.grid[1] * run.grid[2];
+  const int n_workers =
+      int(std::max<uint64_t>(1, std::min<uint64_t>(groups, uint64_t(std::max(workers, 1)))));
+  int status_code = 0;
+  std::string message;
+  if (fm_trace_run_begin) {
+    std::vector<const char*> names;
+    std::vector<void*> data;
+    std::vector<size_t> bytes;
+    for (const auto& [name, b] : run.bound) {
+      names.push_back(name.c_str());
+      data.push_back(b.data);
+      bytes.push_back(b.bytes);
+    }
+    fm_trace_run_begin(int(names.size()), names.data(), data.data(), bytes.data(),
+                       run.threads);
+  }
+  if (groups > 0) {
+    g_run = &run;
+    std::fflush(nullptr);
+    std::vector<pid_t> pids;
+    for (int w = 0; w < n_workers; ++w) {
+      const pid_t pid = fork();
+      if (pid == 0) {
+        worker(w, n_workers);
+      }
+      pids.push_back(pid);
+    }
+    for (pid_t pid : pids) {
+      int status = 0;
+      waitpid(pid, &status, 0);
+      if (status_code == 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+        status_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+    }
+    g_run = nullptr;
+    if (status_code != 0) {
+      message = run.error[0] ? std::string(run.error)
+                             : "kernel " + kernel_name +
+              ": emulator worker died with status " +
+              std::to_string(status_code);
+    }
+  }
+  if (fm_trace_run_end) {
+    fm_trace_run_end();
+  }
+  // Writes before a buffer's start land in its canary slack.
+  for (const auto& [name, b] : run.bound) {
+    for (uint8_t* p = b.base + page_size(); p < b.data; ++p) {
+      if (*p != kCanary && message.empty()) {
+        status_code = 3;
+        message = "kernel " + kernel_name + ": out-of-bounds write " +
+            std::to_string(b.data - p) + " bytes before buffer '" + name + "'";
+      }
+    }
+  }
+  for (auto* s : run.stacks) {
+    munmap(s, kFiberStackBytes);
+  }
+  std::free(run.threadgroup_memory);
+  munmap(run.error, kErrorBytes);
+  if (status_code != 0) {
+    set_error(err, err_len, message);
+    return status_code;
+  }
+  return 0;
+}
+
+} // namespace
 
 extern "C" {
 
@@ -450,10 +590,8 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
     return 1;
   }
 
-  Run run;
-  run.kernel_name = plan.kernel.c_str();
-  run.kernel = found->second;
-  std::vector<void*> slots;
+  void* args_buffer = nullptr;
+  std::vector<std::pair<std::string, void*>> bound;
   for (const auto& b : plan.buffers) {
     void* p = nullptr;
     if (b.source == plan_ns::Source::input || b.source == plan_ns::Source::output) {
@@ -471,92 +609,40 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
     } else {
       p = fm_emu_buffer_alloc(plan.args.size());
       std::memcpy(p, plan.args.data(), plan.args.size());
+      args_buffer = p;
     }
-    auto it = buffers().find(reinterpret_cast<uintptr_t>(p));
-    if (it == buffers().end()) {
-      set_error(err, err_len,
-                std::string("buffer '") + b.name +
-                    "' was not allocated by fm_emu_buffer_alloc");
-      return 1;
-    }
-    run.bound.emplace_back(b.name, it->second);
-    slots.push_back(p);
+    bound.emplace_back(b.name, p);
   }
-  run.slots = slots.data();
-  for (int d = 0; d < 3; ++d) {
-    run.grid[d] = plan.threadgroups[d];
-  }
-  run.threads = plan.threads_per_threadgroup[0] *
+  const uint32_t threads = plan.threads_per_threadgroup[0] *
       plan.threads_per_threadgroup[1] * plan.threads_per_threadgroup[2];
-  if (run.threads % 32 != 0) {
-    set_error(err, err_len, "threadgroup size must be a multiple of 32");
+  const int rc = launch(plan.kernel, found->second, plan.threadgroups.data(),
+                        threads, bound, workers, err, err_len);
+  fm_emu_buffer_free(args_buffer);
+  return rc;
+}
+
+// Runs one registered kernel on a grid the caller gives, with buffers from
+// fm_emu_buffer_alloc bound in slot order: the traffic probes
+// (trace_probes.metal), which have no launch plan.
+int fm_emu_run_kernel(const char* kernel, const uint32_t* grid, uint32_t threads,
+                      void* const* buffers, const char* const* names, int n_buffers,
+                      int workers, char* err, size_t err_len) {
+  auto found = registry().find(kernel);
+  if (found == registry().end()) {
+    set_error(err, err_len, std::string("no emulated kernel named '") + kernel + "'");
     return 1;
   }
-  run.fibers.resize(run.threads);
-  for (uint32_t t = 0; t < run.threads; ++t) {
-    run.stacks.push_back(static_cast<uint8_t*>(
-        mmap(nullptr, kFiberStackBytes, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)));
+  if (found->second.buffer_params != n_buffers) {
+    set_error(err, err_len, std::string("kernel ") + kernel + " declares " +
+                  std::to_string(found->second.buffer_params) + " buffers, " +
+                  std::to_string(n_buffers) + " given");
+    return 1;
   }
-  run.threadgroup_memory = static_cast<uint8_t*>(std::malloc(kThreadgroupMemoryBytes));
-  run.error = static_cast<char*>(mmap(nullptr, kErrorBytes,
-                                      PROT_READ | PROT_WRITE,
-                                      MAP_SHARED | MAP_ANONYMOUS, -1, 0));
-  run.error[0] = 0;
-
-  const uint64_t groups =
-      uint64_t(run.grid[0]) * run.grid[1] * run.grid[2];
-  const int n_workers =
-      int(std::max<uint64_t>(1, std::min<uint64_t>(groups, uint64_t(std::max(workers, 1)))));
-  int status_code = 0;
-  std::string message;
-  if (groups > 0) {
-    g_run = &run;
-    std::fflush(nullptr);
-    std::vector<pid_t> pids;
-    for (int w = 0; w < n_workers; ++w) {
-      const pid_t pid = fork();
-      if (pid == 0) {
-        worker(w, n_workers);
-      }
-      pids.push_back(pid);
-    }
-    for (pid_t pid : pids) {
-      int status = 0;
-      waitpid(pid, &status, 0);
-      if (status_code == 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-        status_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      }
-    }
-    g_run = nullptr;
-    if (status_code != 0) {
-      message = run.error[0] ? std::string(run.error)
-                             : "kernel " + plan.kernel +
-              ": emulator worker died with status " +
-              std::to_string(status_code);
-    }
+  std::vector<std::pair<std::string, void*>> bound;
+  for (int i = 0; i < n_buffers; ++i) {
+    bound.emplace_back(names[i], buffers[i]);
   }
-  // Writes before a buffer's start land in its canary slack.
-  for (const auto& [name, b] : run.bound) {
-    for (uint8_t* p = b.base + page_size(); p < b.data; ++p) {
-      if (*p != kCanary && message.empty()) {
-        status_code = 3;
-        message = "kernel " + plan.kernel + ": out-of-bounds write " +
-            std::to_string(b.data - p) + " bytes before buffer '" + name + "'";
-      }
-    }
-  }
-  for (auto* s : run.stacks) {
-    munmap(s, kFiberStackBytes);
-  }
-  std::free(run.threadgroup_memory);
-  munmap(run.error, kErrorBytes);
-  fm_emu_buffer_free(slots.back()); // the argument struct
-  if (status_code != 0) {
-    set_error(err, err_len, message);
-    return status_code;
-  }
-  return 0;
+  return launch(kernel, found->second, grid, threads, bound, workers, err, err_len);
 }
 
 } // extern "C"

@@ -10,7 +10,11 @@
 #include <type_traits>
 #include <utility>
 
-struct uint3;
+// The only vector type the kernels use: the uint3 position attributes
+// (complete here: clang checks the invoker below at its definition).
+struct uint3 {
+  unsigned int x, y, z;
+};
 
 namespace metal_emu {
 
