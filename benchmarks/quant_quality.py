@@ -162,7 +162,7 @@ class Llama:
         out[..., 1::2] = x0 * sin + x1 * cos
         return out
 
-    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None, head: bool = True):
         """Logits [B, L, V]; `weights` overrides block linears by GGUF name;
         `stats[name]` (InputStats) gets each block linear's inputs."""
         B, L = tokens.shape
@@ -192,6 +192,8 @@ class Llama:
             h = self.rms(x, self.w[f"{p}.ffn_norm"])
             g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
             x = x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
+        if not head:
+            return None
         return self.rms(x, self.w["output_norm"]) @ self.head.T
 
 
@@ -225,7 +227,7 @@ def run_smollm2(args) -> None:
     stats = {f"blk.{i}.{n}": InputStats(model.dim if n != "ffn_down" else model.w[f"blk.{i}.ffn_down"].shape[1], full=False)
              for i in range(model.layers) for n in BLOCK_LINEARS}
     for i in range(0, len(calib), args.batch):
-        model(calib[i:i + args.batch], {}, stats)
+        model(calib[i:i + args.batch], {}, stats, head=False)
     t_stats = time.perf_counter() - t0
     t0 = time.perf_counter()
     rtn, bpw_rtn = quantize_linears(model, None, args.bits, args.group_size)

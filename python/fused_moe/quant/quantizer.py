@@ -24,8 +24,9 @@ AFFINE_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 METHODS = ("auto", "rtn", "weighted")
 
-# Clip ratios of the min/max range scored per group (1.0 is plain min/max).
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+# Clipped ranges scored per group: (low, high) ratios of the distances from the
+# group's midpoint to its min and to its max ((1, 1) is plain min/max).
+CLIP_RATIOS = tuple((r, r) for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7))
 # Weighted least-squares refinements of the best candidate.
 LS_STEPS = 2
 # Rows quantized at once: keeps the float32 temporaries in cache-sized pieces.
@@ -180,10 +181,9 @@ def _search(w, d, rtn_scale, rtn_bias, bits, dtype):
         best_s, best_b = np.where(better, s, best_s), np.where(better, b, best_b)
         np.copyto(best_q, sc.q, where=better[..., None])
 
-    for ratio in CLIP_RATIOS:
-        # The range shrunk around its middle by `ratio`.
-        half = 0.5 * ratio * (hi - lo)
-        consider((2 * half) / top, mid - half)
+    for r_lo, r_hi in CLIP_RATIOS:
+        a, b = mid - r_lo * (mid - lo), mid + r_hi * (hi - mid)
+        consider((b - a) / top, a)
     # Weighted least squares for (scale, bias) with the best codes fixed:
     # the 2x2 normal equations of sum_j d_j (w_j - s q_j - b)^2, per group.
     dw = w * d
