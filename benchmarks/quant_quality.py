@@ -144,10 +144,9 @@ class Llama:
                 w = tensors[f"{name}.weight"].astype(mx.float32)
             self.w[name] = np.array(w)
         self.embed = self.w["token_embd"]
-        self.head = self.w.get("output", self.embed)
-
-    def linear(self, name: str) -> np.ndarray:
-        return self.w[name]
+        self.head_t = np.ascontiguousarray(self.w.get("output", self.embed).T)
+        # Block linears transposed once, [in, out], for x @ W^T.
+        self.wt = {n: np.ascontiguousarray(w.T) for n, w in self.w.items() if n.split(".")[-1] in BLOCK_LINEARS}
 
     def rms(self, x, weight):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
@@ -164,7 +163,8 @@ class Llama:
 
     def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None, head: bool = True):
         """Logits [B, L, V]; `weights` overrides block linears by GGUF name;
-        `stats[name]` (InputStats) gets each block linear's inputs."""
+        `stats[name]` (InputStats) gets each block linear's inputs; without
+        `head` only the blocks run."""
         B, L = tokens.shape
         x = self.embed[tokens]
         pos = np.arange(L, dtype=np.float64)
@@ -172,9 +172,10 @@ class Llama:
         hd, H, KV = self.head_dim, self.heads, self.kv_heads
 
         def lin(name, a):
+            a = a.reshape(-1, a.shape[-1])  # 2-D, contiguous: numpy's BLAS path
             if stats is not None:
                 stats[name].update(a)
-            return a @ weights.get(name, self.w[name]).T
+            return (a @ weights.get(name, self.wt[name])).reshape(B, L, -1)
 
         for i in range(self.layers):
             p = f"blk.{i}"
@@ -183,29 +184,32 @@ class Llama:
             k = lin(f"{p}.attn_k", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
             v = lin(f"{p}.attn_v", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
             q, k = self.rope(q, pos), self.rope(k, pos)
-            k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
-            s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd) + mask
+            k = np.ascontiguousarray(np.repeat(k, H // KV, axis=1).transpose(0, 1, 3, 2))
+            v = np.ascontiguousarray(np.repeat(v, H // KV, axis=1))
+            s = np.ascontiguousarray(q) @ k / np.sqrt(hd) + mask
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
-            o = (s @ v).transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+            o = np.ascontiguousarray((s @ v).transpose(0, 2, 1, 3)).reshape(B, L, H * hd)
             x = x + lin(f"{p}.attn_output", o)
             h = self.rms(x, self.w[f"{p}.ffn_norm"])
             g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
             x = x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
         if not head:
             return None
-        return self.rms(x, self.w["output_norm"]) @ self.head.T
+        x = self.rms(x, self.w["output_norm"]).reshape(B * L, -1)
+        return (x @ self.head_t).reshape(B, L, -1)
 
 
 def quantize_linears(model: Llama, stats: dict | None, bits: int, group_size: int) -> tuple[dict, float]:
-    """Every block linear quantized (bf16 scales), dequantized to float32;
-    and bits per weight of those linears."""
+    """Every block linear quantized (bf16 scales), dequantized to float32 and
+    transposed as `Llama` reads them; and bits per weight of those linears."""
     out, params, stored_bits = {}, 0, 0
     for name in (f"blk.{i}.{n}" for i in range(model.layers) for n in BLOCK_LINEARS):
         w = mx.array(model.w[name]).astype(mx.bfloat16)
         hessian = stats[name].diagonal() if stats is not None else None
         q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
-        out[name] = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits))
+        w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+        out[name] = np.ascontiguousarray(np.array(w_hat).T)
         params += w.size
         stored_bits += q.size * 32 + (s.size + b.size) * 16
     return out, stored_bits / params
