@@ -81,7 +81,7 @@ def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
     print(f"\n{title}")
     print(f"{'method':<12} {'KL (nats/token)':>16} {'perplexity':>11} {'top-1 agreement':>16} {'bits/weight':>12}")
     for name, m, bpw in rows:
-        print(f"{name:<12} {m['kl']:>16.4f} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
+        print(f"{name:<12} {m["kl"]:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
     if len(rows) >= 3:
         print(f"calibrated KL / RTN KL = {rows[2][1]['kl'] / max(rows[1][1]['kl'], 1e-30):.3f}")
 
@@ -161,58 +161,86 @@ class Llama:
         out[..., 1::2] = x0 * sin + x1 * cos
         return out
 
-    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None, head: bool = True):
-        """Logits [B, L, V]; `weights` overrides block linears by GGUF name;
-        `stats[name]` (InputStats) gets each block linear's inputs; without
-        `head` only the blocks run."""
-        B, L = tokens.shape
-        x = self.embed[tokens]
+    def block(self, i: int, x: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
+        """Block i on hidden states [B, L, D]; `weights` overrides block
+        linears by GGUF name (transposed, [in, out]); `stats[name]`
+        (InputStats), when given, gets each linear's inputs."""
+        B, L, _ = x.shape
         pos = np.arange(L, dtype=np.float64)
         mask = np.triu(np.full((L, L), -np.inf, np.float32), 1)
         hd, H, KV = self.head_dim, self.heads, self.kv_heads
 
         def lin(name, a):
             a = a.reshape(-1, a.shape[-1])  # 2-D, contiguous: numpy's BLAS path
-            if stats is not None:
+            if stats is not None and name in stats:
                 stats[name].update(a)
             return (a @ weights.get(name, self.wt[name])).reshape(B, L, -1)
 
+        p = f"blk.{i}"
+        h = self.rms(x, self.w[f"{p}.attn_norm"])
+        q = lin(f"{p}.attn_q", h).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
+        k = lin(f"{p}.attn_k", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
+        v = lin(f"{p}.attn_v", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        k = np.ascontiguousarray(np.repeat(k, H // KV, axis=1).transpose(0, 1, 3, 2))
+        v = np.ascontiguousarray(np.repeat(v, H // KV, axis=1))
+        s = np.ascontiguousarray(q) @ k / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.ascontiguousarray((s @ v).transpose(0, 2, 1, 3)).reshape(B, L, H * hd)
+        x = x + lin(f"{p}.attn_output", o)
+        h = self.rms(x, self.w[f"{p}.ffn_norm"])
+        g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
+        return x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
+
+    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
+        """Logits [B, L, V] (see `block`)."""
+        B, L = tokens.shape
+        x = self.embed[tokens]
         for i in range(self.layers):
-            p = f"blk.{i}"
-            h = self.rms(x, self.w[f"{p}.attn_norm"])
-            q = lin(f"{p}.attn_q", h).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
-            k = lin(f"{p}.attn_k", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
-            v = lin(f"{p}.attn_v", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
-            q, k = self.rope(q, pos), self.rope(k, pos)
-            k = np.ascontiguousarray(np.repeat(k, H // KV, axis=1).transpose(0, 1, 3, 2))
-            v = np.ascontiguousarray(np.repeat(v, H // KV, axis=1))
-            s = np.ascontiguousarray(q) @ k / np.sqrt(hd) + mask
-            s = np.exp(s - s.max(-1, keepdims=True))
-            s /= s.sum(-1, keepdims=True)
-            o = np.ascontiguousarray((s @ v).transpose(0, 2, 1, 3)).reshape(B, L, H * hd)
-            x = x + lin(f"{p}.attn_output", o)
-            h = self.rms(x, self.w[f"{p}.ffn_norm"])
-            g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
-            x = x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
-        if not head:
-            return None
+            x = self.block(i, x, weights, stats)
         x = self.rms(x, self.w["output_norm"]).reshape(B * L, -1)
         return (x @ self.head_t).reshape(B, L, -1)
 
+    def input_dim(self, name: str) -> int:
+        return self.wt[name].shape[0]
+
+
+def calibrate_sequential(model: Llama, calib: np.ndarray, bits: int, group_size: int, batch: int):
+    """Block by block, as the converter does: each block's statistics come
+    from the outputs of the blocks before it, already quantized."""
+    out, stored = {}, [0, 0]
+    x = model.embed[calib]
+    for i in range(model.layers):
+        names = [f"blk.{i}.{n}" for n in BLOCK_LINEARS]
+        stats = {n: InputStats(model.input_dim(n), full=False) for n in names}
+        for j in range(0, len(x), batch):
+            model.block(i, x[j:j + batch], {}, stats)
+        for n in names:
+            out[n], bits_n, params_n = quantize_linear(model, n, stats[n], bits, group_size)
+            stored[0] += bits_n
+            stored[1] += params_n
+        x = np.concatenate([model.block(i, x[j:j + batch], out) for j in range(0, len(x), batch)])
+    return out, stored[0] / stored[1]
+
+
+def quantize_linear(model: Llama, name: str, stats: InputStats | None, bits: int, group_size: int):
+    """One block linear quantized (bf16 scales), dequantized to float32 and
+    transposed as `Llama` reads it; its stored bits and its weights."""
+    w = mx.array(model.w[name]).astype(mx.bfloat16)
+    hessian = stats.diagonal() if stats is not None else None
+    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
+    w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+    return np.ascontiguousarray(np.array(w_hat).T), q.size * 32 + (s.size + b.size) * 16, w.size
+
 
 def quantize_linears(model: Llama, stats: dict | None, bits: int, group_size: int) -> tuple[dict, float]:
-    """Every block linear quantized (bf16 scales), dequantized to float32 and
-    transposed as `Llama` reads them; and bits per weight of those linears."""
-    out, params, stored_bits = {}, 0, 0
+    """Every block linear quantized (see `quantize_linear`); bits per weight of those linears."""
+    out, stored, params = {}, 0, 0
     for name in (f"blk.{i}.{n}" for i in range(model.layers) for n in BLOCK_LINEARS):
-        w = mx.array(model.w[name]).astype(mx.bfloat16)
-        hessian = stats[name].diagonal() if stats is not None else None
-        q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
-        w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
-        out[name] = np.ascontiguousarray(np.array(w_hat).T)
-        params += w.size
-        stored_bits += q.size * 32 + (s.size + b.size) * 16
-    return out, stored_bits / params
+        out[name], b, p = quantize_linear(model, name, stats[name] if stats else None, bits, group_size)
+        stored, params = stored + b, params + p
+    return out, stored / params
 
 
 def run_smollm2(args) -> None:
@@ -228,18 +256,22 @@ def run_smollm2(args) -> None:
           f"{held.size} held out, sequences of {args.seq_len}", flush=True)
 
     t0 = time.perf_counter()
-    stats = {f"blk.{i}.{n}": InputStats(model.dim if n != "ffn_down" else model.w[f"blk.{i}.ffn_down"].shape[1], full=False)
-             for i in range(model.layers) for n in BLOCK_LINEARS}
-    for i in range(0, len(calib), args.batch):
-        model(calib[i:i + args.batch], {}, stats, head=False)
-    t_stats = time.perf_counter() - t0
-    t0 = time.perf_counter()
     rtn, bpw_rtn = quantize_linears(model, None, args.bits, args.group_size)
     t_rtn = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cal, bpw_cal = quantize_linears(model, stats, args.bits, args.group_size)
+    if args.one_pass:
+        # Statistics of the reference model's own activations, in one pass.
+        stats = {n: InputStats(model.input_dim(n), full=False) for n in model.wt}
+        for i in range(0, len(calib), args.batch):
+            x = model.embed[calib[i:i + args.batch]]
+            for layer in range(model.layers):
+                x = model.block(layer, x, {}, stats)
+        cal, bpw_cal = quantize_linears(model, stats, args.bits, args.group_size)
+    else:
+        cal, bpw_cal = calibrate_sequential(model, calib, args.bits, args.group_size, args.batch)
     t_cal = time.perf_counter() - t0
-    print(f"statistics {t_stats:.1f} s; quantization: RTN {t_rtn:.1f} s, calibrated {t_cal:.1f} s", flush=True)
+    print(f"quantization: RTN {t_rtn:.1f} s; calibrated {t_cal:.1f} s "
+          f"({'one pass' if args.one_pass else 'block by block'}, statistics included)", flush=True)
 
     ref_m, rtn_m, cal_m = Metrics(), Metrics(), Metrics()
     for i in range(0, len(held), args.batch):
@@ -254,6 +286,81 @@ def run_smollm2(args) -> None:
         f"SmolLM2-135M-Instruct, every block linear {args.bits}-bit g{args.group_size}, bf16 scales "
         f"({held[:, 1:].size} held-out tokens)",
         [("reference", ref_m.row(), shipped_bpw), ("RTN", rtn_m.row(), bpw_rtn), ("calibrated", cal_m.row(), bpw_cal)],
+    )
+
+
+# ---------------------------------------------------------------- synthetic MiniMax
+
+
+def _dequantized_model(reference, path: Path):
+    """`reference` (an mlx-lm MiniMax in float32) with the weights of the
+    stock checkpoint at `path`, every quantized matrix dequantized to float32."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization"]
+    tensors = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        tensors.update(mx.load(str(f)))
+    params = []
+    for name, a in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        base = name.rsplit(".", 1)[0]
+        if f"{base}.scales" in tensors:
+            q = qc.get(base, qc)
+            a = mx.dequantize(a, tensors[f"{base}.scales"].astype(mx.float32), tensors[f"{base}.biases"].astype(mx.float32),
+                              group_size=q["group_size"], bits=q["bits"])
+        params.append((name, a.astype(mx.float32)))
+    reference.load_weights(params, strict=True)
+    return reference
+
+
+def run_minimax(args) -> None:
+    import copy
+    import tempfile
+
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+
+    import fused_moe as fm
+    from fused_moe.convert.calibration import prepare
+    from fused_moe.convert.sources import open_source
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_checkpoints import SMALL_HF, write_hf_checkpoint
+
+    config = dict(SMALL_HF, num_local_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False)
+        kw = dict(recipe="seed-3.7bit", to="stock")
+        t0 = time.perf_counter()
+        rtn_summary = fm.convert(src, tmp / "rtn", **kw)
+        t_rtn = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cal_summary = fm.convert(src, tmp / "cal", calibrate=args.text, calib_tokens=args.minimax_tokens,
+                                 calib_seq_len=args.seq_len, **kw)
+        t_cal = time.perf_counter() - t0
+        held = prepare(open_source(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
+        reference, _ = load_model(src, strict=False)
+        reference.update(tree_map(lambda a: a.astype(mx.float32), reference.parameters()))
+        rtn = _dequantized_model(copy.deepcopy(reference), tmp / "rtn")
+        cal = _dequantized_model(copy.deepcopy(reference), tmp / "cal")
+        ms = [Metrics() for _ in range(3)]
+        for i in range(0, len(held), args.batch):
+            x = held[i:i + args.batch]
+            inp, tgt = mx.array(x[:, :-1]), x[:, 1:]
+            ref = np.array(reference(inp))
+            for m, model in zip(ms, (reference, rtn, cal)):
+                m.add(ref, ref if model is reference else np.array(model(inp)), tgt)
+    print(f"conversion: RTN {t_rtn:.1f} s, calibrated {t_cal:.1f} s")
+    print_table(
+        f"synthetic MiniMax (random weights; D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
+        f"fused-moe convert --recipe seed-3.7bit [--calibrate] ({held[:, 1:].size} held-out tokens)",
+        [("reference", ms[0].row(), 16.0), ("RTN", ms[1].row(), rtn_summary.bits_per_weight),
+         ("calibrated", ms[2].row(), cal_summary.bits_per_weight)],
     )
 
 
@@ -287,10 +394,13 @@ def main(argv=None) -> None:
                    help="calibration text: .txt, .jsonl or a folder (default: python3-doc's tutorial sources)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration plus held-out tokens")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--minimax-tokens", type=int, default=8192, help="minimax: --calib-tokens of the conversion")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--one-pass", action="store_true",
+                   help="smollm2: statistics from the reference model in one pass, not block by block")
     args = p.parse_args(argv)
     if args.text is None and args.case != "speed":
         sys.exit("quant_quality: no python3-doc text found; `apt-get install python3-doc` or pass --text")
@@ -299,8 +409,6 @@ def main(argv=None) -> None:
     if args.case in ("smollm2", "all"):
         run_smollm2(args)
     if args.case in ("minimax", "all"):
-        from quant_quality_minimax import run_minimax
-
         run_minimax(args)
 
 
