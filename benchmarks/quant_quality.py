@@ -81,7 +81,7 @@ def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
     print(f"\n{title}")
     print(f"{'method':<12} {'KL (nats/token)':>16} {'perplexity':>11} {'top-1 agreement':>16} {'bits/weight':>12}")
     for name, m, bpw in rows:
-        print(f"{name:<12} {m["kl"]:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
+        print(f"{name:<12} {m['kl']:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
     if len(rows) >= 3:
         print(f"calibrated KL / RTN KL = {rows[2][1]['kl'] / max(rows[1][1]['kl'], 1e-30):.3f}")
 
