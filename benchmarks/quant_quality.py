@@ -375,15 +375,16 @@ def run_speed(args) -> None:
     ds = {k: rng.lognormal(0, 1.5, size=s[1]).astype(np.float32) for k, s in shapes.items()}
     mx.eval(*ws.values())
     quantize_weight(ws["down_proj"], 3, 64, hessian=ds["down_proj"])  # warm up
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for k in shapes:
             mx.eval(*quantize_weight(ws[k], 3, 64, hessian=ds[k]))
-        best = min(best, time.perf_counter() - t0)
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     n = sum(w.size for w in ws.values())
-    print(f"one REAP expert, 3-bit g64 weighted search: {n / 1e6:.1f}M weights in {best:.2f} s "
-          f"({n / best / 1e6:.1f}M weights/s; best of {args.repeats})")
+    # CPU time too: on a shared machine the wall clock includes waiting for a core.
+    print(f"one REAP expert, 3-bit g64 weighted search: {n / 1e6:.1f}M weights in {best:.2f} s wall, "
+          f"{best_cpu:.2f} s CPU ({n / best / 1e6:.1f}M weights/s; best of {args.repeats})")
 
 
 def main(argv=None) -> None:

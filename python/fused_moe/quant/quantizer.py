@@ -14,6 +14,8 @@ among the candidates makes the result never worse than RTN under it.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import mlx.core as mx
@@ -28,9 +30,11 @@ METHODS = ("auto", "rtn", "weighted")
 # group's midpoint to its min and to its max ((1, 1) is plain min/max).
 CLIP_RATIOS = tuple((r, r) for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7))
 # Weighted least-squares refinements of the best candidate.
-LS_STEPS = 2
+LS_STEPS = 5
 # Rows quantized at once: keeps the float32 temporaries in cache-sized pieces.
 CHUNK_WEIGHTS = 1 << 16
+# Threads over row chunks (FUSED_MOE_NUM_THREADS, as for the kernels, else every core).
+THREADS = int(os.environ.get("FUSED_MOE_NUM_THREADS") or os.cpu_count() or 1)
 # mx.quantize's floor on a group's scale.
 MIN_SCALE = 1e-7
 
@@ -120,12 +124,18 @@ def quantize_weight(w: mx.array, bits: int = 3, group_size: int = 64, hessian=No
     scales = np.empty((experts, rows, groups), np.float32)
     biases = np.empty((experts, rows, groups), np.float32)
     step = max(1, CHUNK_WEIGHTS // inputs)
-    for e in range(experts):
+    chunks = [(e, slice(r0, min(rows, r0 + step))) for e in range(experts) for r0 in range(0, rows, step)]
+
+    def search(chunk):
+        e, sl = chunk
         d = diag[e].reshape(groups, group_size)
-        for r0 in range(0, rows, step):
-            sl = slice(r0, min(rows, r0 + step))
-            codes[e, sl], scales[e, sl], biases[e, sl] = _search(
-                w32[e, sl], d, rtn_scales[e, sl], rtn_biases[e, sl], bits, w.dtype)
+        codes[e, sl], scales[e, sl], biases[e, sl] = _search(
+            w32[e, sl], d, rtn_scales[e, sl], rtn_biases[e, sl], bits, w.dtype)
+
+    # Chunks are independent (the result does not depend on the thread count);
+    # numpy releases the GIL inside each operation.
+    with ThreadPoolExecutor(max_workers=min(THREADS, len(chunks))) as pool:
+        list(pool.map(search, chunks))
     wq = mx.array(pack_codes(codes.reshape(*shape[:-1], inputs), bits))
     return (wq, mx.array(scales.reshape(*shape[:-1], groups)).astype(w.dtype),
             mx.array(biases.reshape(*shape[:-1], groups)).astype(w.dtype))
