@@ -148,6 +148,14 @@ def test_bad_hessian(hessian, match):
         quantize_weight(w, 3, 64, hessian=hessian)
 
 
+def test_hessian_as_mlx_array():
+    w = weights((8, 256), mx.bfloat16)
+    d = importance(256)
+    assert_bits_equal(quantize_weight(w, 3, 64, hessian=mx.array(d)), quantize_weight(w, 3, 64, hessian=d))
+    with pytest.raises(ValueError, match=r"hessian must be float32, got mlx.core.bfloat16 \(256,\)"):
+        quantize_weight(w, 3, 64, hessian=mx.array(d).astype(mx.bfloat16))
+
+
 def test_bad_hessian_for_stacked_weights():
     w = weights((3, 8, 256), mx.bfloat16)
     with pytest.raises(ValueError, match=r"expected one of \(3, 256, 256\), \(3, 256\)"):

@@ -71,7 +71,11 @@ def _check(w: mx.array, bits: int, group_size: int, hessian, method: str) -> Opt
             raise ValueError("method='weighted' needs a hessian")
         return None
     experts = w.shape[0] if w.ndim == 3 else None
-    h = np.asarray(hessian) if not isinstance(hessian, mx.array) else np.array(hessian)
+    if isinstance(hessian, mx.array):
+        if hessian.dtype != mx.float32:
+            raise ValueError(f"hessian must be float32, got {hessian.dtype} {tuple(hessian.shape)}")
+        hessian = np.array(hessian)
+    h = np.asarray(hessian)
     if h.dtype != np.float32:
         raise ValueError(f"hessian must be float32, got {h.dtype} {tuple(h.shape)}")
     allowed = _hessian_shapes(inputs, experts)
