@@ -8,6 +8,7 @@ import traceback
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fused_moe.convert.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS
     from fused_moe.convert.recipes import AFFINE_GROUP_SIZES, RECIPES
 
     parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
@@ -28,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true", help="check a sample of experts against the source before finishing")
+    parser.add_argument(
+        "--calibrate", metavar="TEXT",
+        help="quantize with statistics of the layers' inputs on this text (.txt, .jsonl with a \"text\" field, "
+        "or a folder of them), layer by layer; Hugging Face sources only (README: Calibrated quantization)",
+    )
+    parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, metavar="N",
+                        help=f"at most N calibration tokens, 10%% held out (default {DEFAULT_CALIB_TOKENS})")
+    parser.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="L",
+                        help=f"tokens per calibration sequence (default {DEFAULT_CALIB_SEQ_LEN})")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
@@ -38,7 +48,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         convert(
             args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size,
-            to=args.to, overwrite=args.overwrite, verify=args.verify,
+            to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
+            calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
         )
     except ConversionError as e:
         if args.debug:

