@@ -14,12 +14,13 @@ among the candidates makes the result never worse than RTN under it.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+
+from .. import _ext
 
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
@@ -33,8 +34,6 @@ CLIP_RATIOS = tuple((r, r) for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7))
 LS_STEPS = 5
 # Rows quantized at once: keeps the float32 temporaries in cache-sized pieces.
 CHUNK_WEIGHTS = 1 << 16
-# Threads over row chunks (FUSED_MOE_NUM_THREADS, as for the kernels, else every core).
-THREADS = int(os.environ.get("FUSED_MOE_NUM_THREADS") or os.cpu_count() or 1)
 # mx.quantize's floor on a group's scale.
 MIN_SCALE = 1e-7
 
@@ -138,7 +137,9 @@ def quantize_weight(w: mx.array, bits: int = 3, group_size: int = 64, hessian=No
 
     # Chunks are independent (the result does not depend on the thread count);
     # numpy releases the GIL inside each operation.
-    with ThreadPoolExecutor(max_workers=min(THREADS, len(chunks))) as pool:
+    # As many threads as the CPU kernels use (fm.set_num_threads /
+    # FUSED_MOE_NUM_THREADS, validated there).
+    with ThreadPoolExecutor(max_workers=min(_ext.get_num_threads(), len(chunks))) as pool:
         list(pool.map(search, chunks))
     wq = mx.array(pack_codes(codes.reshape(*shape[:-1], inputs), bits))
     return (wq, mx.array(scales.reshape(*shape[:-1], groups)).astype(w.dtype),
