@@ -274,6 +274,12 @@ def quantization_bits_zero(src):
     return rf"config.json: quantization\['{path}'\] needs bits in \(2, 3, 4, 5, 6, 8\)"
 
 
+def quantization_group_size_zero(src):
+    path = "model.layers.1.block_sparse_moe.switch_mlp.down_proj"
+    edit_json(src / "config.json", lambda c: c["quantization"].__setitem__(path, {"bits": 3, "group_size": 0}))
+    return rf"config.json: quantization\['{path}'\] needs bits in \(2, 3, 4, 5, 6, 8\) and group_size in \(32, 64, 128\)"
+
+
 def _fused(change):
     return lambda src: edit_json(src / "config.json", lambda c: change(c[fmt.CONFIG_KEY]))
 
@@ -346,6 +352,7 @@ CASES = {
     config_not_an_object: EITHER,
     config_head_dim_not_a_number: EITHER,
     quantization_bits_zero: ("stock",),
+    quantization_group_size_zero: ("stock",),
     format_version_a_string: ("packed",),
     format_version_true: ("packed",),
     layers_claims_one_too_many: ("packed",),
