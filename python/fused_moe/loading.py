@@ -19,9 +19,9 @@ def packed_layers(config: dict, where: str) -> Optional[dict]:
     section = config.get(format.CONFIG_KEY)
     if section is None:
         return None
-    version = section.get(format.CONFIG_FORMAT_VERSION)
-    if version != format.FORMAT_VERSION:
-        newer = isinstance(version, int) and version > format.FORMAT_VERSION
+    version = section.get(format.CONFIG_FORMAT_VERSION) if isinstance(section, dict) else None
+    if type(version) is not int or version != format.FORMAT_VERSION:
+        newer = type(version) is int and version > format.FORMAT_VERSION
         raise ValueError(
             f"{where}: packed format version {version!r}"
             + (" is newer than this fused_moe" if newer else " is not supported")
@@ -29,6 +29,22 @@ def packed_layers(config: dict, where: str) -> Optional[dict]:
             + ("; upgrade mlx-fused-moe" if newer else "")
         )
     return section[format.CONFIG_LAYERS]
+
+
+def check_checkpoint(model_path: Path, where: str) -> None:
+    """The converter's checks of a source (config.json, the index, every
+    shard's header, config.json against the tensors' shapes and dtypes),
+    before mlx-lm or MLX's own safetensors loader reads a byte: MLX's loader
+    accepts negative and overflowing shapes. Raises a one-line ValueError
+    naming the file and the tensor."""
+    from fused_moe.convert.safetensors_io import read_header
+    from fused_moe.convert.sources import open_source, read_config
+
+    packed_layers(read_config(model_path), where)  # a newer format says so first
+    open_source(model_path)
+    # mlx-lm loads every model*.safetensors, whether the index lists it or not.
+    for shard in sorted(model_path.glob("model*.safetensors")):
+        read_header(shard)
 
 
 def _packed_model_factory(model_class, layers: dict, where: str):
@@ -156,6 +172,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
         )
     model_path = utils._download(path, revision=kwargs.get("revision"))
     where = f"fused_moe.load({str(path)!r})"
+    check_checkpoint(Path(model_path), where)
     config = utils.load_config(Path(model_path))
     config.update(kwargs.get("model_config") or {})
     layers = packed_layers(config, where)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 
 
+# Connections the listening socket queues before accepting them.
+LISTEN_BACKLOG = 128
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (stock mlx-lm or packed)")
     parser.epilog = "Other options are passed to mlx_lm.server (see mlx_lm.server --help)."
@@ -41,6 +45,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     # mlx_lm.server looks up its loaders as module globals when a model is
     # first requested; pointing them at ours is the whole integration.
     server.load = _load_fused
+    # Its ThreadingHTTPServer listens with socketserver's backlog of 5: with
+    # more clients connecting at once the kernel's accept queue overflows
+    # and a client sees its connection reset (tests/test_server_load.py).
+    # This process is the server, so the class attribute is ours to set.
+    from http.server import ThreadingHTTPServer
+
+    ThreadingHTTPServer.request_queue_size = LISTEN_BACKLOG
     server.sharded_load = _refuse_distributed
     sys.argv = ["fused-moe server", "--model", args.model, *extra]
     server.main()

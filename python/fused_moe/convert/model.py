@@ -79,7 +79,7 @@ class MiniMax:
             )
         heads, kv_heads = field("num_attention_heads"), field("num_key_value_heads")
         hidden = field("hidden_size")
-        head_dim = config.get("head_dim") or hidden // heads
+        head_dim = field("head_dim") if config.get("head_dim") is not None else hidden // heads
         return cls(
             hidden=hidden,
             intermediate=field("intermediate_size"),

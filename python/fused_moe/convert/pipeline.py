@@ -3,6 +3,8 @@ directory beside the destination, optionally verify, then rename into place."""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import random
@@ -146,10 +148,94 @@ def _check_target(units: list[list[Stored]], to: str) -> None:
 def _prepare_dst(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ConversionError(f"{dst}: the destination must not be the source or lie inside it")
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
     if not dst.parent.is_dir():
         raise ConversionError(f"{dst.parent}: no such directory")
+    _recover(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
+
+
+# A conversion works in a directory beside DST, ".<DST name>.partial-XXXX",
+# holding LOCK (flocked while the run lives), OUT (the output being written,
+# renamed to DST when complete) and, with --overwrite, OLD (the previous DST,
+# moved aside for the moment between the two renames).
+_WORK_PREFIX, _LOCK, _OUT, _OLD = ".{}.partial-", "lock", "out", "old"
+
+# Test-only: FUSED_MOE_CONVERT_PAUSE_AT=<point> makes a conversion print
+# "fused-moe convert: paused at <point>" and wait there, so that a test can
+# kill it at that exact moment. Points: "unit-N" (before unit N is written),
+# "swap" (the old DST moved aside, the new one not yet in place), "renamed"
+# (the new DST in place, the work directory not yet removed).
+PAUSE_ENV = "FUSED_MOE_CONVERT_PAUSE_AT"
+
+
+def _pause(point: str) -> None:
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"fused-moe convert: paused at {point}", flush=True)
+        time.sleep(3600)
+
+
+def _work_dirs(dst: Path) -> list[Path]:
+    return sorted(dst.parent.glob(glob.escape(_WORK_PREFIX.format(dst.name)) + "*"))
+
+
+def _abandoned(work: Path) -> bool:
+    """Whether the run that made `work` is gone: its lock is free (a lock
+    dies with its process), or it was killed before it took the lock."""
+    try:
+        fd = os.open(work / _LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _recover(dst: Path) -> None:
+    """Cleans up after conversions into `dst` that were killed: restores a
+    DST an --overwrite run had moved aside, and removes the work directory."""
+    for work in _work_dirs(dst):
+        if not _abandoned(work):
+            continue
+        old = work / _OLD
+        if old.is_dir() and not dst.exists():
+            os.replace(old, dst)
+            print(f"fused-moe convert: restored {dst}, which an interrupted --overwrite run had moved to {old}", flush=True)
+        shutil.rmtree(work)
+        print(f"fused-moe convert: removed {work}, left by an interrupted conversion", flush=True)
+
+
+class _Workspace:
+    """The work directory of one run, locked for as long as the run lives."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+        self.dir = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX.format(dst.name), dir=dst.parent))
+        self._lock = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.out = self.dir / _OUT
+        self.out.mkdir()
+
+    def commit(self) -> None:
+        """Puts the finished output at DST, replacing an existing DST."""
+        if self.dst.exists():
+            os.replace(self.dst, self.dir / _OLD)
+            _pause("swap")
+        os.replace(self.out, self.dst)
+        _pause("renamed")
+
+    def close(self) -> None:
+        """Removes the work directory; after a failure between the two renames
+        of `commit`, first puts the old DST back."""
+        old = self.dir / _OLD
+        if old.is_dir() and not self.dst.exists():
+            os.replace(old, self.dst)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._lock)
 
 
 class _Converter:
@@ -374,7 +460,8 @@ def convert(
         recipe_obj.description if recipe_obj else "lossless repack")
     print(f"fused-moe convert: {src} ({source.describe()}) -> {dst} ({target}; {how})", flush=True)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    work = _Workspace(dst)
+    tmp = work.out
     try:
         writer = ShardedWriter(tmp, [(t.name, t.dtype, t.shape) for t in tensors], MAX_SHARD_BYTES, {"format": "mlx"})
         try:
@@ -384,8 +471,9 @@ def convert(
             labels = [label for label, _ in source.model.units()]
             bar = tqdm(list(zip(labels, units)), desc="calibrating" if calibrated else "converting", unit="unit",
                        file=sys.stderr)
-            for label, stored in bar:
+            for i, (label, stored) in enumerate(bar):
                 bar.set_postfix_str(label)
+                _pause(f"unit-{i}")
                 if calibrated is None:
                     converter.unit(stored)
                 else:
@@ -398,16 +486,9 @@ def convert(
             json.dump(_output_config(source, recipe_obj, units, to), f, indent=4)
         _copy_files(src, tmp)
         verified = _verify(source, recipe_obj, units, to, tmp) if verify else 0
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        work.commit()
+    finally:
+        work.close()
     summary = Summary(
         dst, source.kind, to, recipe_obj.name if recipe_obj else None, len(tensors), writer.total_bytes,
         len(writer.files), bpw, time.perf_counter() - start, source.dropped, verified,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import mlx.core as mx
@@ -71,13 +73,84 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def load_json(raw: bytes | str, where) -> object:
+    """Parses untrusted JSON (a safetensors header, an index, a config):
+    UTF-8 only, no duplicate keys, and any failure (nesting deep enough to
+    exhaust the parser included) is a one-line ConversionError naming `where`."""
+
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=unique)
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ConversionError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ConversionError(f"{where}: not valid JSON ({e})") from None
+
+
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (JSON true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry's dtype, shape and data range, each checked for type
+    and range before any arithmetic is done with it."""
+    name = printable(name)
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ConversionError(f"{path}: corrupt header entry for tensor {name}: {_short(entry)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConversionError(
+            f"{path}: tensor {name} has unsupported dtype {_short(dtype)}; supported: {', '.join(DTYPES)}"
+        )
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ConversionError(f"{path}: tensor {name} has a bad shape {_short(shape)} (non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise ConversionError(f"{path}: tensor {name} has bad data_offsets {_short(offsets)} (two non-negative integers)")
+    begin, end = offsets
+    # Python integers: a shape cannot overflow its way to a small byte count.
+    expected = itemsize(dtype) * prod(shape)
+    if begin > end or end - begin != expected:
+        raise ConversionError(
+            f"{path}: corrupt header: tensor {name} {dtype} {shape} needs "
+            f"{expected} bytes but spans [{begin}, {end})"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(name: str, limit: int = 200) -> str:
+    """A name from an untrusted file as it may appear in a one-line message."""
+    return name if name.isprintable() and len(name) <= limit else _short(name, limit)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parses and checks the header of one safetensors file: every tensor's
     byte range must match its shape and dtype, the ranges must tile the data
-    section, and the file must be exactly as long as the header says."""
+    section, and the file must be exactly as long as the header says. Nothing
+    is allocated from an untrusted number before it is checked against the
+    file's size."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        # Checked before opening: opening a FIFO would wait for a writer.
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConversionError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -86,37 +159,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if header_len > min(size - 8, _MAX_HEADER_BYTES):
                 raise ConversionError(
                     f"{path}: corrupt or truncated safetensors file (header length "
-                    f"{header_len}, file size {size})"
+                    f"{header_len}, file size {size}, at most {_MAX_HEADER_BYTES} accepted)"
                 )
             raw = f.read(header_len)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from e
+    header = load_json(raw, f"{path}: corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ConversionError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + header_len
     tensors = {}
     ranges = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if dtype not in DTYPES:
-                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-            expected = itemsize(dtype) * int(np.prod(shape, dtype=np.int64))
-            if not (0 <= begin <= end) or end - begin != expected:
-                raise ConversionError(
-                    f"{path}: corrupt header: tensor {name} {dtype} {list(shape)} needs "
-                    f"{expected} bytes but spans [{begin}, {end})"
-                )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ConversionError):
-                raise
-            raise ConversionError(f"{path}: corrupt header entry for tensor {name}: {entry!r}") from e
+        dtype, shape, begin, end = _entry(path, name, entry)
         tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
         ranges.append((begin, end, name))
     ranges.sort()
@@ -124,14 +184,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for begin, end, name in ranges:
         if begin != pos:
             raise ConversionError(
-                f"{path}: corrupt header: tensor {name} starts at byte {begin} of the data, "
+                f"{path}: corrupt header: tensor {printable(name)} starts at byte {begin} of the data, "
                 f"expected {pos} (tensors overlap or leave a gap)"
             )
         pos = end
-    if data_start + pos != size:
-        what = "truncated" if data_start + pos > size else "corrupt"
+    if data_start + pos > size:
         raise ConversionError(
-            f"{path}: {what} safetensors file: the header describes {data_start + pos} "
+            f"{path}: truncated safetensors file: tensor {printable(ranges[-1][2])} ends at byte "
+            f"{data_start + pos}, the file has {size}"
+        )
+    if data_start + pos < size:
+        raise ConversionError(
+            f"{path}: corrupt safetensors file: the header describes {data_start + pos} "
             f"bytes, the file has {size}"
         )
     return tensors

@@ -11,8 +11,8 @@ Three kinds of source:
 
 from __future__ import annotations
 
-import json
 import re
+import stat
 from dataclasses import dataclass, field
 from math import ceil
 from pathlib import Path
@@ -24,8 +24,8 @@ from fused_moe import format as fmt
 from fused_moe.convert.errors import ConversionError
 from fused_moe.convert.layout import Stored, packed_tensors, quantized_shapes
 from fused_moe.convert.model import EXPERTS, NORM, QUANTIZABLE, ROUTING_BIAS, MiniMax, Module, block_path
-from fused_moe.convert.recipes import Quant
-from fused_moe.convert.safetensors_io import INDEX_NAME, TensorInfo, read_header, read_tensor
+from fused_moe.convert.recipes import AFFINE_BITS, AFFINE_GROUP_SIZES, Quant
+from fused_moe.convert.safetensors_io import INDEX_NAME, TensorInfo, load_json, printable, read_header, read_tensor
 
 HF, MLX, PACKED = "hf", "mlx", "packed"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -46,12 +46,18 @@ def read_checkpoint(path: Path) -> dict[str, TensorInfo]:
     and the shards agree. Without an index, every *.safetensors file counts."""
     index_file = path / INDEX_NAME
     if index_file.exists():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConversionError(f"{index_file}: corrupt index ({e})") from e
+        index = load_json(_read_bytes(index_file), index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index_file}: corrupt index (no \"weight_map\" object)")
+        for tensor, name in weight_map.items():
+            # A shard is a file of this directory: no paths, so an index
+            # cannot make us read /etc/passwd or ../other-model.
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise ConversionError(
+                    f"{index_file}: tensor {printable(tensor)} is placed in {printable(repr(name))}, "
+                    f"which is not a file name in {path}"
+                )
         files = sorted(set(weight_map.values()))
     else:
         weight_map = None
@@ -61,7 +67,7 @@ def read_checkpoint(path: Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for name in files:
         shard = path / name
-        if not shard.is_file():
+        if not shard.exists():
             raise ConversionError(f"{index_file}: lists shard {name}, which does not exist in {path}")
         for tensor, info in read_header(shard).items():
             if tensor in tensors:
@@ -189,23 +195,25 @@ class Source:
             return None
         inputs = m.shape[-1]
         groups, words = scales.shape[-1], weight.shape[-1]
-        if inputs % groups or (words * 32) % inputs:
+        implied = {"bits": words * 32 // inputs, "group_size": inputs // groups if groups else 0}
+        if not groups or inputs % groups or (words * 32) % inputs or _quant_error(implied):
             raise ConversionError(
                 f"{weight.file}: {m.path}.weight {list(weight.shape)} and scales "
                 f"{list(scales.shape)} are not a quantization of {list(m.shape)}"
             )
-        q = Quant(words * 32 // inputs, inputs // groups)
         self._quant_entry(quantization, "quantization")  # the mode must be affine
-        return q
+        return Quant(implied["bits"], implied["group_size"])
 
     def _quant_entry(self, entry: dict, where: str) -> Quant:
+        config_file = self.path / "config.json"
+        if not isinstance(entry, dict):
+            raise ConversionError(f"{config_file}: {where} must be an object, got {entry!r}")
         mode = entry.get("mode", "affine")
         if mode != "affine":
-            raise ConversionError(f"{self.path / 'config.json'}: {where} uses mode {mode!r}; only 'affine' is supported")
-        try:
-            return Quant(int(entry["bits"]), int(entry["group_size"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConversionError(f"{self.path / 'config.json'}: {where} needs bits and group_size, got {entry!r}") from e
+            raise ConversionError(f"{config_file}: {where} uses mode {mode!r}; only 'affine' is supported")
+        if error := _quant_error(entry):
+            raise ConversionError(f"{config_file}: {where} {error}")
+        return Quant(entry["bits"], entry["group_size"])
 
     def _check_mlx(self, packed: bool) -> None:
         quantization = self.config.get("quantization")
@@ -215,12 +223,19 @@ class Source:
         if packed:
             fused = self.config[fmt.CONFIG_KEY]
             version = fused.get(fmt.CONFIG_FORMAT_VERSION) if isinstance(fused, dict) else None
-            if version != fmt.FORMAT_VERSION:
+            if type(version) is not int or version != fmt.FORMAT_VERSION:
                 raise ConversionError(
                     f"{self.path / 'config.json'}: {fmt.CONFIG_KEY}.{fmt.CONFIG_FORMAT_VERSION} is "
                     f"{version!r}; this fused_moe reads version {fmt.FORMAT_VERSION}"
                 )
-            layers = fused.get(fmt.CONFIG_LAYERS) or {}
+            layers = fused.get(fmt.CONFIG_LAYERS)
+            blocks = {block_path(i) for i in range(self.model.layers)}
+            if not isinstance(layers, dict) or set(layers) != blocks:
+                claimed = sorted(layers) if isinstance(layers, dict) else layers
+                raise ConversionError(
+                    f"{self.path / 'config.json'}: {fmt.CONFIG_KEY}.{fmt.CONFIG_LAYERS} must name exactly the "
+                    f"{self.model.layers} MoE blocks of num_hidden_layers={self.model.layers}, got {_short_list(claimed)}"
+                )
         self.stored = []
         for _, modules in self.model.units():
             stored = []
@@ -279,6 +294,23 @@ class Source:
         return dequantize_fp8(w, scale_inv)
 
 
+def _short_list(value, limit: int = 4) -> str:
+    if isinstance(value, list) and len(value) > limit:
+        return f"{value[:limit]!r} and {len(value) - limit} more"
+    return printable(repr(value))
+
+
+def _quant_error(entry: dict) -> Optional[str]:
+    """Why `entry` is not an affine setting MLX can store, or None."""
+
+    def exact(value, allowed) -> bool:
+        return type(value) is int and value in allowed
+
+    if exact(entry.get("bits"), AFFINE_BITS) and exact(entry.get("group_size"), AFFINE_GROUP_SIZES):
+        return None
+    return f"needs bits in {AFFINE_BITS} and group_size in {AFFINE_GROUP_SIZES}, got {entry!r}"
+
+
 def dequantize_fp8(codes: mx.array, scale_inv: mx.array) -> mx.array:
     """e4m3 codes [m, n] times one scale per 128x128 block, rounded to bf16.
 
@@ -294,6 +326,35 @@ def dequantize_fp8(codes: mx.array, scale_inv: mx.array) -> mx.array:
     return w.reshape(M, N)[:m, :n].astype(mx.bfloat16)
 
 
+# config.json and the index are a few MB at most.
+_MAX_JSON_BYTES = 100 << 20
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A small JSON file's bytes, refusing (before reading) one too large."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConversionError(f"{path}: not a regular file")
+        size = st.st_size
+        if size > _MAX_JSON_BYTES:
+            raise ConversionError(f"{path}: {size} bytes; at most {_MAX_JSON_BYTES} accepted")
+        return path.read_bytes()
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint directory's config.json, parsed as untrusted input."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise ConversionError(f"{path}: no config.json")
+    config = load_json(_read_bytes(config_file), config_file)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file}: not a JSON object")
+    return config
+
+
 def has_tokenizer(path: Path) -> bool:
     return any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES)
 
@@ -303,13 +364,8 @@ def open_source(path: Path) -> Source:
     path = Path(path)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a checkpoint directory")
+    config = read_config(path)
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no config.json") from None
-    except ValueError as e:
-        raise ConversionError(f"{config_file}: not valid JSON ({e})") from e
     model = MiniMax.from_config(config, str(config_file))
     if not has_tokenizer(path):
         raise ConversionError(f"{path}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")

@@ -1,0 +1,572 @@
+"""A differential fuzzer for the ops: seeded random cases on every backend
+present, against the fp64 reference under the tolerance rule.
+
+Each case is drawn from one integer seed (`draw(seed)`), so a failure
+reproduces with ``python -m tests.fuzz --case SEED`` (plus the FUSED_MOE_ISA
+it ran under). The ops and what each case checks:
+
+* ``gate_up_swiglu`` and ``down_combine``: shapes up to D, H = 3072, E = 300,
+  k = 16, T = 600 (large ones rarely, and only where the case stays cheap);
+  bits and group size from the grid, gate/up and down apart; every dtype;
+  contiguous or strided x and h; uint32 or int32 ids; duplicate experts in a
+  token, every token on one expert, unused experts, ids at 0 and E-1; some
+  experts with all-zero scales; magnitudes scaled near the dtype's limit,
+  subnormal and all-zero tokens. Checked against the fp64 reference from the
+  same quantized weights (tolerance.py); on the CPU also bit-identical at one
+  and several threads.
+* NaN/Inf in a few tokens: every other token is bit-identical to a run
+  without them (they stay in their own tokens).
+* ids just outside [0, E) (or negative int32): the CPU raises naming the
+  entry; the Metal kernels give NaN in exactly the affected rows, with the
+  emulator's guard pages checking that nothing is read out of bounds.
+* ``route``: E 1..300, k 1..min(E, 16), every x dtype and gate form, exact
+  ties (duplicated gate rows), NaN scores and NaN bias entries, under the
+  router's own semantics (README, "The router").
+* ``pack_experts``/``unpack_experts``: bit-exact round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fused_moe as fm  # noqa: E402
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
+
+from moe_reference import Experts, stock_h, stock_y  # noqa: E402
+from router_reference import GATE_FORMS, MIN_SELECTION_GAP, gate_weight64, make_gate  # noqa: E402
+from tolerance import assert_within_tolerance  # noqa: E402
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Multiply-adds a case may cost the fp64 reference and the stock path (the
+# CPU has two cores); the emulator runs scalar code, so it gets less.
+MAX_WORK = 1e7
+MAX_EMULATOR_WORK = 4e6
+ROUTINGS = ("random", "duplicates", "one_expert", "few_experts", "edges")
+VALUES = ("normal", "large", "tiny_tokens", "zero_tokens")
+
+
+@dataclass
+class MoeCase:
+    seed: int
+    T: int
+    E: int
+    k: int
+    D: int
+    H: int
+    bits: int
+    group_size: int
+    down_bits: int
+    down_group_size: int
+    dtype: str
+    index_dtype: str
+    routing: str
+    values: str
+    strided_x: bool
+    strided_h: bool
+    zero_scale_experts: list
+    nonfinite_tokens: list  # [(token, "nan" | "inf")]
+    bad_ids: list  # [(token, slot, id)]
+
+    def describe(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+@dataclass
+class RouteCase:
+    seed: int
+    T: int
+    E: int
+    k: int
+    D: int
+    dtype: str
+    gate: str
+    group_size: int
+    ties: bool
+    nan_tokens: list
+    nan_bias: list
+
+    def describe(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+def _dim(rng, limit: int, multiple: int) -> int:
+    """A width, a multiple of `multiple`: mostly small, now and then up to `limit`."""
+    if rng.random() < 0.08:
+        top = limit
+    else:
+        top = 512
+    return multiple * int(rng.integers(1, top // multiple + 1))
+
+
+def draw(seed: int):
+    """The case of `seed`: one in five is a router case."""
+    rng = np.random.default_rng(seed)
+    if rng.random() < 0.2:
+        return _draw_route(seed, rng)
+    return _draw_moe(seed, rng)
+
+
+def _draw_moe(seed, rng) -> MoeCase:
+    bits, down_bits = (int(rng.choice(fm.SUPPORTED_BITS)) for _ in range(2))
+    gs, dgs = (int(rng.choice(fm.SUPPORTED_GROUP_SIZES)) for _ in range(2))
+    D, H = _dim(rng, 3072, gs), _dim(rng, 3072, dgs)
+    E = int(rng.choice([rng.integers(1, 9), rng.integers(1, 301)]))
+    k = int(rng.integers(1, 17))
+    T = int(rng.choice([rng.integers(1, 9), rng.integers(1, 601)]))
+    # Shrink what costs most until the case is cheap: T first, then E, then widths.
+    while T * k * D * H * 3 > MAX_WORK and T > 1:
+        T = max(1, T // 2)
+    while E * D * H * 3 > MAX_WORK * 2 and E > 1:
+        E = max(1, E // 2)
+    while T * k * D * H * 3 > MAX_WORK or E * D * H * 3 > MAX_WORK * 2:
+        if D >= H and D > gs:
+            D = max(gs, (D // 2) // gs * gs)
+        elif H > dgs:
+            H = max(dgs, (H // 2) // dgs * dgs)
+        else:
+            break
+    dtype = str(rng.choice(list(DTYPES)))
+    values = str(rng.choice(VALUES, p=[0.55, 0.15, 0.15, 0.15]))
+    nonfinite = []
+    if rng.random() < 0.2 and T > 1:
+        for t in rng.choice(T, size=min(T - 1, int(rng.integers(1, 3))), replace=False):
+            nonfinite.append((int(t), str(rng.choice(["nan", "inf", "-inf"]))))
+    bad = []
+    index_dtype = str(rng.choice(["uint32", "int32"]))
+    if rng.random() < 0.15:
+        for _ in range(int(rng.integers(1, 3))):
+            t, j = int(rng.integers(0, T)), int(rng.integers(0, k))
+            choices = [E, E + 1, 2**31 - 1] + ([-1] if index_dtype == "int32" else [2**32 - 1])
+            bad.append((t, j, int(rng.choice(choices))))
+    zero_scales = sorted({int(e) for e in rng.integers(0, E, size=int(rng.integers(0, 3)))}) if rng.random() < 0.3 else []
+    return MoeCase(
+        seed, T, E, k, D, H, bits, gs, down_bits, dgs, dtype, index_dtype,
+        str(rng.choice(ROUTINGS)), values, bool(rng.random() < 0.4), bool(rng.random() < 0.3),
+        zero_scales, nonfinite, bad,
+    )
+
+
+def _draw_route(seed, rng) -> RouteCase:
+    E = int(rng.choice([rng.integers(1, 17), rng.integers(1, 301)]))
+    k = int(rng.integers(1, min(E, fm.MAX_TOP_K) + 1))
+    gate = str(rng.choice(GATE_FORMS))
+    gs = int(rng.choice(fm.SUPPORTED_GROUP_SIZES))
+    D = _dim(rng, 3072, gs if gate == "q8" else 32)
+    T = int(rng.choice([rng.integers(1, 9), rng.integers(1, 601)]))
+    while T * E * D > MAX_WORK and T > 1:
+        T = max(1, T // 2)
+    nan_tokens = sorted({int(t) for t in rng.integers(0, T, size=2)}) if rng.random() < 0.2 else []
+    nan_bias = sorted({int(e) for e in rng.integers(0, E, size=2)}) if rng.random() < 0.2 else []
+    return RouteCase(seed, T, E, k, D, str(rng.choice(list(DTYPES))), gate, gs,
+                     bool(rng.random() < 0.4), nan_tokens, nan_bias)
+
+
+# ---------------------------------------------------------------- MoE cases
+
+
+def _random_quantized(E, d_in, d_out, bits, group_size, dtype, rng):
+    """A QuantizedSwitchLinear with random codes (every bit pattern is a valid
+    code) and scales/biases centring each weight group on zero: the grid's
+    arrays directly, far cheaper than quantizing random weights."""
+    layer = QuantizedSwitchLinear(d_in, d_out, E, bias=False, group_size=group_size, bits=bits)
+    groups = (E, d_out, d_in // group_size)
+    top = 2**bits - 1
+    scales = rng.uniform(0.5, 1.5, size=groups) * 3.4 / np.sqrt(d_in) / top
+    layer.weight = mx.array(rng.integers(0, 2**32, size=(E, d_out, d_in * bits // 32), dtype=np.uint32))
+    layer.scales = mx.array(scales.astype(np.float32)).astype(dtype)
+    layer.biases = mx.array((-scales * top / 2).astype(np.float32)).astype(dtype)
+    return layer
+
+
+def _experts(c: MoeCase) -> Experts:
+    dtype = DTYPES[c.dtype]
+    rng = np.random.default_rng(c.seed + 3)
+    gate = _random_quantized(c.E, c.D, c.H, c.bits, c.group_size, dtype, rng)
+    up = _random_quantized(c.E, c.D, c.H, c.bits, c.group_size, dtype, rng)
+    down = _random_quantized(c.E, c.H, c.D, c.down_bits, c.down_group_size, dtype, rng)
+    if c.zero_scale_experts:
+        rows = mx.array(np.isin(np.arange(c.E), c.zero_scale_experts))[:, None, None]
+        for layer in (gate, up, down):
+            layer.scales = mx.where(rows, mx.zeros_like(layer.scales), layer.scales)
+    packed = fm.pack_experts(gate, up, down)
+    mx.eval(packed.parameters(), gate.parameters(), up.parameters(), down.parameters())
+    return Experts(gate, up, down, packed, dtype)
+
+
+def _routing(c: MoeCase, rng):
+    T, E, k = c.T, c.E, c.k
+    if c.routing == "one_expert":
+        idx = np.full((T, k), int(rng.integers(0, E)))
+    elif c.routing == "few_experts":  # most experts never used
+        used = rng.choice(E, size=max(1, min(E, 2)), replace=False)
+        idx = rng.choice(used, size=(T, k))
+    elif c.routing == "edges":  # the first and the last expert
+        idx = rng.choice([0, E - 1], size=(T, k))
+    elif c.routing == "duplicates" or k > E:
+        idx = rng.integers(0, E, size=(T, k))
+        idx[:, -1] = idx[:, 0]
+    else:
+        idx = np.argsort(rng.random((T, E)), axis=1)[:, :k]
+    w = rng.random((T, k)) + 0.05
+    w /= w.sum(axis=1, keepdims=True)
+    return idx.astype(np.int64), w.astype(np.float32)
+
+
+def _activations(c: MoeCase, rng, ex: Experts, idx, w) -> np.ndarray:
+    """x [T, D] in float64, each value exactly representable in the dtype.
+    Token 0 always stays normal, so the reference is never all zeros."""
+    x = rng.standard_normal((c.T, c.D))
+    some = rng.random(c.T) < 0.3
+    some[0] = False
+    if c.values == "large":
+        # Scaled so that h and y come near 1/64 of the dtype's largest value:
+        # both grow about as the square of the scale (silu(g)*u, then D*h).
+        limit = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38}[c.dtype] / 64
+        x64 = _rounded(x, c.dtype)
+        h = _reference(ex, x64, idx)
+        y = _reference(ex, x64, idx, h, w)
+        peak = max(float(np.abs(h).max()), float(np.abs(y).max()), 1e-30)
+        x *= np.sqrt(limit / peak) / 2
+    elif c.values == "tiny_tokens":  # a few tokens in the subnormal range
+        x[some] *= {"float32": 1e-39, "float16": 1e-6, "bfloat16": 1e-39}[c.dtype]
+    elif c.values == "zero_tokens":
+        x[some] = 0.0
+    return _rounded(x, c.dtype)
+
+
+def _rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    return np.array(mx.array(x.astype(np.float32)).astype(DTYPES[dtype]).astype(mx.float32), dtype=np.float64)
+
+
+def _dequantized_expert(layer, e: int) -> np.ndarray:
+    w = mx.dequantize(layer.weight[e], layer.scales[e].astype(mx.float32), layer.biases[e].astype(mx.float32),
+                      layer.group_size, layer.bits)
+    return np.array(w, dtype=np.float64)
+
+
+def _reference(ex: Experts, x64, idx, h_in=None, weights=None):
+    """fp64 h [T, k, H] (from x) or y [T, D] (from h_in), one used expert at a
+    time, so memory stays at one expert's weights."""
+    T, k = idx.shape
+    if h_in is None:
+        np.seterr(over="ignore")  # exp(-g) of a large negative g: silu is 0 there, as it should be
+        H = ex.packed.intermediate_dims
+        h = np.zeros((T, k, H))
+        for e in np.unique(idx):
+            t, j = np.nonzero(idx == e)
+            g = x64[t] @ _dequantized_expert(ex.gate, e).T
+            u = x64[t] @ _dequantized_expert(ex.up, e).T
+            h[t, j] = g / (1.0 + np.exp(-g)) * u
+        return h
+    y = np.zeros((T, ex.packed.hidden_dims))
+    for e in np.unique(idx):
+        t, j = np.nonzero(idx == e)
+        np.add.at(y, t, (h_in[t, j] @ _dequantized_expert(ex.down, e).T) * weights[t, j][:, None])
+    return y
+
+
+def _strided(a: mx.array) -> mx.array:
+    """The same values as a non-contiguous view (rows two apart in memory)."""
+    return mx.stack([a, a], axis=-2)[..., 0, :]
+
+
+def _np(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+class Failure(AssertionError):
+    pass
+
+
+def _with_threads(n: int, call):
+    before = fm.get_num_threads()
+    fm.set_num_threads(n)
+    try:
+        return call()
+    finally:
+        fm.set_num_threads(before)
+
+
+def check_moe(c: MoeCase, backend, ex: Experts) -> None:
+    rng = np.random.default_rng(c.seed + 1)
+    idx, w = _routing(c, rng)
+    x64 = _activations(c, rng, ex, idx, w)
+    dtype = DTYPES[c.dtype]
+    index_dtype = mx.uint32 if c.index_dtype == "uint32" else mx.int32
+    indices = mx.array(idx.astype(np.uint32 if index_dtype == mx.uint32 else np.int32))
+    weights = mx.array(w)
+    x = mx.array(x64.astype(np.float32)).astype(dtype)
+    if c.strided_x:
+        x = _strided(x)
+
+    def run(x, indices, threads=None):
+        def go():
+            h = backend.gate_up_swiglu(x, ex.packed, indices)
+            hh = _strided(h) if c.strided_h else h
+            y = backend.down_combine(hh, ex.packed, indices, weights)
+            mx.eval(h, y)
+            return h, y
+        return _with_threads(threads, go) if threads else go()
+
+    h, y = run(x, indices)
+    # The tolerance rule, on every token, against the fp64 reference.
+    h_ref = _reference(ex, x64, idx)
+    xs, ids = x.astype(dtype), indices
+    assert_within_tolerance(h, stock_h(ex, xs, ids), h_ref, dtype, "gate_up_swiglu")
+    h64 = _np(h)
+    assert_within_tolerance(y, stock_y(ex, h, ids, weights), _reference(ex, x64, idx, h64, w), dtype, "down_combine")
+    zero = np.all(x64 == 0, axis=1)
+    if zero.any():
+        assert np.all(_np(y)[zero] == 0), "an all-zero token gave a non-zero y"
+
+    if backend.name == "cpu":
+        n = max(3, fm.get_num_threads())
+        h1, y1 = run(x, indices, threads=1)
+        hn, yn = run(x, indices, threads=n)
+        for a, b, what in ((h1, hn, "h"), (y1, yn, "y"), (h1, h, "h"), (y1, y, "y")):
+            if not np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), equal_nan=True):
+                raise Failure(f"{what} differs between 1 and {n} threads")
+
+    if c.nonfinite_tokens:
+        bad_x = x64.copy()
+        value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+        for t, v in c.nonfinite_tokens:
+            bad_x[t, int(rng.integers(0, c.D))] = value[v]
+        xb = mx.array(bad_x.astype(np.float32)).astype(dtype)
+        hb, yb = run(_strided(xb) if c.strided_x else xb, indices)
+        bad_tokens = sorted({t for t, _ in c.nonfinite_tokens})
+        ok = np.setdiff1d(np.arange(c.T), bad_tokens)
+        if not (np.array_equal(_np(hb)[ok], _np(h)[ok]) and np.array_equal(_np(yb)[ok], _np(y)[ok])):
+            raise Failure(f"NaN/Inf in tokens {bad_tokens} changed other tokens")
+        for t, v in c.nonfinite_tokens:
+            if np.isfinite(_np(yb)[t]).all():
+                raise Failure(f"token {t} with {v} in x gave a finite y")
+
+    if c.bad_ids:
+        bad = np.array(indices).astype(np.int64)
+        for t, j, v in c.bad_ids:
+            bad[t, j] = v
+        bad_indices = mx.array(bad.astype(np.uint32 if index_dtype == mx.uint32 else np.int32))
+        _check_bad_ids(c, backend, ex, x, bad_indices, weights, h, y)
+
+
+def _check_bad_ids(c, backend, ex, x, bad_indices, weights, h, y) -> None:
+    t, j, v = c.bad_ids[0]
+    if backend.name == "cpu":
+        for call in (lambda: backend.gate_up_swiglu(x, ex.packed, bad_indices),
+                     lambda: backend.down_combine(h, ex.packed, bad_indices, weights)):
+            try:
+                mx.eval(call())
+            except RuntimeError as e:
+                if "is out of range for" not in str(e):
+                    raise Failure(f"bad id raised an unexpected error: {e}") from e
+            else:
+                raise Failure(f"indices[{t}, {j}] = {v} did not raise on the CPU")
+        return
+    hb = backend.gate_up_swiglu(x, ex.packed, bad_indices)
+    yb = backend.down_combine(h, ex.packed, bad_indices, weights)
+    hb, yb, h0, y0 = _np(hb), _np(yb), _np(h), _np(y)
+    pairs = {(t, j) for t, j, _ in c.bad_ids}
+    tokens = {t for t, _, _ in c.bad_ids}
+    for tt in range(c.T):
+        for jj in range(c.k):
+            nan = np.isnan(hb[tt, jj]).all()
+            if (tt, jj) in pairs and not nan:
+                raise Failure(f"h[{tt}, {jj}] of a bad id is not NaN")
+            if (tt, jj) not in pairs and not np.array_equal(hb[tt, jj], h0[tt, jj], equal_nan=True):
+                raise Failure(f"a bad id changed h[{tt}, {jj}]")
+        if tt in tokens and not np.isnan(yb[tt]).all():
+            raise Failure(f"y[{tt}] of a token with a bad id is not NaN")
+        if tt not in tokens and not np.array_equal(yb[tt], y0[tt], equal_nan=True):
+            raise Failure(f"a bad id changed y[{tt}]")
+
+
+def check_packing(ex: Experts) -> None:
+    for layer, got in zip((ex.gate, ex.up, ex.down), fm.unpack_experts(ex.packed)):
+        for name, a in zip(("weight", "scales", "biases"), got[:3]):
+            b = getattr(layer, name)
+            if a.dtype != b.dtype or not mx.array_equal(a.reshape(b.shape), b).item():
+                raise Failure(f"unpack(pack()) changed {name}")
+
+
+# ---------------------------------------------------------------- router
+
+
+def check_route(c: RouteCase, backend) -> None:
+    rng = np.random.default_rng(c.seed + 2)
+    gate = make_gate(c.E, c.D, c.gate, seed=c.seed, group_size=c.group_size)
+    bias = rng.normal(0, 0.05, size=c.E).astype(np.float32)
+    twins = []
+    if c.ties and c.E > 1:
+        # Expert b copies expert a's gate row and bias: their scores tie exactly.
+        a, b = sorted(rng.choice(c.E, size=2, replace=False).tolist())
+        twins.append((a, b))
+        _copy_gate_row(gate, a, b)
+        bias[b] = bias[a]
+    for e in c.nan_bias:
+        bias[e] = np.nan
+    x64 = rng.standard_normal((c.T, c.D)) * 2
+    for t in c.nan_tokens:
+        x64[t, 0] = np.nan
+    dtype = DTYPES[c.dtype]
+    x = mx.array(x64.astype(np.float32)).astype(dtype)
+    bias_mx = mx.array(bias)
+    indices, weights = backend.route(x, gate, bias_mx, c.k)
+    mx.eval(indices, weights)
+    idx = np.array(indices).astype(np.int64)
+    w = np.array(weights, dtype=np.float64)
+    if idx.shape != (c.T, c.k) or indices.dtype != mx.uint32 or weights.dtype != mx.float32:
+        raise Failure(f"route returned {indices.dtype}{idx.shape}, {weights.dtype}")
+    if idx.min() < 0 or idx.max() >= c.E:
+        raise Failure("route returned an id outside [0, E)")
+    # The kernel's own fp32 scores, as MLX computes them (logits in fp32).
+    scores = mx.sigmoid(gate(x.astype(mx.float32)))
+    biased = np.array(scores + bias_mx, dtype=np.float64)
+    s32 = np.array(scores, dtype=np.float64)
+    for t in range(c.T):
+        row, chosen = biased[t], idx[t]
+        if len(set(chosen.tolist())) != c.k:
+            raise Failure(f"token {t}: duplicate experts {chosen.tolist()}")
+        key = _rank_keys(row)
+        order = sorted(range(c.E), key=lambda e: key[e])
+        want = order[: c.k]
+        # Ranked best first; numbers equal within fp32 summation-order noise may swap.
+        tol = MIN_SELECTION_GAP
+        for pos, e in enumerate(chosen):
+            w_row = row[want[pos]]
+            got_row = row[e]
+            same = (np.isnan(w_row) and np.isnan(got_row) and e == want[pos]) or (
+                not np.isnan(w_row) and not np.isnan(got_row) and abs(w_row - got_row) <= tol)
+            if not same:
+                raise Failure(f"token {t}: slot {pos} chose expert {e} ({got_row}), expected {want[pos]} ({w_row})")
+        for a, b in twins:
+            if b in chosen and (a not in chosen or list(chosen).index(a) > list(chosen).index(b)):
+                if not np.isnan(row[a]):
+                    raise Failure(f"token {t}: tie between {a} and {b} not broken toward the lower index: {chosen}")
+    # Weights: the stock chain on the chosen experts, and fp64.
+    chosen_scores = np.take_along_axis(s32, idx, 1)
+    ok = np.isfinite(chosen_scores).all(axis=1)
+    if (~ok).any() and np.isfinite(w[~ok]).all():
+        raise Failure("NaN scores gave finite weights")
+    if ok.any():
+        x_ok = x64[ok]
+        g64 = gate_weight64(gate)
+        s64 = 1.0 / (1.0 + np.exp(-(np.array(mx.array(x_ok.astype(np.float32)).astype(dtype).astype(mx.float32), dtype=np.float64) @ g64.T)))
+        ref_c = np.take_along_axis(s64, idx[ok], 1)
+        ref_w = ref_c / (ref_c.sum(axis=1, keepdims=True) + 1e-20)
+        stock_c = mx.take_along_axis(scores[mx.array(np.nonzero(ok)[0])], mx.array(idx[ok].astype(np.uint32)), axis=-1)
+        stock_w = stock_c / (mx.sum(stock_c, axis=-1, keepdims=True) + 1e-20)
+        assert_within_tolerance(w[ok], stock_w, ref_w, mx.float32, "route weights")
+
+
+def _rank_keys(row: np.ndarray):
+    """Sort keys of the router's order: higher score first, NaN last, then lower index."""
+    return [((1, 0.0) if np.isnan(v) else (0, -v), e) for e, v in enumerate(row)]
+
+
+def _copy_gate_row(gate, a: int, b: int) -> None:
+    if isinstance(gate, nn.QuantizedLinear):
+        for name in ("weight", "scales", "biases"):
+            arr = getattr(gate, name)
+            arr[b] = arr[a]
+            setattr(gate, name, arr)
+    else:
+        w = gate.weight
+        w[b] = w[a]
+        gate.weight = w
+    mx.eval(gate.parameters())
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def runs_on(case, backend) -> bool:
+    """Whether `case` runs on `backend`: the emulator skips the costliest."""
+    cost = case.T * case.k * case.D * case.H * 3 if isinstance(case, MoeCase) else 0
+    return backend.name != "metal_emulator" or cost <= MAX_EMULATOR_WORK
+
+
+def run_case(seed: int, backends) -> list[str]:
+    """Runs case `seed` on every backend; returns the failures, each a line
+    with the reproducing command."""
+    case = draw(seed)
+    failures = []
+    ex = _experts(case) if isinstance(case, MoeCase) else None
+    for backend in backends:
+        if not runs_on(case, backend):
+            continue
+        try:
+            if isinstance(case, MoeCase):
+                check_moe(case, backend, ex)
+            else:
+                check_route(case, backend)
+        except Exception as e:  # noqa: BLE001 - every failure is reported with its case
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failures.append(
+                f"FAIL on {backend.name} ({fm.cpu_isa()}): {type(e).__name__}: {first}\n"
+                f"  case: {case.describe()}\n"
+                f"  reproduce: FUSED_MOE_ISA={fm.cpu_isa()} python -m tests.fuzz --case {seed} --backends {backend.name}\n"
+                + "".join(traceback.format_exception(e)[-3:])
+            )
+    if isinstance(case, MoeCase) and not failures:
+        try:
+            check_packing(ex)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"FAIL pack/unpack: {e}\n  case: {case.describe()}\n  reproduce: python -m tests.fuzz --case {seed}")
+    return failures
+
+
+def run(seed: int, seconds: float, backends, max_cases: int | None = None, log=print) -> dict:
+    """Runs cases seed*10**6, seed*10**6 + 1, ... until `seconds` pass (or
+    `max_cases`). Returns the counts and failures."""
+    start = time.monotonic()
+    counts = {b.name: 0 for b in backends}
+    counts["route"] = 0
+    failures = []
+    i = 0
+    while time.monotonic() - start < seconds and (max_cases is None or i < max_cases):
+        case_seed = seed * 1_000_000 + i
+        case_failures = run_case(case_seed, backends)
+        failures += case_failures
+        for f in case_failures:
+            log(f)
+        case = draw(case_seed)
+        if isinstance(case, RouteCase):
+            counts["route"] += 1
+        for b in backends:
+            counts[b.name] += runs_on(case, b)
+        i += 1
+    return {"cases": i, "per_backend": counts, "failures": failures, "seconds": time.monotonic() - start,
+            "isa": fm.cpu_isa()}
+
+
+def backends(names) -> list:
+    """The named backends that are present here (cpu, metal, metal_emulator)."""
+    from backends import EmulatorBackend, StreamBackend, metal_available
+
+    out = []
+    for name in names:
+        if name == "cpu":
+            out.append(StreamBackend("cpu", mx.cpu))
+        elif name == "metal" and metal_available():
+            out.append(StreamBackend("metal", mx.gpu))
+        elif name == "metal_emulator":
+            import metal_emulator
+
+            if metal_emulator.compiler_available():
+                cache = TESTS.parent / ".pytest_cache" / "d" / "metal_emulator"
+                out.append(EmulatorBackend(metal_emulator.Emulator(metal_emulator.build(cache))))
+    return out
