@@ -1,5 +1,6 @@
-// Interface between the CPU host code (dispatch.cpp) and the per-ISA kernel
-// bodies (kernels_impl.h, compiled once per instruction set).
+// Interface between the CPU host code (each op's evaluation, cpu/<op>.cpp)
+// and the per-ISA kernel bodies (kernels_impl.h, compiled once per
+// instruction set).
 #pragma once
 
 #include <cstdint>
