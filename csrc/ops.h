@@ -7,4 +7,6 @@
 
 #include "ops/down_combine.h"
 #include "ops/gate_up_swiglu.h"
+#include "ops/quantized_embedding.h"
+#include "ops/quantized_matmul.h"
 #include "ops/route.h"

@@ -54,7 +54,7 @@ QuantMatrix quant_matrix(
     int group_size) {
   return {
       w.data<uint8_t>(), s.data<void>(), b.data<void>(),
-      float_type(s.dtype()), static_cast<int>(w.shape(1)), cols, bits,
+      float_type(s.dtype()), static_cast<int>(w.shape(w.ndim() - 2)), cols, bits,
       group_size};
 }
 
@@ -96,10 +96,16 @@ Grouping::Grouping(const char* op, const mx::array& indices, int num_experts) {
 }
 
 ActPlanes::ActPlanes(
-    const KernelTable& kernels, mx::Dtype dtype,
-          const std::vector<float>& x, int64_t rows, int cols, int bits,
-          int group_size) {
-  if (!kernels.quantize_acts || dtype == mx::float32 || cols % 64 != 0) {
+    const KernelTable& kernels,
+    mx::Dtype dtype,
+    const std::vector<float>& x,
+    int64_t rows,
+    int cols,
+    int bits,
+    int group_size,
+    bool allowed) {
+  if (!allowed || !kernels.quantize_acts || dtype == mx::float32 ||
+      cols % 64 != 0 || !integer_path_bits(bits)) {
     return;
   }
   const int64_t groups = rows * (cols / group_size);

@@ -19,8 +19,8 @@ FloatType float_type(mx::Dtype t);
 // fp32 copy of a float array, converted in parallel blocks.
 std::vector<float> to_fp32(const mx::array& a);
 
-// The kernels' view of one stacked quantized matrix [E, rows, cols]: its
-// weight, scales and biases arrays.
+// The kernels' view of one quantized matrix, stacked [E, rows, cols] or
+// dense [rows, cols] (E = 1): its weight, scales and biases arrays.
 QuantMatrix quant_matrix(
     const mx::array& w,
     const mx::array& s,
@@ -45,16 +45,18 @@ struct Grouping {
 
 // Integer-ready copy of activation rows, for kernel builds that have an
 // integer path. float32 inputs always take the exact fp32 path, and so do
-// rows whose width is not a whole number of 64-code blocks.
+// rows whose width is not a whole number of 64-code blocks and weights of
+// bits the integer path has no unpacking for (integer_path_bits).
 struct ActPlanes {
   std::vector<int8_t> hi, lo;
   std::vector<float> scale, sum;
   QuantizedActs view{};
   bool used = false;
 
+  // `allowed`: the caller's own condition for the integer path.
   ActPlanes(const KernelTable& kernels, mx::Dtype dtype,
             const std::vector<float>& x, int64_t rows, int cols, int bits,
-            int group_size);
+            int group_size, bool allowed = true);
 
   const QuantizedActs* get() const {
     return used ? &view : nullptr;

@@ -67,6 +67,30 @@ struct DownArgs {
   int T;
 };
 
+// One dense linear: y[t, n] = x[t] · W[n] with W an affine-quantized [N, K]
+// matrix (`w` with E = 1: rows = N, cols = K).
+struct LinearArgs {
+  QuantMatrix w;
+  const float* x; // [T, K] fp32 activations
+  const QuantizedActs* xq; // the same, quantized; null for the float path
+  void* y; // [T, N] output
+  FloatType y_type;
+};
+
+// Rows of an affine-quantized [N, K] matrix, dequantized: the embedding.
+struct GatherArgs {
+  QuantMatrix w; // rows = N, cols = K
+  const int64_t* ids; // [T] row ids, each checked in [0, N)
+  void* out; // [T, K]
+  FloatType out_type;
+};
+
+// Weight bits the integer path (AVX-512 VNNI) has code unpacking for; other
+// bits take the fp32 path on every level.
+constexpr bool integer_path_bits(int bits) {
+  return bits == 3 || bits == 4 || bits == 8;
+}
+
 // The router's gate [E, D], either in a float dtype or as 8-bit affine codes
 // (w = scale·q + bias per group of `group_size` inputs).
 struct RouterGate {
@@ -103,6 +127,12 @@ struct KernelTable {
   // logit's summation order depends only on D.
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
+  // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
+  // and n_end are multiples of 4 (whole integer tiles).
+  void (*linear_rows)(
+      const LinearArgs&, int n_begin, int n_end, int t_begin, int t_end);
+  // Output rows [t_begin, t_end) of the gather.
+  void (*gather_rows)(const GatherArgs&, int t_begin, int t_end);
   // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the
   // memory-bandwidth probe's loop, built like the kernels so it reads with
   // the same vector width.

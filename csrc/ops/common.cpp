@@ -74,6 +74,47 @@ int check_quant_matrix(
   return E;
 }
 
+int check_dense_quant_matrix(
+    const char* op,
+    const mx::array& weight,
+    const mx::array& scales,
+    const mx::array& biases,
+    int K,
+    int bits,
+    int group_size,
+    mx::Dtype scale_dtype,
+    const char* dtype_owner) {
+  if (weight.dtype() != mx::uint32) {
+    fail(op, "w must be uint32, got " + dtype_str(weight.dtype()));
+  }
+  if (weight.ndim() != 2) {
+    fail(op, "w must be [N, " + std::to_string(K) + "*bits/32], got " +
+             shape_str(weight.shape()));
+  }
+  const int N = weight.shape(0);
+  const mx::Shape w_shape = {N, K * bits / 32};
+  if (weight.shape() != w_shape) {
+    fail(op, "w has shape " + shape_str(weight.shape()) + " but " +
+             std::to_string(bits) + "-bit rows of K=" + std::to_string(K) +
+             " inputs need " + shape_str(w_shape));
+  }
+  const mx::Shape s_shape = {N, K / group_size};
+  for (const auto* a : {&scales, &biases}) {
+    const std::string an = a == &scales ? "scales" : "biases";
+    if (a->shape() != s_shape) {
+      fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
+               shape_str(s_shape) + " for group_size=" +
+               std::to_string(group_size));
+    }
+    if (a->dtype() != scale_dtype) {
+      fail(op, an + " has dtype " + dtype_str(a->dtype()) + " but " +
+               dtype_owner + " has dtype " + dtype_str(scale_dtype) +
+               "; they must match");
+    }
+  }
+  return N;
+}
+
 void check_top_k(const char* op, int k) {
   if (k < kMinTopK || k > kMaxTopK) {
     fail(op, "k=" + std::to_string(k) + " experts per token is not "

@@ -81,6 +81,19 @@ int check_quant_matrix(
     mx::Dtype act_dtype,
     const char* act_name);
 
+// Checks one dense quantized matrix: weight [N, K*bits/32] uint32, scales
+// and biases [N, K/group_size] of `scale_dtype`; returns N.
+int check_dense_quant_matrix(
+    const char* op,
+    const mx::array& weight,
+    const mx::array& scales,
+    const mx::array& biases,
+    int K,
+    int bits,
+    int group_size,
+    mx::Dtype scale_dtype,
+    const char* dtype_owner);
+
 void check_top_k(const char* op, int k);
 
 // Checks indices [..., k] against the leading shape; returns k.
