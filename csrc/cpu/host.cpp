@@ -127,4 +127,30 @@ ActPlanes::ActPlanes(
   }
 }
 
+Int16Planes::Int16Planes(
+    const KernelTable& kernels,
+    mx::Dtype dtype,
+    const std::vector<float>& x,
+    int64_t rows,
+    int cols,
+    int bits,
+    int group_size) {
+  if (!kernels.quantize_acts16 || dtype == mx::float32 || bits != 8) {
+    return;
+  }
+  const int64_t groups = rows * (cols / group_size);
+  q.resize(rows * cols);
+  scale.resize(groups);
+  sum.resize(groups);
+  view = {q.data(), scale.data(), sum.data(), cols, group_size};
+  used = true;
+  if (rows < kParallelActRows) {
+    for (int64_t r = 0; r < rows; ++r) kernels.quantize_acts16(x.data(), r, view);
+  } else {
+    parallel_for(static_cast<int>(rows), [&](int r) {
+      kernels.quantize_acts16(x.data(), r, view);
+    });
+  }
+}
+
 } // namespace fused_moe::cpu

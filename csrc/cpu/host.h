@@ -63,6 +63,23 @@ struct ActPlanes {
   }
 };
 
+// int16 copy of activation rows for the AVX2 build's 8-bit linears (half
+// precision only; float32 inputs keep the exact fp32 path).
+struct Int16Planes {
+  std::vector<int16_t> q;
+  std::vector<float> scale, sum;
+  Int16Acts view{};
+  bool used = false;
+
+  Int16Planes(const KernelTable& kernels, mx::Dtype dtype,
+              const std::vector<float>& x, int64_t rows, int cols, int bits,
+              int group_size);
+
+  const Int16Acts* get() const {
+    return used ? &view : nullptr;
+  }
+};
+
 // Allocates `outputs` and runs `body(inputs, outputs)` on the primitive's CPU
 // stream once the inputs are ready.
 template <typename Body>

@@ -67,12 +67,23 @@ struct DownArgs {
   int T;
 };
 
+// Activation rows quantized to int16 for the AVX2 build's 8-bit linears:
+// per group of `group_size` values, x ≈ scale·q.
+struct Int16Acts {
+  int16_t* q; // [rows, cols]
+  float* scale; // [rows, cols/group_size]
+  float* sum; // [rows, cols/group_size] exact Σx of each group
+  int cols;
+  int group_size;
+};
+
 // One dense linear: y[t, n] = x[t] · W[n] with W an affine-quantized [N, K]
 // matrix (`w` with E = 1: rows = N, cols = K).
 struct LinearArgs {
   QuantMatrix w;
   const float* x; // [T, K] fp32 activations
-  const QuantizedActs* xq; // the same, quantized; null for the float path
+  const QuantizedActs* xq; // quantized for the AVX-512 integer tiles, or null
+  const Int16Acts* x16; // quantized for the AVX2 8-bit path, or null
   void* y; // [T, N] output
   FloatType y_type;
 };
@@ -127,6 +138,9 @@ struct KernelTable {
   // logit's summation order depends only on D.
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
+  // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
+  // no int16 path (all but AVX2); 8-bit linears only.
+  void (*quantize_acts16)(const float* x, int64_t row, const Int16Acts& q);
   // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
   // and n_end are multiples of 4 (whole integer tiles).
   void (*linear_rows)(

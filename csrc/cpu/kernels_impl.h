@@ -12,7 +12,8 @@
 // hand-written intrinsics, because compilers do not find that pattern.
 //
 // Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
-// see kernels_int_avx512.h.
+// see kernels_int_avx512.h. 8-bit linears with half-precision activations
+// on the AVX2 build: kernels_int16_avx2.h.
 //
 // Either way each selected expert's rows stream from memory once per call:
 // the fp32 path dequantizes a row once for all tokens of its expert; the
@@ -346,6 +347,16 @@ namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 #define FUSED_MOE_INT_PATH 0
 #endif
 
+// The int16 path for 8-bit linears with half-precision activations (AVX2).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define FUSED_MOE_INT16_PATH 1
+}  // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
+#include "cpu/kernels_int16_avx2.h"
+namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
+#else
+#define FUSED_MOE_INT16_PATH 0
+#endif
+
 // ---------------------------------------------------------------------------
 // Kernel A: gate_up_swiglu
 // ---------------------------------------------------------------------------
@@ -593,6 +604,11 @@ static void linear_rows(
     return linear_rows_int(a, n_begin, n_end, t_begin, t_end);
   }
 #endif
+#if FUSED_MOE_INT16_PATH
+  if (a.x16) {
+    return linear_rows_int16(a, n_begin, n_end, t_begin, t_end);
+  }
+#endif
   linear_rows_float(a, n_begin, n_end, t_begin, t_end);
 }
 
@@ -835,6 +851,11 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
       nullptr,
 #endif
       &FUSED_MOE_ISA_NS::route_logits,
+#if FUSED_MOE_INT16_PATH
+      &FUSED_MOE_ISA_NS::quantize_acts16,
+#else
+      nullptr,
+#endif
       &FUSED_MOE_ISA_NS::linear_rows,
       &FUSED_MOE_ISA_NS::gather_rows,
       &FUSED_MOE_ISA_NS::read_sum,

@@ -1,7 +1,8 @@
 // CPU evaluation of QuantizedMatmul: one linear as the expert kernels'
 // machinery sees it (one expert, every token routed to it). Activations are
-// converted to fp32 (and, for half precision on the AVX-512 build,
-// quantized to the integer path's planes); the output is split into ranges
+// converted to fp32 (and, for half precision, quantized for the integer
+// paths: the AVX-512 VNNI planes, or int16 for 8-bit weights on AVX2); the
+// output is split into ranges
 // of rows and of tokens over the thread pool.
 #include <algorithm>
 #include <vector>
@@ -47,9 +48,11 @@ void QuantizedMatmul::eval_cpu(
         const cpu::ActPlanes xq(
             kernels, x.dtype(), x32, T, K, bits, group_size,
             /*allowed=*/N % 4 == 0);
+        const cpu::Int16Planes x16(kernels, x.dtype(), x32, T, K, bits, group_size);
         const cpu::LinearArgs args = {
             cpu::quant_matrix(in[1], in[2], in[3], K, bits, group_size),
-            x32.data(), xq.get(), y.data<void>(), cpu::float_type(y.dtype())};
+            x32.data(), xq.get(), x16.get(), y.data<void>(),
+            cpu::float_type(y.dtype())};
         const int row_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
         const int token_tasks = (T + kTokensPerTask - 1) / kTokensPerTask;
         // Token blocks inner: a thread's consecutive tasks share their rows.
