@@ -43,6 +43,17 @@ namespace {
 // Activation rows below which quantizing them stays on the calling thread.
 constexpr int64_t kParallelActRows = 64;
 
+// fn(r) for every activation row: a row takes about a microsecond, so
+// waking the pool for a few rows would cost more than it saves.
+template <typename Fn>
+void for_each_act_row(int64_t rows, Fn fn) {
+  if (rows < kParallelActRows) {
+    for (int64_t r = 0; r < rows; ++r) fn(r);
+  } else {
+    parallel_for(static_cast<int>(rows), [&](int r) { fn(r); });
+  }
+}
+
 } // namespace
 
 QuantMatrix quant_matrix(
@@ -116,15 +127,7 @@ ActPlanes::ActPlanes(
   view = {hi.data(), lo.data(), scale.data(), sum.data(), cols, group_size,
           bits};
   used = true;
-  // A row takes about a microsecond: waking the pool for a few rows
-  // would cost more than it saves.
-  if (rows < kParallelActRows) {
-    for (int64_t r = 0; r < rows; ++r) kernels.quantize_acts(x.data(), r, view);
-  } else {
-    parallel_for(static_cast<int>(rows), [&](int r) {
-      kernels.quantize_acts(x.data(), r, view);
-    });
-  }
+  for_each_act_row(rows, [&](int64_t r) { kernels.quantize_acts(x.data(), r, view); });
 }
 
 Int16Planes::Int16Planes(
@@ -144,13 +147,7 @@ Int16Planes::Int16Planes(
   sum.resize(groups);
   view = {q.data(), scale.data(), sum.data(), cols, group_size};
   used = true;
-  if (rows < kParallelActRows) {
-    for (int64_t r = 0; r < rows; ++r) kernels.quantize_acts16(x.data(), r, view);
-  } else {
-    parallel_for(static_cast<int>(rows), [&](int r) {
-      kernels.quantize_acts16(x.data(), r, view);
-    });
-  }
+  for_each_act_row(rows, [&](int64_t r) { kernels.quantize_acts16(x.data(), r, view); });
 }
 
 } // namespace fused_moe::cpu

@@ -181,8 +181,8 @@ mx::array pair_experts(const mx::array& indices, mx::StreamOrDevice s) {
 }
 
 // MLX calls this only after checking both are of the same type.
-bool QuantizedExpertsPrimitive::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const QuantizedExpertsPrimitive&>(other);
+bool QuantizedPrimitive::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedPrimitive&>(other);
   return bits_ == o.bits_ && group_size_ == o.group_size_;
 }
 

@@ -128,14 +128,14 @@ metal::Dtype metal_dtype(mx::Dtype t);
 [[noreturn]] void no_gpu(const char* name);
 
 // ---------------------------------------------------------------------------
-// Shared by the expert ops (gate_up_swiglu, down_combine)
+// Primitives
 // ---------------------------------------------------------------------------
 
-// The quantization of the projection an expert op reads, which is all that
-// distinguishes two instances of its Primitive.
-class QuantizedExpertsPrimitive : public mx::UnaryPrimitive {
+// The base of every Primitive that reads one quantized matrix: its bits and
+// group size are all that distinguish two instances.
+class QuantizedPrimitive : public mx::UnaryPrimitive {
  public:
-  QuantizedExpertsPrimitive(mx::Stream stream, int bits, int group_size)
+  QuantizedPrimitive(mx::Stream stream, int bits, int group_size)
       : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
 
   bool is_equivalent(const mx::Primitive& other) const override;
@@ -144,6 +144,10 @@ class QuantizedExpertsPrimitive : public mx::UnaryPrimitive {
   int bits_;
   int group_size_;
 };
+
+// ---------------------------------------------------------------------------
+// Shared by the expert ops (gate_up_swiglu, down_combine)
+// ---------------------------------------------------------------------------
 
 // A validated call: the Primitive's inputs and the output shapes.
 struct PreparedCall {

@@ -51,9 +51,9 @@ std::vector<mx::array> down_combine_metal_inputs(
 // ---------------------------------------------------------------------------
 
 // Inputs: h [T, k, H], weight, scales, biases, indices [T, k], weights [T, k].
-class DownCombine : public QuantizedExpertsPrimitive {
+class DownCombine : public QuantizedPrimitive {
  public:
-  using QuantizedExpertsPrimitive::QuantizedExpertsPrimitive;
+  using QuantizedPrimitive::QuantizedPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;

@@ -48,9 +48,9 @@ std::vector<mx::array> gate_up_swiglu_metal_inputs(
 // ---------------------------------------------------------------------------
 
 // Inputs: x [T, D], weight, scales, biases, indices [T, k] (uint32 or int32).
-class GateUpSwiglu : public QuantizedExpertsPrimitive {
+class GateUpSwiglu : public QuantizedPrimitive {
  public:
-  using QuantizedExpertsPrimitive::QuantizedExpertsPrimitive;
+  using QuantizedPrimitive::QuantizedPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;

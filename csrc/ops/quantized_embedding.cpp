@@ -64,11 +64,6 @@ mx::array quantized_embedding(
 // Primitive
 // ---------------------------------------------------------------------------
 
-bool QuantizedEmbedding::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const QuantizedEmbedding&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_;
-}
-
 std::vector<mx::Shape> QuantizedEmbedding::output_shapes(
     const std::vector<mx::array>& inputs) {
   return {{inputs[0].shape(0), inputs[2].shape(1) * group_size_}};

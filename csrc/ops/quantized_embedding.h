@@ -33,23 +33,17 @@ mx::array quantized_embedding(
 // ---------------------------------------------------------------------------
 
 // Inputs: ids [T] int64, w, scales, biases. Output [T, K].
-class QuantizedEmbedding : public mx::UnaryPrimitive {
+class QuantizedEmbedding : public QuantizedPrimitive {
  public:
-  QuantizedEmbedding(mx::Stream stream, int bits, int group_size)
-      : mx::UnaryPrimitive(stream), bits_(bits), group_size_(group_size) {}
+  using QuantizedPrimitive::QuantizedPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "QuantizedEmbedding";
   }
-  bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override;
-
- private:
-  int bits_;
-  int group_size_;
 };
 
 } // namespace fused_moe

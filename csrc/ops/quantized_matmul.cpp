@@ -59,11 +59,6 @@ mx::array quantized_matmul(
 // Primitive
 // ---------------------------------------------------------------------------
 
-bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const QuantizedMatmul&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_;
-}
-
 std::vector<mx::Shape> QuantizedMatmul::output_shapes(
     const std::vector<mx::array>& inputs) {
   return {{inputs[0].shape(0), inputs[1].shape(0)}};
