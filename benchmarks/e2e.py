@@ -8,9 +8,14 @@ last layer when there are at least three layers and --bits is 3), 8-bit
 attention, embedding and lm_head, an unquantized router. Random weights: the
 tokens are meaningless, the speed is not.
 
-Prefill is timed over one prompt of ``--e2e-prompt`` tokens and decode over
-``--e2e-decode`` tokens after it, with mlx-lm's ``generate_step``; the
-patched model is the same model after ``fused_moe.patch``.
+Prefill is timed over one forward pass of a prompt of ``--e2e-prompt``
+tokens. Decode is timed over ``--e2e-decode`` greedy steps after
+``--e2e-context`` cached positions; the KV cache is filled directly with the
+same random keys and values for both models (a 1k-token stock prefill would
+take about an hour on the CPU). The patched model is the same model after
+``fused_moe.patch``. The decode floor is the bytes one token must read
+(experts routed to, router, attention projections, lm_head, one embedding
+row, KV cache) over the run's read probe.
 """
 
 from __future__ import annotations
@@ -39,12 +44,20 @@ VOCAB = 200064
 @dataclass
 class E2EResult:
     layers: int
+    vocab: int
     prompt_tokens: int
     decode_tokens: int
+    context: int
     stock_prefill_tps: float
     stock_decode_tps: float
     fused_prefill_tps: float
     fused_decode_tps: float
+    floor_bytes: dict  # bytes read per decode token, by part
+    read_gb_s: float  # the read probe's median in this run
+
+    @property
+    def floor_s(self) -> float:
+        return sum(self.floor_bytes.values()) / (self.read_gb_s * 1e9)
 
 
 def build_model(shapes, layers: int, make_projection: Callable, vocab: int = VOCAB) -> nn.Module:
@@ -94,38 +107,117 @@ def build_model(shapes, layers: int, make_projection: Callable, vocab: int = VOC
     return model
 
 
-def _tokens_per_second(model, prompt: mx.array, decode: int) -> tuple[float, float]:
-    from mlx_lm.generate import generate_step
+def _prefill_tps(model, prompt: mx.array) -> float:
+    from mlx_lm.models.cache import make_prompt_cache
 
+    cache = make_prompt_cache(model)
     start = time.perf_counter()
-    steps = generate_step(prompt, model, max_tokens=decode + 1)
-    next(steps)  # the prompt's forward pass and the first token
-    first = time.perf_counter()
-    for _ in steps:
-        pass
-    end = time.perf_counter()
-    return prompt.size / (first - start), decode / (end - first)
+    mx.eval(model(prompt[None], cache=cache))
+    return prompt.size / (time.perf_counter() - start)
 
 
-def run(shapes, layers: int, prompt_tokens: int, decode_tokens: int, make_projection, vocab: int = VOCAB) -> E2EResult:
+def _filled_cache(model, context: int, dtype, seed: int = 0):
+    """A prompt cache holding `context` random keys and values in every layer,
+    the same for any model of these shapes (a 1k-token stock prefill would
+    take about an hour on the CPU)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    key = mx.random.key(seed)
+    for c, layer in zip(cache, model.layers):
+        attn = layer.self_attn
+        shape = (1, attn.num_key_value_heads, context, attn.head_dim)
+        key, k1, k2 = mx.random.split(key, 3)
+        c.update_and_fetch(mx.random.normal(shape, key=k1).astype(dtype), mx.random.normal(shape, key=k2).astype(dtype))
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def _decode_tps(model, context: int, decode: int, vocab: int, dtype) -> float:
+    """Greedy decode steps after `context` cached positions; each step's
+    token feeds the next, evaluated one at a time as generation does."""
+    cache = _filled_cache(model, context, dtype)
+    token = mx.array([[1]])
+    mx.eval(model(token, cache=cache))  # warm-up step
+    start = time.perf_counter()
+    for _ in range(decode):
+        logits = model(token, cache=cache)
+        token = mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
+        mx.eval(token)
+    return decode / (time.perf_counter() - start)
+
+
+def _array_bytes(module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def decode_floor_bytes(model, context: int, dtype) -> dict:
+    """Bytes one decode token must read, by part: the experts it is routed
+    to (k of E per layer, in the packed layout), the router gates, the
+    attention projections, lm_head, one embedding row and the KV cache."""
+    experts = router = attention = 0
+    for layer in model.layers:
+        moe = layer.block_sparse_moe
+        if isinstance(moe, fm.MiniMaxMoE):
+            packed = _array_bytes(moe.experts)
+            E = moe.experts.num_experts
+        else:
+            packed = _array_bytes(moe.switch_mlp)
+            E = moe.switch_mlp.gate_proj.weight.shape[0]
+        experts += packed * moe.num_experts_per_tok // E
+        router += _array_bytes(moe.gate)
+        attention += sum(_array_bytes(layer.self_attn[p]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        kv = layer.self_attn.num_key_value_heads * layer.self_attn.head_dim
+    embed = model.model.embed_tokens
+    kv_bytes = 2 * len(model.layers) * context * kv * dtype.size
+    return {
+        "experts": experts,
+        "router": router,
+        "attention": attention,
+        "lm_head": _array_bytes(model.lm_head),
+        "embedding row": _array_bytes(embed) // embed.weight.shape[0],
+        "KV cache": kv_bytes,
+    }
+
+
+def run(shapes, layers: int, prompt_tokens: int, decode_tokens: int, make_projection, vocab: int = VOCAB,
+        context: int = 1024, probes=None) -> E2EResult:
     model = build_model(shapes, layers, make_projection, vocab)
     prompt = mx.random.randint(0, vocab, (prompt_tokens,))
-    # Warm up both paths on a short prompt first, so neither pays one-time costs.
-    _tokens_per_second(model, prompt[:4], 2)
-    stock = _tokens_per_second(model, prompt, decode_tokens)
+    dtype = shapes.dtype
+    # Warm up both paths on a short run first, so neither pays one-time costs.
+    _prefill_tps(model, prompt[:4])
+    stock = (_prefill_tps(model, prompt), _decode_tps(model, context, decode_tokens, vocab, dtype))
     fm.patch(model)
-    _tokens_per_second(model, prompt[:4], 2)
-    fused = _tokens_per_second(model, prompt, decode_tokens)
-    return E2EResult(layers, prompt_tokens, decode_tokens, *stock, *fused)
+    _prefill_tps(model, prompt[:4])
+    if probes is not None:
+        probes.sample()
+    fused = (_prefill_tps(model, prompt), _decode_tps(model, context, decode_tokens, vocab, dtype))
+    if probes is not None:
+        probes.sample()
+    floor = decode_floor_bytes(model, context, dtype)
+    return E2EResult(layers, vocab, prompt_tokens, decode_tokens, context, *stock, *fused, floor,
+                     probes.gb_s if probes is not None else float("nan"))
 
 
 def format_result(r: E2EResult) -> list[str]:
-    return [
-        f"end to end (mlx-lm generate_step, {r.layers} layers, prompt {r.prompt_tokens}, "
-        f"decode {r.decode_tokens}):",
-        f"  {'':8}{'prefill tok/s':>15}{'decode tok/s':>14}",
-        f"  {'stock':8}{r.stock_prefill_tps:>15.2f}{r.stock_decode_tps:>14.2f}",
-        f"  {'fused':8}{r.fused_prefill_tps:>15.2f}{r.fused_decode_tps:>14.2f}",
+    floor_ms = r.floor_s * 1e3
+    parts = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.floor_bytes.items())
+    lines = [
+        f"end to end ({r.layers} layers at full width, vocabulary {r.vocab}; prefill: one prompt of "
+        f"{r.prompt_tokens} tokens; decode: {r.decode_tokens} greedy steps after {r.context} cached "
+        f"positions of random keys and values):",
+        f"  {'':8}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode ms':>11}{'% of floor':>12}",
+    ]
+    for name, pre, dec in (("stock", r.stock_prefill_tps, r.stock_decode_tps),
+                           ("fused", r.fused_prefill_tps, r.fused_decode_tps)):
+        lines.append(f"  {name:8}{pre:>15.2f}{dec:>14.2f}{1e3 / dec:>11.1f}{100 * floor_ms * dec / 1e3:>11.1f}%")
+    lines += [
         f"  {'speedup':8}{r.fused_prefill_tps / r.stock_prefill_tps:>14.2f}x"
         f"{r.fused_decode_tps / r.stock_decode_tps:>13.2f}x",
+        f"  decode floor: {sum(r.floor_bytes.values()) / 1e6:.1f} MB per token ({parts}) / read probe "
+        f"{r.read_gb_s:.1f} GB/s = {floor_ms:.1f} ms (target: fused >= 60% of the floor and >= 20x stock)",
     ]
+    return lines

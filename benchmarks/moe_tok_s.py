@@ -73,6 +73,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
 import e2e
+import linear
 from probes import Probes
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -481,9 +482,14 @@ def parse_args() -> argparse.Namespace:
                         "mlx-lm's generation, stock against patched (slow on CPU)")
     p.add_argument("--e2e-prompt", type=positive, default=16, help="prompt tokens of --e2e (default 16)")
     p.add_argument("--e2e-decode", type=positive, default=8, help="decoded tokens of --e2e (default 8)")
+    p.add_argument("--e2e-context", type=positive, default=1024,
+                   help="cached positions before the decode steps of --e2e (default 1024)")
     p.add_argument("--e2e-vocab", type=positive, default=e2e.VOCAB,
                    help=f"vocabulary of --e2e (default {e2e.VOCAB}, MiniMax's; its 8-bit lm_head "
                         f"dominates decode on MLX's CPU backend)")
+    p.add_argument("--linear", action="store_true",
+                   help="also time fm.quantized_matmul against mx.quantized_matmul at the 8-bit "
+                        "attention and lm_head shapes (linear.py)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="also draw tokens per second against T, stock and fused, as a PNG "
@@ -612,11 +618,15 @@ def main() -> None:
         for t in results:
             print(f"  T={t['T']:<4} {t['what']}: {t['value']:.2f} (target {t['target']}): "
                   f"{'met' if t['met'] else 'MISSED'}")
+    if args.linear:
+        print(flush=True)
+        print("\n".join(linear.run(s.dtype, probes, stock=not args.no_stock)), flush=True)
     e2e_result = None
     if args.e2e:
         del layers, bench  # the end-to-end model needs the memory
         print(flush=True)
-        e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection, args.e2e_vocab)
+        e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection, args.e2e_vocab,
+                             args.e2e_context, probes)
         print("\n".join(e2e.format_result(e2e_result)))
     if args.json:
         with open(args.json, "w") as f:

@@ -49,6 +49,21 @@ NB_MODULE(_ext, m) {
       "(indices, weights): sigmoid router with biased top-k; see "
       "fused_moe.route.");
 
+  m.def(
+      "quantized_matmul",
+      &fused_moe::quantized_matmul,
+      "x"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a, "group_size"_a,
+      nb::kw_only(), "stream"_a = nb::none(),
+      "y = x · dequant(w)ᵀ for MLX's affine format; see "
+      "fused_moe.quantized_matmul.");
+  m.def(
+      "quantized_embedding",
+      &fused_moe::quantized_embedding,
+      "ids"_a, "w"_a, "scales"_a, "biases"_a, "bits"_a, "group_size"_a,
+      nb::kw_only(), "stream"_a = nb::none(),
+      "The rows ids of an affine-quantized matrix, dequantized; see "
+      "fused_moe.quantized_embedding.");
+
   m.def("set_num_threads", &fused_moe::cpu::set_num_threads, "n"_a,
         "Threads used by the CPU kernels (default: FUSED_MOE_NUM_THREADS or "
         "the number of hardware threads).");
@@ -162,6 +177,8 @@ NB_MODULE(_ext, m) {
       nb::tuple(to_list(fused_moe::kSupportedGroupSizes));
   m.attr("SUPPORTED_ROUTER_BITS") =
       nb::tuple(to_list(fused_moe::kSupportedRouterBits));
+  m.attr("SUPPORTED_LINEAR_BITS") =
+      nb::tuple(to_list(fused_moe::kSupportedLinearBits));
   m.attr("MIN_TOP_K") = fused_moe::kMinTopK;
   m.attr("MAX_TOP_K") = fused_moe::kMaxTopK;
 }

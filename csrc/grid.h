@@ -14,5 +14,8 @@ inline constexpr int kMaxTopK = 16;
 // A quantized router gate (fused_moe.route): the bits accepted, at any of
 // kSupportedGroupSizes. mlx-lm quantizes the gate at 8 bits by default.
 inline constexpr std::array<int, 1> kSupportedRouterBits = {8};
+// fused_moe.quantized_matmul and quantized_embedding (one dense affine
+// matrix): the bits mx.quantize offers, at any of kSupportedGroupSizes.
+inline constexpr std::array<int, 6> kSupportedLinearBits = {2, 3, 4, 5, 6, 8};
 
 } // namespace fused_moe

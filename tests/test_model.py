@@ -58,14 +58,54 @@ def assert_logits_match(fused, stock):
     assert err <= slack(mx.float32), f"patched logits differ from stock: rel err {err:.3g}"
 
 
+def dense_layer_kinds(model):
+    """The class of every quantized linear and embedding, by path."""
+    return {
+        p: type(m)
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and ".switch_mlp." not in p
+    }
+
+
 @pytest.mark.parametrize("which", ["small", "full_width"])
 def test_patched_model_matches_stock(which, request):
     path = request.getfixturevalue(f"{which}_dir")
     stock, fused = float32_pair(path)
     assert all(isinstance(l.block_sparse_moe, fm.MiniMaxMoE) for l in fused.layers)
+    # On the CPU every 8-bit projection, lm_head and the embedding run on the
+    # fused ops too.
+    kinds = dense_layer_kinds(fused)
+    assert kinds["lm_head"] is fm.QuantizedLinear
+    assert kinds["model.embed_tokens"] is fm.QuantizedEmbedding
+    assert kinds["model.layers.0.self_attn.q_proj"] is fm.QuantizedLinear
+    assert set(kinds.values()) == {fm.QuantizedLinear, fm.QuantizedEmbedding}
     tokens = mx.array([PROMPT])
     assert_logits_match(fused(tokens), stock(tokens))
     assert greedy(fused, PROMPT) == greedy(stock, PROMPT)
+
+
+def test_experts_only_keeps_the_dense_layers_stock(small_dir):
+    stock, _ = mlx_lm_load(str(small_dir))
+    model, _ = mlx_lm_load(str(small_dir))
+    stock.set_dtype(mx.float32)
+    model.set_dtype(mx.float32)
+    before = dense_layer_kinds(model)
+    assert fm.patch(model, experts_only=True) == 3
+    assert dense_layer_kinds(model) == before
+    assert set(before.values()) == {nn.QuantizedLinear, nn.QuantizedEmbedding}
+    tokens = mx.array([PROMPT])
+    assert_logits_match(model(tokens), stock(tokens))
+    # A later full patch swaps the dense layers and still matches.
+    assert fm.patch(model) == 0
+    assert dense_layer_kinds(model)["lm_head"] is fm.QuantizedLinear
+    assert_logits_match(model(tokens), stock(tokens))
+
+
+def test_patched_checkpoint_keeps_its_parameter_names(small_dir):
+    stock, _ = mlx_lm_load(str(small_dir))
+    fused, _ = fm.load(str(small_dir))
+    names = lambda m: {k for k, _ in tree_flatten(m.parameters()) if ".block_sparse_moe." not in k}
+    assert names(fused) == names(stock)
 
 
 def test_mixed_precision_is_kept(small_dir):

@@ -1,6 +1,8 @@
 #include "cpu/host.h"
 
 #include <algorithm>
+#include <sstream>
+#include <stdexcept>
 
 #include "cpu/thread_pool.h"
 
@@ -34,6 +36,118 @@ std::vector<float> to_fp32(const mx::array& a) {
     }
   });
   return out;
+}
+
+namespace {
+
+// Activation rows below which quantizing them stays on the calling thread.
+constexpr int64_t kParallelActRows = 64;
+
+// fn(r) for every activation row: a row takes about a microsecond, so
+// waking the pool for a few rows would cost more than it saves.
+template <typename Fn>
+void for_each_act_row(int64_t rows, Fn fn) {
+  if (rows < kParallelActRows) {
+    for (int64_t r = 0; r < rows; ++r) fn(r);
+  } else {
+    parallel_for(static_cast<int>(rows), [&](int r) { fn(r); });
+  }
+}
+
+} // namespace
+
+QuantMatrix quant_matrix(
+    const mx::array& w,
+    const mx::array& s,
+    const mx::array& b,
+    int cols,
+    int bits,
+    int group_size) {
+  return {
+      w.data<uint8_t>(), s.data<void>(), b.data<void>(),
+      float_type(s.dtype()), static_cast<int>(w.shape(w.ndim() - 2)), cols, bits,
+      group_size};
+}
+
+Grouping::Grouping(const char* op, const mx::array& indices, int num_experts) {
+  const int64_t n = indices.size();
+  const int k = indices.shape(1);
+  std::vector<int64_t> ids(n);
+  if (indices.dtype() == mx::uint32) {
+    const uint32_t* p = indices.data<uint32_t>();
+    for (int64_t i = 0; i < n; ++i) ids[i] = p[i];
+  } else {
+    const int32_t* p = indices.data<int32_t>();
+    for (int64_t i = 0; i < n; ++i) ids[i] = p[i];
+  }
+  std::vector<int32_t> count(num_experts, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= num_experts) {
+      std::ostringstream msg;
+      msg << "fused_moe." << op << ": indices[" << i / k << ", " << i % k
+          << "] = " << ids[i] << " is out of range for " << num_experts
+          << " experts (valid: 0.." << num_experts - 1 << ")";
+      throw std::out_of_range(msg.str());
+    }
+    ++count[ids[i]];
+  }
+  std::vector<int32_t> start(num_experts, 0);
+  offsets.push_back(0);
+  for (int e = 0; e < num_experts; ++e) {
+    if (count[e] > 0) {
+      experts.push_back(e);
+      start[e] = offsets.back();
+      offsets.push_back(offsets.back() + count[e]);
+    }
+  }
+  pairs.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    pairs[start[ids[i]]++] = static_cast<int32_t>(i);
+  }
+}
+
+ActPlanes::ActPlanes(
+    const KernelTable& kernels,
+    mx::Dtype dtype,
+    const std::vector<float>& x,
+    int64_t rows,
+    int cols,
+    int bits,
+    int group_size,
+    bool allowed) {
+  if (!allowed || !kernels.quantize_acts || dtype == mx::float32 ||
+      cols % 64 != 0 || !integer_path_bits(bits)) {
+    return;
+  }
+  const int64_t groups = rows * (cols / group_size);
+  hi.resize(rows * cols);
+  lo.resize(rows * cols);
+  scale.resize(groups);
+  sum.resize(groups);
+  view = {hi.data(), lo.data(), scale.data(), sum.data(), cols, group_size,
+          bits};
+  used = true;
+  for_each_act_row(rows, [&](int64_t r) { kernels.quantize_acts(x.data(), r, view); });
+}
+
+Int16Planes::Int16Planes(
+    const KernelTable& kernels,
+    mx::Dtype dtype,
+    const std::vector<float>& x,
+    int64_t rows,
+    int cols,
+    int bits,
+    int group_size) {
+  if (!kernels.quantize_acts16 || dtype == mx::float32 || bits != 8) {
+    return;
+  }
+  const int64_t groups = rows * (cols / group_size);
+  q.resize(rows * cols);
+  scale.resize(groups);
+  sum.resize(groups);
+  view = {q.data(), scale.data(), sum.data(), cols, group_size};
+  used = true;
+  for_each_act_row(rows, [&](int64_t r) { kernels.quantize_acts16(x.data(), r, view); });
 }
 
 } // namespace fused_moe::cpu

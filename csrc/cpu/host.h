@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CPU evaluation of every Primitive.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -17,6 +18,67 @@ FloatType float_type(mx::Dtype t);
 
 // fp32 copy of a float array, converted in parallel blocks.
 std::vector<float> to_fp32(const mx::array& a);
+
+// The kernels' view of one quantized matrix, stacked [E, rows, cols] or
+// dense [rows, cols] (E = 1): its weight, scales and biases arrays.
+QuantMatrix quant_matrix(
+    const mx::array& w,
+    const mx::array& s,
+    const mx::array& b,
+    int cols,
+    int bits,
+    int group_size);
+
+// (token, slot) pairs grouped by expert: a counting sort, with the range
+// check that keeps every weight access in bounds (an id outside [0, E)
+// raises std::out_of_range naming the entry).
+struct Grouping {
+  std::vector<int32_t> experts, offsets, pairs;
+
+  Grouping(const char* op, const mx::array& indices, int num_experts);
+
+  ExpertGroups view(int k) const {
+    return {experts.data(), offsets.data(), pairs.data(),
+            static_cast<int>(experts.size()), k};
+  }
+};
+
+// Integer-ready copy of activation rows, for kernel builds that have an
+// integer path. float32 inputs always take the exact fp32 path, and so do
+// rows whose width is not a whole number of 64-code blocks and weights of
+// bits the integer path has no unpacking for (integer_path_bits).
+struct ActPlanes {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> scale, sum;
+  QuantizedActs view{};
+  bool used = false;
+
+  // `allowed`: the caller's own condition for the integer path.
+  ActPlanes(const KernelTable& kernels, mx::Dtype dtype,
+            const std::vector<float>& x, int64_t rows, int cols, int bits,
+            int group_size, bool allowed = true);
+
+  const QuantizedActs* get() const {
+    return used ? &view : nullptr;
+  }
+};
+
+// int16 copy of activation rows for the AVX2 build's 8-bit linears (half
+// precision only; float32 inputs keep the exact fp32 path).
+struct Int16Planes {
+  std::vector<int16_t> q;
+  std::vector<float> scale, sum;
+  Int16Acts view{};
+  bool used = false;
+
+  Int16Planes(const KernelTable& kernels, mx::Dtype dtype,
+              const std::vector<float>& x, int64_t rows, int cols, int bits,
+              int group_size);
+
+  const Int16Acts* get() const {
+    return used ? &view : nullptr;
+  }
+};
 
 // Allocates `outputs` and runs `body(inputs, outputs)` on the primitive's CPU
 // stream once the inputs are ready.

@@ -1,5 +1,6 @@
-// Interface between the CPU host code (dispatch.cpp) and the per-ISA kernel
-// bodies (kernels_impl.h, compiled once per instruction set).
+// Interface between the CPU host code (each op's evaluation, cpu/<op>.cpp)
+// and the per-ISA kernel bodies (kernels_impl.h, compiled once per
+// instruction set).
 #pragma once
 
 #include <cstdint>
@@ -66,6 +67,41 @@ struct DownArgs {
   int T;
 };
 
+// Activation rows quantized to int16 for the AVX2 build's 8-bit linears:
+// per group of `group_size` values, x ≈ scale·q.
+struct Int16Acts {
+  int16_t* q; // [rows, cols]
+  float* scale; // [rows, cols/group_size]
+  float* sum; // [rows, cols/group_size] exact Σx of each group
+  int cols;
+  int group_size;
+};
+
+// One dense linear: y[t, n] = x[t] · W[n] with W an affine-quantized [N, K]
+// matrix (`w` with E = 1: rows = N, cols = K).
+struct LinearArgs {
+  QuantMatrix w;
+  const float* x; // [T, K] fp32 activations
+  const QuantizedActs* xq; // quantized for the AVX-512 integer tiles, or null
+  const Int16Acts* x16; // quantized for the AVX2 8-bit path, or null
+  void* y; // [T, N] output
+  FloatType y_type;
+};
+
+// Rows of an affine-quantized [N, K] matrix, dequantized: the embedding.
+struct GatherArgs {
+  QuantMatrix w; // rows = N, cols = K
+  const int64_t* ids; // [T] row ids, each checked in [0, N)
+  void* out; // [T, K]
+  FloatType out_type;
+};
+
+// Weight bits the integer path (AVX-512 VNNI) has code unpacking for; other
+// bits take the fp32 path on every level.
+constexpr bool integer_path_bits(int bits) {
+  return bits == 3 || bits == 4 || bits == 8;
+}
+
 // The router's gate [E, D], either in a float dtype or as 8-bit affine codes
 // (w = scale·q + bias per group of `group_size` inputs).
 struct RouterGate {
@@ -102,6 +138,15 @@ struct KernelTable {
   // logit's summation order depends only on D.
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
+  // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
+  // no int16 path (all but AVX2); 8-bit linears only.
+  void (*quantize_acts16)(const float* x, int64_t row, const Int16Acts& q);
+  // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
+  // and n_end are multiples of 4 (whole integer tiles).
+  void (*linear_rows)(
+      const LinearArgs&, int n_begin, int n_end, int t_begin, int t_end);
+  // Output rows [t_begin, t_end) of the gather.
+  void (*gather_rows)(const GatherArgs&, int t_begin, int t_end);
   // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the
   // memory-bandwidth probe's loop, built like the kernels so it reads with
   // the same vector width.

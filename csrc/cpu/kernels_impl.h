@@ -12,7 +12,8 @@
 // hand-written intrinsics, because compilers do not find that pattern.
 //
 // Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
-// see kernels_int_avx512.h.
+// see kernels_int_avx512.h. 8-bit linears with half-precision activations
+// on the AVX2 build: kernels_int16_avx2.h.
 //
 // Either way each selected expert's rows stream from memory once per call:
 // the fp32 path dequantizes a row once for all tokens of its expert; the
@@ -22,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -109,6 +111,28 @@ static inline uint32_t load_le(const uint8_t* p, int n) {
 // Writes out[i] = scale·q_i + bias for the `group_size` codes of one group.
 // `q` points at the group's first byte. `tail_safe` marks the last group of a
 // row, whose final step must not read past the row's last byte.
+// Little-endian load of `n` <= 8 bytes; never touches bytes past p + n.
+static inline uint64_t load_le64(const uint8_t* p, int n) {
+  uint64_t w = 0;
+  std::memcpy(&w, p, n);
+  return w;
+}
+
+// Any bits: MLX packs the codes of a row as one little-endian bit stream,
+// so 8 codes fill exactly BITS bytes. Portable; the compiler vectorizes the
+// inner loop.
+template <int BITS>
+static inline void dequant_group_bitstream(
+    const uint8_t* q, float scale, float bias, int group_size, float* out) {
+  constexpr uint64_t mask = (uint64_t(1) << BITS) - 1;
+  for (int s = 0; s < group_size / 8; ++s, q += BITS, out += 8) {
+    const uint64_t w = load_le64(q, BITS);
+    for (int i = 0; i < 8; ++i) {
+      out[i] = static_cast<float>((w >> (BITS * i)) & mask) * scale + bias;
+    }
+  }
+}
+
 template <int BITS>
 static inline void dequant_group(
     const uint8_t* q,
@@ -117,6 +141,29 @@ static inline void dequant_group(
     int group_size,
     bool tail_safe,
     float* out) {
+  if constexpr (BITS == 8) {
+    // One code per byte: widen kLanes bytes at a time (the intrinsics widen
+    // in one instruction where GCC's generic widening goes lane by lane).
+    for (int i = 0; i < group_size; i += kLanes) {
+#if defined(__AVX512F__)
+      const vfloat c = (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+#elif defined(__AVX2__)
+      const vfloat c = (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
+#else
+      typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
+      vu8 b;
+      std::memcpy(&b, q + i, sizeof(b));
+      const vfloat c = __builtin_convertvector(b, vfloat);
+#endif
+      const vfloat v = c * scale + bias;
+      std::memcpy(out + i, &v, sizeof(v));
+    }
+    return;
+  } else if constexpr (BITS != 3 && BITS != 4) {
+    return dequant_group_bitstream<BITS>(q, scale, bias, group_size, out);
+  }
 #if defined(__AVX512F__)
   // 16 codes per step: lanes 0-7 take the 32-bit word holding codes 0-7,
   // lanes 8-15 the word holding codes 8-15; a variable shift isolates each.
@@ -203,11 +250,15 @@ static void dequant_rows(
   }
 }
 
+// The allow-list of bits (kSupportedLinearBits; the experts use 3 and 4).
 static void dequant(const QuantMatrix& m, int e, int row, int n, float* out) {
-  if (m.bits == 3) {
-    dequant_rows<3>(m, e, row, n, out);
-  } else {
-    dequant_rows<4>(m, e, row, n, out);
+  switch (m.bits) {
+    case 2: return dequant_rows<2>(m, e, row, n, out);
+    case 3: return dequant_rows<3>(m, e, row, n, out);
+    case 4: return dequant_rows<4>(m, e, row, n, out);
+    case 5: return dequant_rows<5>(m, e, row, n, out);
+    case 6: return dequant_rows<6>(m, e, row, n, out);
+    case 8: return dequant_rows<8>(m, e, row, n, out);
   }
 }
 
@@ -294,6 +345,16 @@ static T* scratch(size_t n) {
 namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 #else
 #define FUSED_MOE_INT_PATH 0
+#endif
+
+// The int16 path for 8-bit linears with half-precision activations (AVX2).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define FUSED_MOE_INT16_PATH 1
+}  // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
+#include "cpu/kernels_int16_avx2.h"
+namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
+#else
+#define FUSED_MOE_INT16_PATH 0
 #endif
 
 // ---------------------------------------------------------------------------
@@ -474,6 +535,90 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
     const float* y = a.y_acc + static_cast<int64_t>(t) * D;
     for (int d = d_begin; d < d_end; ++d) {
       store_as(a.y, a.y_type, static_cast<int64_t>(t) * D + d, y[d]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One dense linear (quantized_matmul) and the embedding gather
+// ---------------------------------------------------------------------------
+
+// Each y[t, n] is one dot product over K in a fixed order, whatever the
+// split into row and token ranges: any thread count gives the same bits.
+
+static void linear_rows_float(
+    const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
+  const int K = a.w.cols;
+  const int64_t N = a.w.rows;
+  const int count = t_end - t_begin;
+  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * K);
+  int32_t* tokens = scratch<int32_t>(count);
+  for (int i = 0; i < count; ++i) tokens[i] = t_begin + i;
+  auto row_of = [&](int32_t t) { return a.x + static_cast<int64_t>(t) * K; };
+  for (int n = n_begin; n < n_end; n += kTileRows) {
+    const int rows = std::min(kTileRows, n_end - n);
+    dequant(a.w, 0, n, rows, tile);
+    // A short last tile: zero rows whose results are never stored.
+    std::fill(tile + static_cast<int64_t>(rows) * K,
+              tile + static_cast<int64_t>(kTileRows) * K, 0.0f);
+    for_each_token_tile(
+        tile, K, tokens, count, row_of,
+        [&](int first, int cnt, float out[kTileRows][kTileTokens]) {
+          for (int t = 0; t < cnt; ++t) {
+            const int64_t base = tokens[first + t] * N + n;
+            for (int r = 0; r < rows; ++r) {
+              store_as(a.y, a.y_type, base + r, out[r][t]);
+            }
+          }
+        });
+  }
+}
+
+#if FUSED_MOE_INT_PATH
+static void linear_rows_int(
+    const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
+  const int64_t N = a.w.rows;
+  const int count = t_end - t_begin;
+  float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
+  float* out = scratch<float, 1>(4 * static_cast<size_t>(count));
+  int64_t* act_rows = scratch<int64_t>(count);
+  for (int i = 0; i < count; ++i) act_rows[i] = t_begin + i;
+  for (int n = n_begin; n < n_end; n += kTileRows) {
+    // The next tile is fetched while this one is computed, into the next
+    // task's rows too (the thread usually takes that task next).
+    const int64_t next = n + 2 * kTileRows <= N ? n + kTileRows : -1;
+    dot_rows_of(a.w, n, *a.xq, act_rows, count, next, buf, out);
+    for (int r = 0; r < kTileRows; ++r) {
+      for (int i = 0; i < count; ++i) {
+        store_as(a.y, a.y_type, (t_begin + i) * N + n + r, out[r * count + i]);
+      }
+    }
+  }
+}
+#endif
+
+static void linear_rows(
+    const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
+#if FUSED_MOE_INT_PATH
+  if (a.xq) {
+    return linear_rows_int(a, n_begin, n_end, t_begin, t_end);
+  }
+#endif
+#if FUSED_MOE_INT16_PATH
+  if (a.x16) {
+    return linear_rows_int16(a, n_begin, n_end, t_begin, t_end);
+  }
+#endif
+  linear_rows_float(a, n_begin, n_end, t_begin, t_end);
+}
+
+static void gather_rows(const GatherArgs& a, int t_begin, int t_end) {
+  const int K = a.w.cols;
+  float* row = scratch<float>(K);
+  for (int t = t_begin; t < t_end; ++t) {
+    dequant(a.w, 0, static_cast<int>(a.ids[t]), 1, row);
+    for (int i = 0; i < K; ++i) {
+      store_as(a.out, a.out_type, static_cast<int64_t>(t) * K + i, row[i]);
     }
   }
 }
@@ -706,6 +851,13 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
       nullptr,
 #endif
       &FUSED_MOE_ISA_NS::route_logits,
+#if FUSED_MOE_INT16_PATH
+      &FUSED_MOE_ISA_NS::quantize_acts16,
+#else
+      nullptr,
+#endif
+      &FUSED_MOE_ISA_NS::linear_rows,
+      &FUSED_MOE_ISA_NS::gather_rows,
       &FUSED_MOE_ISA_NS::read_sum,
   };
   return table;

@@ -28,13 +28,13 @@ constexpr float kActLevels = 16256.0f;
 constexpr int kChunk = 64; // codes per vpdpbusd
 
 // Where activation i of a 32-code block sits, so that it meets its code: the
-// 3-bit unpacking keeps codes in order; the 4-bit one yields the 16 low
+// 3- and 8-bit unpackings keep codes in order; the 4-bit one yields the 16 low
 // nibbles (even codes) of a block before the 16 high nibbles (odd codes).
 // As a byte permutation of the block: byte m takes activation src(m).
 // Built once, not per row.
 static inline __m256i act_positions(int bits) {
   static const auto tables = [] {
-    std::array<std::array<uint8_t, 32>, 2> t{}; // [0]: 3-bit, [1]: 4-bit
+    std::array<std::array<uint8_t, 32>, 2> t{}; // [0]: in order, [1]: 4-bit
     for (int m = 0; m < 32; ++m) {
       t[0][m] = static_cast<uint8_t>(m);
       t[1][m] = static_cast<uint8_t>(m < 16 ? 2 * m : 2 * (m - 16) + 1);
@@ -42,7 +42,7 @@ static inline __m256i act_positions(int bits) {
     return t;
   }();
   return _mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(tables[bits == 3 ? 0 : 1].data()));
+      reinterpret_cast<const __m256i*>(tables[bits == 4 ? 1 : 0].data()));
 }
 
 // 32 int32 values (lo16, then hi16) as int8 bytes in act_positions order.
@@ -101,7 +101,10 @@ static void quantize_acts(const float* x, int64_t row, const QuantizedActs& q) {
 // 64 codes of a row, as unsigned bytes in act_position order.
 template <int BITS, bool kLast = false>
 static inline __m512i unpack_chunk(const uint8_t* p) {
-  if constexpr (BITS == 3) {
+  if constexpr (BITS == 8) {
+    // The bytes are the codes.
+    return _mm512_loadu_si512(p);
+  } else if constexpr (BITS == 3) {
     // Qword j gets source bytes 3j..3j+7; byte i of it then takes the 8 bits
     // starting at bit 3i, of which the low 3 are code 8j+i.
     const __m512i perm = _mm512_set_epi8(
@@ -304,13 +307,18 @@ static inline void dot_tile(
   };
   auto step = [&](int off, const Codes& codes) __attribute__((always_inline)) {
     if (next) {
+      // A step of 3/4-bit codes spans at most one cache line; 8-bit steps
+      // of a 128-code group span two.
+      constexpr int kStepLines = BITS == 8 ? kStep / 64 : 1;
       for (int r = 0; r < kTileRows; ++r) {
-        // To L2: a software prefetch into L1 holds one of L1's few miss
-        // buffers until its line arrives, which capped one core's stream
-        // at about 10 GB/s.
-        _mm_prefetch(reinterpret_cast<const char*>(
-                         next + r * row_bytes + off * BITS / 8),
-                     _MM_HINT_T1);
+        for (int l = 0; l < kStepLines; ++l) {
+          // To L2: a software prefetch into L1 holds one of L1's few miss
+          // buffers until its line arrives, which capped one core's stream
+          // at about 10 GB/s.
+          _mm_prefetch(reinterpret_cast<const char*>(
+                           next + r * row_bytes + off * BITS / 8 + 64 * l),
+                       _MM_HINT_T1);
+        }
       }
     }
     const int g = off / GS;
@@ -390,7 +398,7 @@ static inline void dot_tile(
 // consecutive rows and `count` activation rows, in tiles of up to
 // kMaxTileTokens tokens. `next_row_id` (or -1) starts the rows of the next
 // call, fetched meanwhile. The allow-list of instantiated configurations is
-// bits {3, 4} × group size {32, 64, 128}.
+// bits {3, 4, 8} (integer_path_bits) × group size {32, 64, 128}.
 static void dot_rows_of(
     const QuantMatrix& m,
     int64_t row_id,
@@ -421,6 +429,7 @@ static void dot_rows_of(
   };
   using B3 = std::integral_constant<int, 3>;
   using B4 = std::integral_constant<int, 4>;
+  using B8 = std::integral_constant<int, 8>;
   using G32 = std::integral_constant<int, 32>;
   using G64 = std::integral_constant<int, 64>;
   using G128 = std::integral_constant<int, 128>;
@@ -431,6 +440,9 @@ static void dot_rows_of(
     case 4032: return run(B4{}, G32{});
     case 4064: return run(B4{}, G64{});
     case 4128: return run(B4{}, G128{});
+    case 8032: return run(B8{}, G32{});
+    case 8064: return run(B8{}, G64{});
+    case 8128: return run(B8{}, G128{});
   }
 }
 

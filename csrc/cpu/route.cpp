@@ -11,7 +11,7 @@
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "grid.h"
-#include "ops.h"
+#include "ops/route.h"
 
 namespace fused_moe {
 

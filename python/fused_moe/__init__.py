@@ -5,6 +5,13 @@ from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
 from fused_moe.convert import ConversionError, convert
 from fused_moe.layer import MiniMaxMoE
+from fused_moe.linear import (
+    SUPPORTED_LINEAR_BITS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantized_embedding,
+    quantized_matmul,
+)
 from fused_moe.loading import load
 from fused_moe.ops import down_combine, gate_up_swiglu
 from fused_moe.packing import (
@@ -49,10 +56,13 @@ __all__ = [
     "MIN_TOP_K",
     "MiniMaxMoE",
     "PackedExperts",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
     "QuantizedProjection",
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_LINEAR_BITS",
     "SUPPORTED_ROUTER_BITS",
     "convert",
     "cpu_isa",
@@ -62,6 +72,8 @@ __all__ = [
     "load",
     "pack_experts",
     "patch",
+    "quantized_embedding",
+    "quantized_matmul",
     "route",
     "set_num_threads",
     "shard",

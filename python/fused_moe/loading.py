@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from fused_moe import format
 from fused_moe.layer import MiniMaxMoE
-from fused_moe.patch import BLOCK_ATTR, block_path, check_minimax, patch
+from fused_moe.patch import BLOCK_ATTR, block_path, check_minimax, patch, swap_dense_layers
 
 
 def packed_layers(config: dict, where: str) -> Optional[dict]:
@@ -130,6 +130,7 @@ def _load_sharded(utils, model_path: Path, config: dict, layers, group, where: s
         model, config = _load_packed_model(utils, model_path, layers, where, True, trust_remote_code=trust)
         shard(model, group)
         read_own_experts(model, model_path, group, config["intermediate_size"])
+        swap_dense_layers(model)
     tokenizer = utils.load_tokenizer(
         model_path,
         kwargs.get("tokenizer_config") or {"trust_remote_code": trust},
@@ -148,6 +149,8 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     * A packed checkpoint (``fused-moe convert``) is opened directly: the
       fused layers are built first and the packed tensors load into them,
       with no repacking.
+    * Either way, on the CPU the quantized linears and the embedding then
+      run on fused_moe's kernels too, as :func:`fused_moe.patch` does.
 
     Keyword arguments go to mlx-lm's loading (``tokenizer_config``,
     ``model_config``, ``adapter_path``, ``lazy``, ``return_config``,
@@ -192,6 +195,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     if kwargs.get("adapter_path") is not None:
         model = utils.load_adapters(model, kwargs["adapter_path"])
         model.eval()
+    swap_dense_layers(model)
     tokenizer = utils.load_tokenizer(
         model_path, kwargs.get("tokenizer_config"), eos_token_ids=config.get("eos_token_id")
     )

@@ -1,4 +1,5 @@
-"""`patch`: swap every MoE block of a loaded mlx-lm MiniMax model for `MiniMaxMoE`."""
+"""`patch`: swap every MoE block of a loaded mlx-lm MiniMax model for `MiniMaxMoE`,
+and, on the CPU, every quantized linear and embedding for fused_moe's own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import mlx.nn as nn
 
 from fused_moe.format import block_path
 from fused_moe.layer import MiniMaxMoE
+from fused_moe.linear import swap_quantized_layers
 from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from fused_moe.router import gate_arrays
 
@@ -51,7 +53,7 @@ def _unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
-def patch(model: nn.Module, *, strict: bool = True) -> int:
+def patch(model: nn.Module, *, strict: bool = True, experts_only: bool = False) -> int:
     """Replaces every ``block_sparse_moe`` of a loaded mlx-lm MiniMax model,
     in place, with a :class:`MiniMaxMoE`; returns how many were replaced.
 
@@ -64,6 +66,14 @@ def patch(model: nn.Module, *, strict: bool = True) -> int:
     path; with ``strict=False`` it stays stock and a warning names it. All
     blocks are checked before any is changed. Blocks already patched are left
     alone and not counted.
+
+    On the CPU (MLX's default device), every ``nn.QuantizedLinear`` (the
+    attention projections, ``lm_head``) and ``nn.QuantizedEmbedding`` whose
+    quantization the fused ops support also becomes a
+    :class:`fused_moe.QuantizedLinear` / :class:`fused_moe.QuantizedEmbedding`,
+    with the same parameters; ``experts_only=True`` leaves them stock. On a GPU
+    only the MoE blocks are replaced (MLX's own quantized kernels are fast
+    there).
     """
     from mlx_lm.models.minimax import MiniMaxSparseMoeBlock
 
@@ -97,4 +107,14 @@ def patch(model: nn.Module, *, strict: bool = True) -> int:
         # The caller may still hold the old block; drop its experts anyway so
         # their memory goes now (down is shared with the packed layer).
         del block["switch_mlp"]
+    if not experts_only:
+        swap_dense_layers(model)
     return len(todo)
+
+
+def swap_dense_layers(model: nn.Module) -> int:
+    """`patch`'s second part: on the CPU, the quantized linears and
+    embeddings onto the fused ops; on a GPU nothing. Returns the count."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return 0
+    return swap_quantized_layers(model)
