@@ -63,6 +63,23 @@ NB_MODULE(_ext, m) {
       nb::kw_only(), "stream"_a = nb::none(),
       "The rows ids of an affine-quantized matrix, dequantized; see "
       "fused_moe.quantized_embedding.");
+  m.def(
+      "scaled_dot_product_attention",
+      [](const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
+         float scale, const std::optional<std::string>& mask,
+         mlx::core::StreamOrDevice s) {
+        if (mask && *mask != "causal") {
+          throw std::invalid_argument(
+              "fused_moe.scaled_dot_product_attention: mask must be None or "
+              "'causal', got '" + *mask + "'");
+        }
+        return fused_moe::scaled_dot_product_attention(
+            q, k, v, scale, mask.has_value(), s);
+      },
+      "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "mask"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "softmax(q·kᵀ·scale)·v over a KV cache; see "
+      "fused_moe.scaled_dot_product_attention.");
 
   m.def("set_num_threads", &fused_moe::cpu::set_num_threads, "n"_a,
         "Threads used by the CPU kernels (default: FUSED_MOE_NUM_THREADS or "

@@ -5,6 +5,7 @@
 // contiguous, checked inputs.
 #pragma once
 
+#include "ops/attention.h"
 #include "ops/down_combine.h"
 #include "ops/gate_up_swiglu.h"
 #include "ops/quantized_embedding.h"

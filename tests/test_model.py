@@ -17,6 +17,7 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 from mlx_lm.models import minimax
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
 
 import fused_moe as fm
 from fused_moe import format
@@ -79,6 +80,8 @@ def test_patched_model_matches_stock(which, request):
     assert kinds["model.embed_tokens"] is fm.QuantizedEmbedding
     assert kinds["model.layers.0.self_attn.q_proj"] is fm.QuantizedLinear
     assert set(kinds.values()) == {fm.QuantizedLinear, fm.QuantizedEmbedding}
+    # ... and the attention on the fused attention kernel.
+    assert all(type(l.self_attn) is fm.MiniMaxAttention for l in fused.layers)
     tokens = mx.array([PROMPT])
     assert_logits_match(fused(tokens), stock(tokens))
     assert greedy(fused, PROMPT) == greedy(stock, PROMPT)
@@ -93,11 +96,13 @@ def test_experts_only_keeps_the_dense_layers_stock(small_dir):
     assert fm.patch(model, experts_only=True) == 3
     assert dense_layer_kinds(model) == before
     assert set(before.values()) == {nn.QuantizedLinear, nn.QuantizedEmbedding}
+    assert all(type(l.self_attn) is StockMiniMaxAttention for l in model.layers)
     tokens = mx.array([PROMPT])
     assert_logits_match(model(tokens), stock(tokens))
     # A later full patch swaps the dense layers and still matches.
     assert fm.patch(model) == 0
     assert dense_layer_kinds(model)["lm_head"] is fm.QuantizedLinear
+    assert all(type(l.self_attn) is fm.MiniMaxAttention for l in model.layers)
     assert_logits_match(model(tokens), stock(tokens))
 
 

@@ -96,6 +96,28 @@ struct GatherArgs {
   FloatType out_type;
 };
 
+// Scaled dot-product attention over a KV cache (grouped-query heads):
+// out[b, h, l] = softmax(q[b, h, l] · K[b, h/G]ᵀ · scale) · V[b, h/G], with
+// query row l seeing keys [0, S - L + l] when causal and all S otherwise.
+// q and out are row-contiguous [B, Hq, L, Dh]; k and v are [B, Hkv, S, Dh]
+// views given by element strides (a cache buffer's slice, read in place).
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  FloatType type; // of q, k, v and out
+  int64_t k_stride[4];
+  int64_t v_stride[4];
+  int B, Hq, Hkv, L, S, Dh;
+  float scale;
+  bool causal;
+};
+
+// The query heads of one GQA group an attention unit takes at once; a group
+// of more heads is split into units of this many.
+constexpr int kAttentionHeads = 8;
+
 // Weight bits the integer path (AVX-512 VNNI) has code unpacking for; other
 // bits take the fp32 path on every level.
 constexpr bool integer_path_bits(int bits) {
@@ -147,6 +169,10 @@ struct KernelTable {
       const LinearArgs&, int n_begin, int n_end, int t_begin, int t_end);
   // Output rows [t_begin, t_end) of the gather.
   void (*gather_rows)(const GatherArgs&, int t_begin, int t_end);
+  // One unit of attention: batch b, KV head g, query row l, query heads
+  // [h_begin, h_end) of that head's group (at most kAttentionHeads).
+  void (*attention_unit)(
+      const AttentionArgs&, int b, int g, int l, int h_begin, int h_end);
   // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the
   // memory-bandwidth probe's loop, built like the kernels so it reads with
   // the same vector width.

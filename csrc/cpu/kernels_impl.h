@@ -627,6 +627,51 @@ static void gather_rows(const GatherArgs& a, int t_begin, int t_end) {
 // Router logits
 // ---------------------------------------------------------------------------
 
+// kLanes values of a float array of type TYPE, from element `at`, as fp32.
+template <FloatType TYPE>
+static inline vfloat load_lanes(const void* base, int64_t at) {
+  if constexpr (TYPE == FloatType::f32) {
+    return load(static_cast<const float*>(base) + at);
+  } else if constexpr (TYPE == FloatType::bf16) {
+    // bf16 is the top half of an fp32. The intrinsics widen in one
+    // instruction where GCC's generic widening takes four.
+    const auto* p = static_cast<const uint16_t*>(base) + at;
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+        16);
+#elif defined(__AVX2__)
+    return (vfloat)_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+        16);
+#else
+    typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
+    typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return (vfloat)(__builtin_convertvector(h, vu32) << 16);
+#endif
+  } else {
+#if defined(__AVX512F__)
+    const auto* p = static_cast<const uint16_t*>(base) + at;
+    return (vfloat)_mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__)
+    const auto* p = static_cast<const uint16_t*>(base) + at;
+    return (vfloat)_mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vfloat v;
+    for (int l = 0; l < kLanes; ++l) {
+      v[l] = to_float(base, FloatType::f16, at + l);
+    }
+    return v;
+#endif
+  }
+}
+
 // The gate rows in each storage format, read kLanes inputs at a time as fp32.
 // A row is split into `groups` runs of `width` inputs (quantized: the
 // quantization groups; float: one run over the whole vectors of the row),
@@ -648,47 +693,7 @@ struct FloatGateRows {
     return {};
   }
   vfloat chunk(Group, int e, int i) const {
-    const int64_t at = e * D + i;
-    if constexpr (TYPE == FloatType::f32) {
-      return load(static_cast<const float*>(w) + at);
-    } else if constexpr (TYPE == FloatType::bf16) {
-      // bf16 is the top half of an fp32. The intrinsics widen in one
-      // instruction where GCC's generic widening takes four.
-      const auto* p = static_cast<const uint16_t*>(w) + at;
-#if defined(__AVX512F__)
-      return (vfloat)_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
-          16);
-#elif defined(__AVX2__)
-      return (vfloat)_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-          16);
-#else
-      typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
-      typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
-      vu16 h;
-      std::memcpy(&h, p, sizeof(h));
-      return (vfloat)(__builtin_convertvector(h, vu32) << 16);
-#endif
-    } else {
-#if defined(__AVX512F__)
-      const auto* p = static_cast<const uint16_t*>(w) + at;
-      return (vfloat)_mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__AVX2__)
-      const auto* p = static_cast<const uint16_t*>(w) + at;
-      return (vfloat)_mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-      vfloat v;
-      for (int l = 0; l < kLanes; ++l) {
-        v[l] = to_float(w, FloatType::f16, at + l);
-      }
-      return v;
-#endif
-    }
+    return load_lanes<TYPE>(w, e * D + i);
   }
   float at(int e, int i) const {
     return to_float(w, TYPE, e * D + i);
@@ -832,6 +837,8 @@ uint64_t read_sum(const uint8_t* p, int64_t bytes) {
 
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
 
+#include "cpu/kernels_attention.h"
+
 // The table this build exports: fused_moe::cpu::kernels_<isa>().
 #define FUSED_MOE_CAT_(a, b) a##b
 #define FUSED_MOE_CAT(a, b) FUSED_MOE_CAT_(a, b)
@@ -858,6 +865,7 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
 #endif
       &FUSED_MOE_ISA_NS::linear_rows,
       &FUSED_MOE_ISA_NS::gather_rows,
+      &FUSED_MOE_ISA_NS::attention_unit,
       &FUSED_MOE_ISA_NS::read_sum,
   };
   return table;

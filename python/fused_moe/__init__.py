@@ -3,6 +3,7 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
+from fused_moe.attention import MiniMaxAttention, scaled_dot_product_attention
 from fused_moe.convert import ConversionError, convert
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.linear import (
@@ -54,6 +55,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_TOP_K",
     "MIN_TOP_K",
+    "MiniMaxAttention",
     "MiniMaxMoE",
     "PackedExperts",
     "QuantizedEmbedding",
@@ -75,6 +77,7 @@ __all__ = [
     "quantized_embedding",
     "quantized_matmul",
     "route",
+    "scaled_dot_product_attention",
     "set_num_threads",
     "shard",
     "unpack_experts",

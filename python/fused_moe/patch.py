@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from fused_moe.format import block_path
+from fused_moe.attention import swap_attention
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.linear import swap_quantized_layers
 from fused_moe.packing import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
@@ -71,9 +72,10 @@ def patch(model: nn.Module, *, strict: bool = True, experts_only: bool = False) 
     attention projections, ``lm_head``) and ``nn.QuantizedEmbedding`` whose
     quantization the fused ops support also becomes a
     :class:`fused_moe.QuantizedLinear` / :class:`fused_moe.QuantizedEmbedding`,
-    with the same parameters; ``experts_only=True`` leaves them stock. On a GPU
-    only the MoE blocks are replaced (MLX's own quantized kernels are fast
-    there).
+    with the same parameters, and every mlx-lm ``MiniMaxAttention`` becomes a
+    :class:`fused_moe.MiniMaxAttention` (the fused attention kernel over the
+    KV cache); ``experts_only=True`` leaves them stock. On a GPU only the MoE
+    blocks are replaced (MLX's own kernels are fast there).
     """
     from mlx_lm.models.minimax import MiniMaxSparseMoeBlock
 
@@ -114,7 +116,8 @@ def patch(model: nn.Module, *, strict: bool = True, experts_only: bool = False) 
 
 def swap_dense_layers(model: nn.Module) -> int:
     """`patch`'s second part: on the CPU, the quantized linears and
-    embeddings onto the fused ops; on a GPU nothing. Returns the count."""
+    embeddings onto the fused ops and the attention onto the fused attention
+    kernel; on a GPU nothing. Returns the count of modules swapped."""
     if mx.default_device().type != mx.DeviceType.cpu:
         return 0
-    return swap_quantized_layers(model)
+    return swap_quantized_layers(model) + swap_attention(model)

@@ -1,0 +1,115 @@
+"""Attention on fused_moe's own CPU kernel.
+
+:func:`scaled_dot_product_attention` is an MLX primitive from the native
+extension: ``softmax(q·kᵀ·scale)·v`` with grouped-query heads, reading a KV
+cache's slice in place, one pass over the keys and one over the values per
+(KV head, query row), every head of the group sharing each row as it is read.
+MLX's own CPU attention takes about 17 ms per MiniMax layer at 1k context
+here; this is the whole cost of reading the cache once.
+
+:class:`MiniMaxAttention` is mlx-lm's attention of the same name with that
+op in place of ``mx.fast.scaled_dot_product_attention``; same parameters.
+Two cases it does not take go to MLX's own attention, as stock does them:
+an array mask (batches with padding) and a quantized KV cache.
+
+On a GPU stream the op is MLX's own fused attention, already fast there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
+
+from fused_moe import _ext
+from fused_moe.ops import StreamLike
+
+# Head sizes the CPU kernel takes: a multiple of 16 up to this.
+MAX_HEAD_DIM = 512
+
+
+def scaled_dot_product_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: Optional[str] = None,
+    stream: StreamLike = None,
+) -> mx.array:
+    """``softmax(q·kᵀ·scale)·v``, what ``mx.fast.scaled_dot_product_attention``
+    computes for ``mask`` None or ``"causal"``.
+
+    Args:
+        q: ``[B, Hq, L, Dh]``, float16, bfloat16 or float32.
+        k, v: ``[B, Hkv, S, Dh]`` in the dtype of ``q``, ``Hq`` a multiple of
+            ``Hkv`` (grouped-query attention); any strides, so a KV cache's
+            slice is read where it lies.
+        scale: multiplies ``q·kᵀ``.
+        mask: ``None`` (every query sees every key) or ``"causal"`` (query row
+            ``l`` sees keys ``0 .. S - L + l``: the queries are the last ``L``
+            positions).
+
+    ``Dh`` is a multiple of 16 up to ``MAX_HEAD_DIM``. Returns
+    ``[B, Hq, L, Dh]`` in the dtype of ``q``; the arithmetic is fp32.
+    """
+    return _ext.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=stream)
+
+
+def unsupported_reason(attn: nn.Module) -> str | None:
+    """Why :class:`MiniMaxAttention` cannot take this attention, or None."""
+    head_dim = attn.head_dim
+    if head_dim % 16 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim}; supported: a multiple of 16 up to {MAX_HEAD_DIM}"
+    return None
+
+
+class MiniMaxAttention(StockMiniMaxAttention):
+    """mlx-lm's ``MiniMaxAttention`` with the attention computed by
+    :func:`scaled_dot_product_attention`. Same parameters and settings; the
+    projections are whatever modules the layer holds (``patch`` makes them
+    :class:`fused_moe.QuantizedLinear`)."""
+
+    @classmethod
+    def from_attention(cls, attn: StockMiniMaxAttention) -> "MiniMaxAttention":
+        if reason := unsupported_reason(attn):
+            raise ValueError(f"fused_moe.MiniMaxAttention: {reason}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update(vars(attn))  # settings: heads, scale, use_qk_norm, ...
+        for name, value in attn.items():  # the submodules, the very objects
+            new[name] = value
+        return new
+
+    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
+        if isinstance(mask, mx.array) or hasattr(cache, "bits"):
+            return super().__call__(x, mask=mask, cache=cache)
+        B, L, _ = x.shape
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_qk_norm:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        # [B, L, heads * Dh] -> [B, heads, L, Dh]
+        queries = queries.reshape(B, L, self.num_attention_heads, -1).transpose(0, 2, 1, 3)
+        keys = keys.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def swap_attention(model: nn.Module) -> int:
+    """Replaces, in place, every mlx-lm ``MiniMaxAttention`` of ``model``'s
+    layers (exactly that class) that the kernel supports with
+    :class:`MiniMaxAttention`; returns how many."""
+    count = 0
+    for layer in model.layers:
+        attn = layer.self_attn
+        if type(attn) is StockMiniMaxAttention and unsupported_reason(attn) is None:
+            layer.self_attn = MiniMaxAttention.from_attention(attn)
+            count += 1
+    return count
