@@ -50,7 +50,8 @@ Reading a result line:
 Probe samples are taken before and after each fused measurement; the end
 of the run checks the project's CPU targets against their medians.
 ``--e2e N`` adds a synthetic full-width MiniMax through mlx-lm's generation
-(e2e.py); ``--json`` and ``--plot`` write the results out.
+(e2e.py), ``--e2e-profile`` one decode step of it timed piece by piece
+(decode_profile.py); ``--json`` and ``--plot`` write the results out.
 
 It only measures and reports; it exits 0 however slow either path is.
 """
@@ -72,6 +73,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
+import decode_profile
 import e2e
 import linear
 from probes import Probes
@@ -487,6 +489,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--e2e-vocab", type=positive, default=e2e.VOCAB,
                    help=f"vocabulary of --e2e (default {e2e.VOCAB}, MiniMax's; its 8-bit lm_head "
                         f"dominates decode on MLX's CPU backend)")
+    p.add_argument("--e2e-profile", action="store_true",
+                   help="also time one decode step of the --e2e model piece by piece at 1k and 4k "
+                        "context, MoE-only patch against full patch (decode_profile.py)")
     p.add_argument("--linear", action="store_true",
                    help="also time fm.quantized_matmul against mx.quantized_matmul at the 8-bit "
                         "attention and lm_head shapes (linear.py)")
@@ -495,6 +500,8 @@ def parse_args() -> argparse.Namespace:
                    help="also draw tokens per second against T, stock and fused, as a PNG "
                         "(needs matplotlib: pip install 'mlx-fused-moe[plot]')")
     args = p.parse_args()
+    if args.e2e_profile and not args.e2e:
+        p.error("--e2e-profile needs --e2e N (the layers of the profiled model)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -627,7 +634,12 @@ def main() -> None:
         print(flush=True)
         e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection, args.e2e_vocab,
                              args.e2e_context, probes)
-        print("\n".join(e2e.format_result(e2e_result)))
+        print("\n".join(e2e.format_result(e2e_result)), flush=True)
+    profile_result = None
+    if args.e2e_profile:
+        print(flush=True)
+        profile_result = decode_profile.run(s, args.e2e, random_projection, args.e2e_vocab)
+        print("\n".join(decode_profile.format_result(profile_result, args.e2e, args.e2e_vocab)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -643,6 +655,8 @@ def main() -> None:
                     "rows": [dataclasses.asdict(r) for r in rows],
                     "targets": results,
                     "e2e": dataclasses.asdict(e2e_result) if e2e_result else None,
+                    "decode_profile": {f"{label} {ctx}": parts for (label, ctx), parts in profile_result.items()}
+                    if profile_result else None,
                 },
                 f,
                 indent=2,

@@ -80,6 +80,14 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none(),
       "softmax(q·kᵀ·scale)·v over a KV cache; see "
       "fused_moe.scaled_dot_product_attention.");
+  m.def(
+      "norm_rope",
+      &fused_moe::norm_rope,
+      "x"_a, "weight"_a.none(), nb::kw_only(), "heads"_a, "eps"_a,
+      "rotary_dim"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
+      "stream"_a = nb::none(),
+      "An attention projection's RMSNorm and RoPE, heads split out; see "
+      "fused_moe.norm_rope.");
 
   m.def("set_num_threads", &fused_moe::cpu::set_num_threads, "n"_a,
         "Threads used by the CPU kernels (default: FUSED_MOE_NUM_THREADS or "

@@ -8,6 +8,7 @@
 #include "ops/attention.h"
 #include "ops/down_combine.h"
 #include "ops/gate_up_swiglu.h"
+#include "ops/norm_rope.h"
 #include "ops/quantized_embedding.h"
 #include "ops/quantized_matmul.h"
 #include "ops/route.h"

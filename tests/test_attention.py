@@ -141,6 +141,87 @@ def test_errors():
 
 
 # ---------------------------------------------------------------------------
+# fused_moe.norm_rope: q/k RMSNorm + RoPE, heads split out
+# ---------------------------------------------------------------------------
+
+
+def norm_rope_reference(x, weight, heads, eps, rotary_dim, base, traditional, scale, offset) -> np.ndarray:
+    x = np.array(x.astype(mx.float32), dtype=np.float64)
+    B, L, W = x.shape
+    if weight is not None:
+        x = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * np.array(weight.astype(mx.float32), np.float64)
+    y = x.reshape(B, L, heads, -1).transpose(0, 2, 1, 3).copy()
+    half = rotary_dim // 2
+    angle = ((offset + np.arange(L)) * scale)[:, None] * base ** (-2.0 * np.arange(half) / rotary_dim)[None, :]
+    c, s = np.cos(angle), np.sin(angle)
+    lo = np.arange(half) * 2 if traditional else np.arange(half)
+    hi = lo + 1 if traditional else lo + half
+    x1, x2 = y[..., lo].copy(), y[..., hi].copy()
+    y[..., lo], y[..., hi] = x1 * c - x2 * s, x1 * s + x2 * c
+    return y
+
+
+# (B, L, heads, Dh, rotary_dim, with weight, traditional, offset): MiniMax's
+# q and k at decode (48 and 8 heads of 128, rotary 64) deep into the
+# context; a prefill; the whole head rotated; no norm.
+NORM_ROPE_CASES = [
+    (1, 1, 48, 128, 64, True, False, 4000),
+    (1, 1, 8, 128, 64, True, False, 17),
+    (2, 9, 4, 32, 16, True, False, 0),
+    (1, 5, 3, 64, 64, True, True, 100),
+    (1, 3, 2, 32, 8, False, False, 7),
+]
+
+
+@pytest.mark.parametrize("case", NORM_ROPE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_rope_matches_reference(case, dtype, stream):
+    B, L, H, Dh, rd, with_weight, traditional, offset = case
+    x = normal((B, L, H * Dh), dtype, 20) * 3
+    weight = (1 + 0.2 * normal((H * Dh,), mx.float32, 21)).astype(dtype) if with_weight else None
+    kw = dict(rotary_dim=rd, base=5e6, traditional=traditional, scale=1.0, offset=offset)
+    fused = fm.norm_rope(x, weight, heads=H, eps=1e-6, stream=stream, **kw)
+    stock = mx.fast.rms_norm(x, weight, 1e-6, stream=stream) if with_weight else x
+    stock = stock.reshape(B, L, H, Dh).transpose(0, 2, 1, 3)
+    stock = mx.fast.rope(stock, rd, traditional=traditional, base=5e6, scale=1.0, offset=offset, stream=stream)
+    assert fused.shape == (B, H, L, Dh) and fused.dtype == stock.dtype == dtype
+    ref = norm_rope_reference(x, weight, H, 1e-6, rd, 5e6, traditional, 1.0, offset)
+    assert_within_tolerance(fused, stock, ref, dtype, f"norm_rope {case}")
+
+
+def test_norm_rope_promotes_like_rms_norm_and_is_bit_identical_across_threads():
+    x, w = normal((2, 40, 256), mx.bfloat16, 22), 1 + 0.1 * normal((256,), mx.float32, 23)
+    assert fm.norm_rope(x, w, heads=2, eps=1e-5, rotary_dim=64, base=1e4).dtype == mx.float32
+    before = fm.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 5):
+            fm.set_num_threads(n)
+            outs.append(np.array(fm.norm_rope(x, w.astype(mx.bfloat16), heads=2, eps=1e-5, rotary_dim=64, base=1e4, offset=3).astype(mx.float32)))
+    finally:
+        fm.set_num_threads(before)
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+
+
+def test_norm_rope_errors():
+    x = mx.zeros((1, 2, 64))
+    nr = lambda x=x, w=None, **kw: fm.norm_rope(x, w, **{**dict(heads=2, eps=1e-6, rotary_dim=16, base=1e4), **kw})
+    cases = [
+        (lambda: nr(x[0]), "x must be float16, bfloat16 or float32 \\[B, L, heads\\*head_dim\\]"),
+        (lambda: nr(x.astype(mx.int32)), "x must be float16"),
+        (lambda: nr(heads=3), "64 values, not a whole number of heads=3"),
+        (lambda: nr(rotary_dim=5), "rotary_dim=5 must be even"),
+        (lambda: nr(rotary_dim=64), "rotary_dim=64 must be even, from 2 to head_dim=32"),
+        (lambda: nr(w=mx.ones((32,))), "weight must be a float \\[64\\] array"),
+        (lambda: nr(offset=-1), "offset at least 0"),
+        (lambda: nr(base=0.0), "base must be positive"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+# ---------------------------------------------------------------------------
 # fused_moe.MiniMaxAttention against mlx-lm's, float32
 # ---------------------------------------------------------------------------
 

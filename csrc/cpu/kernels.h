@@ -118,6 +118,20 @@ struct AttentionArgs {
 // of more heads is split into units of this many.
 constexpr int kAttentionHeads = 8;
 
+// The attention's q or k RMSNorm and rotary embedding, heads split out:
+// out[b, h, l, :] = rope(rmsnorm(x[b, l, :]) [h·Dh, (h+1)·Dh)), position l.
+struct NormRopeArgs {
+  const void* x; // [B, L, H*Dh] row-contiguous
+  const void* weight; // [H*Dh] norm weight of `weight_type`; null: no norm
+  FloatType weight_type;
+  void* out; // [B, H, L, Dh]
+  FloatType type; // of x and out
+  const float* cos_sin; // [L, rotary_dim/2, 2] cos, sin of each angle
+  int B, L, H, Dh, rotary_dim;
+  float eps;
+  bool traditional; // rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+};
+
 // Weight bits the integer path (AVX-512 VNNI) has code unpacking for; other
 // bits take the fp32 path on every level.
 constexpr bool integer_path_bits(int bits) {
@@ -173,6 +187,8 @@ struct KernelTable {
   // [h_begin, h_end) of that head's group (at most kAttentionHeads).
   void (*attention_unit)(
       const AttentionArgs&, int b, int g, int l, int h_begin, int h_end);
+  // Rows [r_begin, r_end) of B*L (token) rows.
+  void (*norm_rope_rows)(const NormRopeArgs&, int r_begin, int r_end);
   // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the
   // memory-bandwidth probe's loop, built like the kernels so it reads with
   // the same vector width.

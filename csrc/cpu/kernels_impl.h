@@ -838,6 +838,7 @@ uint64_t read_sum(const uint8_t* p, int64_t bytes) {
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
 
 #include "cpu/kernels_attention.h"
+#include "cpu/kernels_norm_rope.h"
 
 // The table this build exports: fused_moe::cpu::kernels_<isa>().
 #define FUSED_MOE_CAT_(a, b) a##b
@@ -866,6 +867,7 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
       &FUSED_MOE_ISA_NS::linear_rows,
       &FUSED_MOE_ISA_NS::gather_rows,
       &FUSED_MOE_ISA_NS::attention_unit,
+      &FUSED_MOE_ISA_NS::norm_rope_rows,
       &FUSED_MOE_ISA_NS::read_sum,
   };
   return table;

@@ -3,7 +3,7 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
-from fused_moe.attention import MiniMaxAttention, scaled_dot_product_attention
+from fused_moe.attention import MiniMaxAttention, norm_rope, scaled_dot_product_attention
 from fused_moe.convert import ConversionError, convert
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.linear import (
@@ -72,6 +72,7 @@ __all__ = [
     "gate_up_swiglu",
     "get_num_threads",
     "load",
+    "norm_rope",
     "pack_experts",
     "patch",
     "quantized_embedding",

@@ -5,10 +5,11 @@ extension: ``softmax(q·kᵀ·scale)·v`` with grouped-query heads, reading a KV
 cache's slice in place, one pass over the keys and one over the values per
 (KV head, query row), every head of the group sharing each row as it is read.
 MLX's own CPU attention takes about 17 ms per MiniMax layer at 1k context
-here; this is the whole cost of reading the cache once.
+here. :func:`norm_rope` does the q/k RMSNorm and the rotary embedding in one
+op per projection, where MLX runs three, each with its own overhead.
 
-:class:`MiniMaxAttention` is mlx-lm's attention of the same name with that
-op in place of ``mx.fast.scaled_dot_product_attention``; same parameters.
+:class:`MiniMaxAttention` is mlx-lm's attention of the same name on these
+two ops; same parameters.
 Two cases it does not take go to MLX's own attention, as stock does them:
 an array mask (batches with padding) and a quantized KV cache.
 
@@ -58,6 +59,38 @@ def scaled_dot_product_attention(
     return _ext.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=stream)
 
 
+def norm_rope(
+    x: mx.array,
+    weight: Optional[mx.array],
+    *,
+    heads: int,
+    eps: float,
+    rotary_dim: int,
+    base: float,
+    traditional: bool = False,
+    scale: float = 1.0,
+    offset: int = 0,
+    stream: StreamLike = None,
+) -> mx.array:
+    """An attention projection's RMSNorm and rotary embedding in one op, with
+    the heads split out: what ``mx.fast.rms_norm``, the reshape to
+    ``[B, heads, L, Dh]`` and ``mx.fast.rope`` compute in turn.
+
+    Args:
+        x: ``[B, L, heads * Dh]``, float16, bfloat16 or float32.
+        weight: ``[heads * Dh]``, the norm's weight over the whole row (as
+            MiniMax's ``q_norm``/``k_norm`` span all heads); ``None``: no norm.
+        rotary_dim, base, traditional, scale: as ``nn.RoPE``; the rotation
+            covers the first ``rotary_dim`` (even) values of each head.
+        offset: the position of the first of the ``L`` tokens.
+
+    Returns ``[B, heads, L, Dh]`` in the dtype ``mx.fast.rms_norm`` gives;
+    fp32 arithmetic, angles in fp64.
+    """
+    return _ext.norm_rope(x, weight, heads=heads, eps=eps, rotary_dim=rotary_dim, traditional=traditional,
+                          base=base, scale=scale, offset=offset, stream=stream)
+
+
 def unsupported_reason(attn: nn.Module) -> str | None:
     """Why :class:`MiniMaxAttention` cannot take this attention, or None."""
     head_dim = attn.head_dim
@@ -84,22 +117,34 @@ class MiniMaxAttention(StockMiniMaxAttention):
         return new
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
-        if isinstance(mask, mx.array) or hasattr(cache, "bits"):
+        offset = 0 if cache is None else cache.offset
+        if isinstance(mask, mx.array) or hasattr(cache, "bits") or not isinstance(offset, int):
+            # Padded batches (array masks, per-sequence offsets) and quantized
+            # caches: MLX's own attention, as stock runs them.
             return super().__call__(x, mask=mask, cache=cache)
         B, L, _ = x.shape
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_qk_norm:
-            queries, keys = self.q_norm(queries), self.k_norm(keys)
-        # [B, L, heads * Dh] -> [B, heads, L, Dh]
-        queries = queries.reshape(B, L, self.num_attention_heads, -1).transpose(0, 2, 1, 3)
-        keys = keys.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        queries = self._heads(queries, self.q_norm if self.use_qk_norm else None, self.num_attention_heads, offset)
+        keys = self._heads(keys, self.k_norm if self.use_qk_norm else None, self.num_key_value_heads, offset)
         values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _heads(self, y: mx.array, norm: Optional[nn.Module], heads: int, offset: int) -> mx.array:
+        """[B, L, heads * Dh] -> normed, [B, heads, L, Dh], rotated."""
+        rope = self.rope
+        if type(rope) is nn.RoPE and (norm is None or type(norm) is nn.RMSNorm):
+            return norm_rope(y, None if norm is None else norm["weight"], heads=heads,
+                             eps=0.0 if norm is None else norm.eps, rotary_dim=rope.dims, base=rope.base,
+                             traditional=rope.traditional, scale=rope.scale, offset=offset)
+        # Other modules (mlx-lm's sharded norm after Model.shard, a scaled
+        # RoPE): run as they are.
+        if norm is not None:
+            y = norm(y)
+        B, L, _ = y.shape
+        return rope(y.reshape(B, L, heads, -1).transpose(0, 2, 1, 3), offset=offset)
 
 
 def swap_attention(model: nn.Module) -> int:
