@@ -88,15 +88,26 @@ static void attend(const AttentionArgs& a, int b, int g, int l, int h0) {
     const int nb = std::min(kKeyBlock, n - j0);
     cache_rows(k_head, a.k_stride[2], a.k_stride[3], elem, Dh, j0, nb, tmp, rows);
     for (int j = 0; j < nb; ++j) {
-      vfloat dot[NQ] = {};
-      for (int c = 0; c < C; ++c) {
-        const vfloat kv = load_lanes<TYPE>(rows[j], c * kLanes);
+      // Two partial sums per head (even and odd chunks) halve the FMA
+      // dependency chains, which otherwise bound this loop.
+      vfloat dot[NQ][2] = {};
+      int c = 0;
+      for (; c + 1 < C; c += 2) {
+        const vfloat k0 = load_lanes<TYPE>(rows[j], c * kLanes);
+        const vfloat k1 = load_lanes<TYPE>(rows[j], (c + 1) * kLanes);
         for (int i = 0; i < NQ; ++i) {
-          dot[i] += load(q + i * Dh + c * kLanes) * kv;
+          dot[i][0] += load(q + i * Dh + c * kLanes) * k0;
+          dot[i][1] += load(q + i * Dh + (c + 1) * kLanes) * k1;
+        }
+      }
+      if (c < C) {
+        const vfloat k0 = load_lanes<TYPE>(rows[j], c * kLanes);
+        for (int i = 0; i < NQ; ++i) {
+          dot[i][0] += load(q + i * Dh + c * kLanes) * k0;
         }
       }
       for (int i = 0; i < NQ; ++i) {
-        p[i * n_pad + j0 + j] = horizontal_sum(dot[i]);
+        p[i * n_pad + j0 + j] = horizontal_sum(dot[i][0] + dot[i][1]);
       }
     }
   }
