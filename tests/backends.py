@@ -33,6 +33,12 @@ class StreamBackend:
     def route(self, x, gate, bias, k):
         return fm.route(x, gate, bias, k, stream=self.stream)
 
+    def attention(self, q, k, v, scale, mask):
+        return fm.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=self.stream)
+
+    def norm_rope(self, x, weight, **kw):
+        return fm.norm_rope(x, weight, stream=self.stream, **kw)
+
 
 class EmulatorBackend:
     """The Metal kernels in the Linux emulator. Eager (numpy buffers), so it

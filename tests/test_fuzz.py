@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 
 import fused_moe as fm
 import fuzz
@@ -54,3 +55,21 @@ def test_a_wrong_backend_fails_with_its_reproducer():
     failures = fuzz.run_case(seed, [_OffByOnePercent("cpu", mx.cpu)])
     assert failures and "down_combine: err(fused)" in failures[0], failures
     assert f"python -m tests.fuzz --case {seed} --backends cpu" in failures[0]
+
+
+class _AttentionOffByOnePercent(StreamBackend):
+    def attention(self, q, k, v, scale, mask):
+        return super().attention(q, k, v, scale, mask) * 1.01
+
+    def norm_rope(self, x, weight, **kw):
+        return super().norm_rope(x, weight, **kw) * 1.01
+
+
+@pytest.mark.parametrize("kind", ["AttentionCase", "NormRopeCase"])
+def test_a_wrong_attention_backend_fails(kind):
+    # float32, and for norm_rope positions where stock's fp32 angles are
+    # still accurate (the rule's bound grows with stock's own error).
+    seed = next(s for s in range(1000) if type(fuzz.draw(s)).__name__ == kind and fuzz.draw(s).dtype == "float32"
+                and getattr(fuzz.draw(s), "offset", 0) < 5000)
+    failures = fuzz.run_case(seed, [_AttentionOffByOnePercent("cpu", mx.cpu)])
+    assert failures and "err(fused)" in failures[0], failures

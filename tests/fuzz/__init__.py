@@ -23,6 +23,16 @@ it ran under). The ops and what each case checks:
   ties (duplicated gate rows), NaN scores and NaN bias entries, under the
   router's own semantics (README, "The router").
 * ``pack_experts``/``unpack_experts``: bit-exact round trip.
+* ``scaled_dot_product_attention``: B up to 3, KV heads up to 8 with groups
+  up to 12 query heads, L up to 16 (mostly 1, decode), S up to 2000, head
+  sizes 16..256, every dtype, causal or not; keys and values contiguous, a
+  slice of a longer cache buffer, transposed (last axis strided) or
+  broadcast over the batch; scores spread wide (peaked softmax) or all
+  equal. Against the fp64 reference with mx.fast's attention as stock; on
+  the CPU bit-identical at one and several threads; a NaN in one query row
+  stays in that row. Stream backends only (no fused_moe Metal kernel).
+* ``norm_rope``: up to 64 heads of 16..256, rotary dims, with or without the
+  norm weight, traditional or not, offsets up to 10^6, every dtype.
 """
 
 from __future__ import annotations
@@ -102,6 +112,42 @@ class RouteCase:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
+@dataclass
+class AttentionCase:
+    seed: int
+    B: int
+    Hkv: int
+    group: int
+    L: int
+    S: int
+    Dh: int
+    dtype: str
+    causal: bool
+    layout: str  # contiguous | cache_slice | transposed | broadcast
+    values: str  # normal | wide | equal
+    nan_query: bool
+
+    def describe(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+@dataclass
+class NormRopeCase:
+    seed: int
+    B: int
+    L: int
+    heads: int
+    Dh: int
+    rotary_dim: int
+    with_weight: bool
+    traditional: bool
+    offset: int
+    dtype: str
+
+    def describe(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
 def _dim(rng, limit: int, multiple: int) -> int:
     """A width, a multiple of `multiple`: mostly small, now and then up to `limit`."""
     if rng.random() < 0.08:
@@ -112,11 +158,39 @@ def _dim(rng, limit: int, multiple: int) -> int:
 
 
 def draw(seed: int):
-    """The case of `seed`: one in five is a router case."""
+    """The case of `seed`: one in five is a router case, about one in seven
+    an attention case, one in ten a norm + RoPE case."""
     rng = np.random.default_rng(seed)
-    if rng.random() < 0.2:
+    u = rng.random()
+    if u < 0.2:
         return _draw_route(seed, rng)
+    if u < 0.35:
+        return _draw_attention(seed, rng)
+    if u < 0.45:
+        return _draw_norm_rope(seed, rng)
     return _draw_moe(seed, rng)
+
+
+def _draw_attention(seed, rng) -> AttentionCase:
+    L = 1 if rng.random() < 0.6 else int(rng.integers(2, 17))
+    S = int(rng.integers(1, 2001)) if rng.random() < 0.7 else int(rng.integers(1, 100))
+    causal = bool(rng.random() < 0.5) and L <= S
+    if L > S:
+        S = L
+    return AttentionCase(
+        seed, int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(1, 13)), L, S,
+        16 * int(rng.integers(1, 17)), str(rng.choice(list(DTYPES))), causal,
+        str(rng.choice(["contiguous", "cache_slice", "transposed", "broadcast"])),
+        str(rng.choice(["normal", "wide", "equal"])), bool(rng.random() < 0.15))
+
+
+def _draw_norm_rope(seed, rng) -> NormRopeCase:
+    Dh = 16 * int(rng.integers(1, 17))
+    return NormRopeCase(
+        seed, int(rng.integers(1, 4)), int(rng.integers(1, 33)), int(rng.integers(1, 65)), Dh,
+        2 * int(rng.integers(1, Dh // 2 + 1)), bool(rng.random() < 0.8), bool(rng.random() < 0.3),
+        int(rng.choice([0, int(rng.integers(0, 5000)), int(rng.integers(0, 10**6))])),
+        str(rng.choice(list(DTYPES))))
 
 
 def _draw_moe(seed, rng) -> MoeCase:
@@ -490,11 +564,104 @@ def _copy_gate_row(gate, a: int, b: int) -> None:
     mx.eval(gate.parameters())
 
 
+# ---------------------------------------------------------------- attention
+
+
+def _attention_reference(q, k, v, scale, causal) -> np.ndarray:
+    q, k, v = _np(q), _np(k), _np(v)
+    L, S = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = q @ k.transpose(0, 1, 3, 2) * scale
+    if causal:
+        s = np.where(np.arange(S)[None, :] <= (S - L + np.arange(L))[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def _cache_view(a64: np.ndarray, layout: str, dtype, rng) -> mx.array:
+    """`a64` [B, H, S, Dh] as the layout a cache may hand over."""
+    a = mx.array(a64.astype(np.float32)).astype(dtype)
+    if layout == "cache_slice":
+        pad = int(rng.integers(1, 300))
+        return mx.concatenate([a, mx.zeros(a.shape[:2] + (pad, a.shape[3]), dtype=dtype)], axis=2)[:, :, : a.shape[2]]
+    if layout == "transposed":
+        return mx.contiguous(a.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    if layout == "broadcast":
+        return mx.broadcast_to(a[:1], a.shape)
+    return a
+
+
+def check_attention(c: AttentionCase, backend) -> None:
+    rng = np.random.default_rng(c.seed + 3)
+    dtype, Hq = DTYPES[c.dtype], c.Hkv * c.group
+    spread = {"normal": 1.0, "wide": 6.0, "equal": 0.0}[c.values]
+    q64 = rng.standard_normal((c.B, Hq, c.L, c.Dh)) * spread
+    k64 = rng.standard_normal((c.B, c.Hkv, c.S, c.Dh))
+    v64 = rng.standard_normal((c.B, c.Hkv, c.S, c.Dh))
+    if c.layout == "broadcast":  # every batch entry the same
+        k64[:], v64[:] = k64[:1], v64[:1]
+    q = mx.array(q64.astype(np.float32)).astype(dtype)
+    k, v = _cache_view(k64, c.layout, dtype, rng), _cache_view(v64, c.layout, dtype, rng)
+    scale, mask = c.Dh ** -0.5, "causal" if c.causal else None
+    run = lambda q: backend.attention(q, k, v, scale, mask)
+    out = run(q)
+    stock = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=backend.stream)
+    if out.shape != q.shape or out.dtype != dtype:
+        raise Failure(f"attention returned {out.dtype}{tuple(out.shape)}")
+    assert_within_tolerance(out, stock, _attention_reference(q, k, v, scale, c.causal), dtype, "attention")
+    if backend.name == "cpu":
+        other = _with_threads(3, lambda: run(q))
+        if not np.array_equal(np.array(other.astype(mx.float32)), np.array(out.astype(mx.float32))):
+            raise Failure("attention differs between thread counts")
+    if c.nan_query:
+        b, h, l = (int(rng.integers(0, n)) for n in (c.B, Hq, c.L))
+        bad = np.array(q.astype(mx.float32))
+        bad[b, h, l, 0] = np.nan
+        got = np.array(run(mx.array(bad).astype(dtype)).astype(mx.float32))
+        want = np.array(out.astype(mx.float32))
+        if not np.isnan(got[b, h, l]).all():
+            raise Failure("a NaN query row did not give a NaN output row")
+        got[b, h, l], want[b, h, l] = 0, 0
+        if not np.array_equal(got, want):
+            raise Failure("a NaN in one query row changed other rows")
+
+
+def check_norm_rope(c: NormRopeCase, backend) -> None:
+    rng = np.random.default_rng(c.seed + 4)
+    dtype, W = DTYPES[c.dtype], c.heads * c.Dh
+    x = mx.array((rng.standard_normal((c.B, c.L, W)) * 2).astype(np.float32)).astype(dtype)
+    weight = mx.array((1 + 0.3 * rng.standard_normal(W)).astype(np.float32)).astype(dtype) if c.with_weight else None
+    kw = dict(rotary_dim=c.rotary_dim, base=float(rng.choice([1e4, 5e6])), traditional=c.traditional,
+              scale=1.0, offset=c.offset)
+    out = backend.norm_rope(x, weight, heads=c.heads, eps=1e-6, **kw)
+    stock = mx.fast.rms_norm(x, weight, 1e-6, stream=backend.stream) if c.with_weight else x
+    stock = mx.fast.rope(stock.reshape(c.B, c.L, c.heads, c.Dh).transpose(0, 2, 1, 3), c.rotary_dim,
+                         traditional=c.traditional, base=kw["base"], scale=1.0, offset=c.offset,
+                         stream=backend.stream)
+    x64 = _np(x)
+    if c.with_weight:
+        x64 = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * _np(weight)
+    ref = x64.reshape(c.B, c.L, c.heads, c.Dh).transpose(0, 2, 1, 3).copy()
+    half = c.rotary_dim // 2
+    angle = (c.offset + np.arange(c.L))[:, None] * kw["base"] ** (-2.0 * np.arange(half) / c.rotary_dim)[None, :]
+    lo = np.arange(half) * 2 if c.traditional else np.arange(half)
+    hi = lo + 1 if c.traditional else lo + half
+    x1, x2 = ref[..., lo].copy(), ref[..., hi].copy()
+    ref[..., lo], ref[..., hi] = x1 * np.cos(angle) - x2 * np.sin(angle), x1 * np.sin(angle) + x2 * np.cos(angle)
+    if out.shape != stock.shape or out.dtype != stock.dtype:
+        raise Failure(f"norm_rope returned {out.dtype}{tuple(out.shape)}, stock {stock.dtype}{tuple(stock.shape)}")
+    assert_within_tolerance(out, stock, ref, dtype, "norm_rope")
+
+
 # ---------------------------------------------------------------- the loop
 
 
 def runs_on(case, backend) -> bool:
-    """Whether `case` runs on `backend`: the emulator skips the costliest."""
+    """Whether `case` runs on `backend`: the emulator skips the costliest,
+    and the attention ops have no kernel of ours there."""
+    if isinstance(case, (AttentionCase, NormRopeCase)):
+        return hasattr(backend, "attention")
     cost = case.T * case.k * case.D * case.H * 3 if isinstance(case, MoeCase) else 0
     return backend.name != "metal_emulator" or cost <= MAX_EMULATOR_WORK
 
@@ -511,6 +678,10 @@ def run_case(seed: int, backends) -> list[str]:
         try:
             if isinstance(case, MoeCase):
                 check_moe(case, backend, ex)
+            elif isinstance(case, AttentionCase):
+                check_attention(case, backend)
+            elif isinstance(case, NormRopeCase):
+                check_norm_rope(case, backend)
             else:
                 check_route(case, backend)
         except Exception as e:  # noqa: BLE001 - every failure is reported with its case
@@ -534,7 +705,7 @@ def run(seed: int, seconds: float, backends, max_cases: int | None = None, log=p
     `max_cases`). Returns the counts and failures."""
     start = time.monotonic()
     counts = {b.name: 0 for b in backends}
-    counts["route"] = 0
+    counts["route"] = counts["attention"] = counts["norm_rope"] = 0
     failures = []
     i = 0
     while time.monotonic() - start < seconds and (max_cases is None or i < max_cases):
@@ -544,8 +715,9 @@ def run(seed: int, seconds: float, backends, max_cases: int | None = None, log=p
         for f in case_failures:
             log(f)
         case = draw(case_seed)
-        if isinstance(case, RouteCase):
-            counts["route"] += 1
+        kind = {RouteCase: "route", AttentionCase: "attention", NormRopeCase: "norm_rope"}.get(type(case))
+        if kind:
+            counts[kind] += 1
         for b in backends:
             counts[b.name] += runs_on(case, b)
         i += 1
