@@ -48,3 +48,14 @@ def gpu_device(request):
 
 def pytest_report_header(config):
     return f"fused_moe {fm.__version__}, CPU kernels: {fm.cpu_isa()}, threads: {fm.get_num_threads()}"
+
+
+@pytest.fixture(params=["cpu", "metal"])
+def stream(request):
+    """An MLX stream for the ops that have no fused_moe Metal kernel (the
+    dense linears, attention): the CPU, and the GPU where MLX has Metal."""
+    if request.param == "metal":
+        if not metal_available():
+            pytest.skip(METAL_MISSING)
+        return mx.gpu
+    return mx.cpu

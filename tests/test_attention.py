@@ -15,19 +15,10 @@ from mlx_lm.models import minimax
 from mlx_lm.models.cache import KVCache
 
 import fused_moe as fm
-from backends import METAL_MISSING, metal_available
 from tolerance import assert_within_tolerance, rel_err, slack
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
-
-@pytest.fixture(params=["cpu", "metal"])
-def stream(request):
-    if request.param == "metal":
-        if not metal_available():
-            pytest.skip(METAL_MISSING)
-        return mx.gpu
-    return mx.cpu
 
 
 def normal(shape, dtype, seed):
