@@ -100,6 +100,15 @@ def test_bit_identical_across_thread_counts():
         assert np.array_equal(o, outs[0])
 
 
+def test_under_compile(stream):
+    q, k, v = normal((1, 4, 3, 32), mx.float32, 30), normal((1, 2, 10, 32), mx.float32, 31), normal((1, 2, 10, 32), mx.float32, 32)
+    attend = lambda q, k, v: fm.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal", stream=stream)
+    assert np.array_equal(np.array(mx.compile(attend)(q, k, v)), np.array(attend(q, k, v)))
+    x = normal((1, 3, 128), mx.float32, 33)
+    rotate = lambda x: fm.norm_rope(x, None, heads=4, eps=1e-6, rotary_dim=16, base=1e4, offset=5, stream=stream)
+    assert np.array_equal(np.array(mx.compile(rotate)(x)), np.array(rotate(x)))
+
+
 def test_extreme_scores_stay_finite():
     # Scores far apart (one key dominates) and all equal: no overflow, no NaN.
     q = mx.full((1, 2, 1, 16), 30.0)
