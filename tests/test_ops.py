@@ -198,6 +198,26 @@ def test_bit_identical_across_thread_counts(dtype, device):
         assert np.array_equal(y, results[0][1], equal_nan=True)
 
 
+@pytest.mark.parametrize("bits", fm.SUPPORTED_BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_result_of_a_token_does_not_depend_on_its_batch(dtype, bits):
+    # Six tokens on the same experts (each expert's rows serve a tile of six
+    # pairs) against each token alone (a tile of one): the CPU kernels give
+    # every token the same bits either way, on every path and level.
+    ex = make_experts(8, 256, 128, dtype, bits, 64)
+    T, k = 6, 3
+    indices = mx.array(np.tile(np.array([[5, 0, 2]], dtype=np.uint32), (T, 1)))
+    weights = mx.array(np.tile(np.array([[0.5, 0.3, 0.2]], dtype=np.float32), (T, 1)))
+    x = mx.random.normal((T, 256), key=mx.random.key(7)).astype(dtype)
+    h = fm.gate_up_swiglu(x, ex.packed, indices, stream=mx.cpu)
+    y = fm.down_combine(h, ex.packed, indices, weights, stream=mx.cpu)
+    for t in range(T):
+        h1 = fm.gate_up_swiglu(x[t : t + 1], ex.packed, indices[t : t + 1], stream=mx.cpu)
+        y1 = fm.down_combine(h[t : t + 1], ex.packed, indices[t : t + 1], weights[t : t + 1], stream=mx.cpu)
+        assert np.array_equal(np.array(h1.astype(mx.float32)), np.array(h[t : t + 1].astype(mx.float32)))
+        assert np.array_equal(np.array(y1.astype(mx.float32)), np.array(y[t : t + 1].astype(mx.float32)))
+
+
 def test_nan_and_inf_stay_in_their_token(device):
     ex = make_experts(6, 256, 128, mx.bfloat16)
     indices, weights = random_routing(4, 6, 3)

@@ -47,9 +47,11 @@ void DownCombine::eval_cpu(
         const auto& kernels = cpu::active_kernels();
         const cpu::ActPlanes hq(
             kernels, h.dtype(), h32, int64_t(T) * k, H, bits, group_size);
+        const cpu::Int16Planes h16(
+            kernels, h.dtype(), h32, int64_t(T) * k, H, bits, group_size);
         const cpu::DownArgs args = {
             cpu::quant_matrix(in[1], in[2], in[3], H, bits, group_size),
-            grouping.view(k), h32.data(), hq.get(), w32.data(), y_acc.data(),
+            grouping.view(k), h32.data(), hq.get(), h16.get(), w32.data(), y_acc.data(),
             y.data<void>(), cpu::float_type(y.dtype()), T};
         const int blocks = (D + kDownRowsPerTask - 1) / kDownRowsPerTask;
         cpu::parallel_for(blocks, [&](int task) {

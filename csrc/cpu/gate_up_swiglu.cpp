@@ -43,9 +43,11 @@ void GateUpSwiglu::eval_cpu(
         const auto& kernels = cpu::active_kernels();
         const cpu::ActPlanes xq(
             kernels, x.dtype(), x32, x.shape(0), D, bits, group_size);
+        const cpu::Int16Planes x16(
+            kernels, x.dtype(), x32, x.shape(0), D, bits, group_size);
         const cpu::GateUpArgs args = {
             cpu::quant_matrix(in[1], in[2], in[3], D, bits, group_size),
-            grouping.view(k), x32.data(), xq.get(), h.data<void>(),
+            grouping.view(k), x32.data(), xq.get(), x16.get(), h.data<void>(),
             cpu::float_type(h.dtype())};
         const int blocks = (H + kGateUpRowsPerTask - 1) / kGateUpRowsPerTask;
         cpu::parallel_for(args.groups.n_used * blocks, [&](int task) {

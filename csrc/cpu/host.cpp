@@ -138,7 +138,7 @@ Int16Planes::Int16Planes(
     int cols,
     int bits,
     int group_size) {
-  if (!kernels.quantize_acts16 || dtype == mx::float32 || bits != 8) {
+  if (!kernels.quantize_acts16 || dtype == mx::float32 || !int16_path_bits(bits)) {
     return;
   }
   const int64_t groups = rows * (cols / group_size);

@@ -44,12 +44,24 @@ struct QuantizedActs {
   int bits;
 };
 
+// Activation rows quantized to int16 for the AVX2 build's integer path (the
+// 8-bit linears and the 3/4-bit experts): per group of `group_size` values,
+// x ≈ scale·q.
+struct Int16Acts {
+  int16_t* q; // [rows, cols]
+  float* scale; // [rows, cols/group_size]
+  float* sum; // [rows, cols/group_size] exact Σx of each group
+  int cols;
+  int group_size;
+};
+
 // Kernel A: packed gate/up rows 2r and 2r+1 give h[p, r].
 struct GateUpArgs {
   QuantMatrix w; // rows = 2H, cols = D
   ExpertGroups groups;
   const float* x; // [T, D] fp32 copy of the activations
   const QuantizedActs* xq; // the same, quantized; null for the float path
+  const Int16Acts* x16; // the same as int16 (AVX2 build), or null
   void* h; // [T*k, H] output
   FloatType h_type;
 };
@@ -60,6 +72,7 @@ struct DownArgs {
   ExpertGroups groups;
   const float* h; // [T*k, H] fp32 copy of h
   const QuantizedActs* hq; // the same, quantized; null for the float path
+  const Int16Acts* h16; // the same as int16 (AVX2 build), or null
   const float* pair_weights; // [T*k] fp32 router weights
   float* y_acc; // [T, D] fp32 accumulator, owned per row range
   void* y; // [T, D] output
@@ -67,15 +80,6 @@ struct DownArgs {
   int T;
 };
 
-// Activation rows quantized to int16 for the AVX2 build's 8-bit linears:
-// per group of `group_size` values, x ≈ scale·q.
-struct Int16Acts {
-  int16_t* q; // [rows, cols]
-  float* scale; // [rows, cols/group_size]
-  float* sum; // [rows, cols/group_size] exact Σx of each group
-  int cols;
-  int group_size;
-};
 
 // One dense linear: y[t, n] = x[t] · W[n] with W an affine-quantized [N, K]
 // matrix (`w` with E = 1: rows = N, cols = K).
@@ -132,10 +136,13 @@ struct NormRopeArgs {
   bool traditional; // rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
 };
 
-// Weight bits the integer path (AVX-512 VNNI) has code unpacking for; other
-// bits take the fp32 path on every level.
+// Weight bits the integer paths (AVX-512 VNNI; AVX2 int16) have code
+// unpacking for; other bits take the fp32 path on every level.
 constexpr bool integer_path_bits(int bits) {
   return bits == 3 || bits == 4 || bits == 8;
+}
+constexpr bool int16_path_bits(int bits) {
+  return integer_path_bits(bits);
 }
 
 // The router's gate [E, D], either in a float dtype or as 8-bit affine codes
@@ -175,7 +182,7 @@ struct KernelTable {
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
   // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
-  // no int16 path (all but AVX2); 8-bit linears only.
+  // no int16 path (all but AVX2); weights of int16_path_bits only.
   void (*quantize_acts16)(const float* x, int64_t row, const Int16Acts& q);
   // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
   // and n_end are multiples of 4 (whole integer tiles).

@@ -12,8 +12,8 @@
 // hand-written intrinsics, because compilers do not find that pattern.
 //
 // Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
-// see kernels_int_avx512.h. 8-bit linears with half-precision activations
-// on the AVX2 build: kernels_int16_avx2.h.
+// see kernels_int_avx512.h. The AVX2 build's int16 path for half-precision
+// activations (3/4-bit experts, 3/4/8-bit linears): kernels_int16_avx2.h.
 //
 // Either way each selected expert's rows stream from memory once per call:
 // the fp32 path dequantizes a row once for all tokens of its expert; the
@@ -434,6 +434,11 @@ static void gate_up_rows(const GateUpArgs& a, int u, int r_begin, int r_end) {
     return gate_up_rows_int(a, ex, r_begin, r_end);
   }
 #endif
+#if FUSED_MOE_INT16_PATH
+  if (a.x16) {
+    return gate_up_rows_int16(a, ex.expert, ex.pairs, ex.count, r_begin, r_end);
+  }
+#endif
   gate_up_rows_float(a, ex, r_begin, r_end);
 }
 
@@ -526,6 +531,11 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
 #if FUSED_MOE_INT_PATH
   if (a.hq) {
     down_rows_int(a, d_begin, d_end);
+  } else
+#endif
+#if FUSED_MOE_INT16_PATH
+  if (a.h16) {
+    down_rows_int16(a, d_begin, d_end);
   } else
 #endif
   {

@@ -1,5 +1,5 @@
-// 8-bit linears with half-precision activations on the AVX2 build: int16
-// activations against the 8-bit codes by vpmaddwd.
+// The AVX2 build's integer path for half-precision activations: int16
+// activations against 3-, 4- and 8-bit codes widened to int16, by vpmaddwd.
 //
 // Included by kernels_impl.h in the AVX2 build only. float16 and bfloat16
 // activations are quantized per weight group to int16 (x ≈ scale·xq, |xq| <=
@@ -11,7 +11,9 @@
 //   row·x = Σ_g s_g·sx_g·Σ_{i∈g} q_i·xq_i + b_g·Σ_{i∈g} x_i
 //
 // with the integer sums exact (at most 128·255·32767 < 2^31) and the rest in
-// fp32, in one fixed order per row and token.
+// fp32, in one fixed order per row and token. Since the integer sums are
+// exact, widening the codes once per tile (many tokens) or per token (one)
+// gives the same bits: a token's result never depends on its batch.
 #pragma once
 
 #include <immintrin.h>
@@ -75,18 +77,74 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// y[t, n .. n+ROWS) for one token t: ROWS 8-bit rows against xq row t. Each
-// row's result depends only on its own codes and the token, in one order.
-template <int ROWS>
-static inline void dot8_rows_int16(
-    const LinearArgs& a, int n, int t, float* out) {
-  const QuantMatrix& m = a.w;
+// 16 codes of a packed row, from code i (a multiple of 16), widened to int16.
+// MLX packs a row's codes as one little-endian bit stream, so 16 codes fill
+// 2·BITS bytes. 3 and 4 bits: both 128-bit lanes get the same bytes; a
+// shuffle puts the two bytes holding code c into 16-bit lane c, a multiply
+// by 2^(16-BITS-offset) shifts each code to the top and a shift brings it
+// down. `tail`: the row's last 16 codes, read without passing its last byte.
+template <int BITS>
+static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
+  const uint8_t* p = row + static_cast<int64_t>(i) * BITS / 8;
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(BITS == 3 || BITS == 4, "int16 unpacking for 3, 4 and 8 bits");
+    __m128i bytes;
+    if (BITS == 3 && tail) {
+      uint64_t w = 0;
+      std::memcpy(&w, p, 2 * BITS);
+      bytes = _mm_cvtsi64_si128(static_cast<long long>(w));
+    } else {
+      bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); // 8 bytes
+    }
+    // Code c of lane L starts at bit BITS·(8L + c): byte b = that / 8,
+    // offset o = that % 8. The control and the multipliers, per lane.
+    alignas(32) static const auto tables = [] {
+      struct { int8_t shuffle[32]; int16_t mul[16]; } t{};
+      for (int c = 0; c < 16; ++c) {
+        const int bit = BITS * c, b = bit / 8, o = bit % 8;
+        t.shuffle[2 * c] = static_cast<int8_t>(b);
+        t.shuffle[2 * c + 1] = static_cast<int8_t>(b + 1);
+        t.mul[c] = static_cast<int16_t>(1 << (16 - BITS - o));
+      }
+      return t;
+    }();
+    __m256i v = _mm256_broadcastsi128_si256(bytes);
+    v = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(tables.shuffle)));
+    v = _mm256_mullo_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(tables.mul)));
+    return _mm256_srli_epi16(v, 16 - BITS);
+  }
+}
+
+// Where a tile's codes come from: packed rows, widened as they are read, or
+// rows already widened into int16 scratch.
+template <int BITS>
+struct PackedCodes {
+  const uint8_t* row[4];
+  int cols;
+  __m256i at(int r, int i) const {
+    return unpack16<BITS>(row[r], i, i + 16 == cols);
+  }
+};
+struct WidenedCodes {
+  const int16_t* row[4];
+  __m256i at(int r, int i) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + i));
+  }
+};
+
+// out[r] = row r · x for ROWS rows starting at (absolute) row `row0` of the
+// matrix, against int16 activation row `t` of `x`. Each row's result
+// depends only on its own codes and the token, in one order.
+template <int ROWS, typename Codes>
+static inline void dot_rows_int16(
+    const QuantMatrix& m, int64_t row0, const Codes& codes, const Int16Acts& x,
+    int64_t t, float* out) {
   const int K = m.cols, gs = m.group_size, groups = K / gs;
-  const uint8_t* w[ROWS];
-  for (int r = 0; r < ROWS; ++r) w[r] = m.weight + static_cast<int64_t>(n + r) * K;
-  const int16_t* xq = a.x16->q + static_cast<int64_t>(t) * K;
-  const float* sx = a.x16->scale + static_cast<int64_t>(t) * groups;
-  const float* xs = a.x16->sum + static_cast<int64_t>(t) * groups;
+  const int16_t* xq = x.q + t * K;
+  const float* sx = x.scale + t * groups;
+  const float* xs = x.sum + t * groups;
   __m256 acc[ROWS];
   float bias_acc[ROWS];
   for (int r = 0; r < ROWS; ++r) {
@@ -99,13 +157,11 @@ static inline void dot8_rows_int16(
     for (int i = g * gs; i < (g + 1) * gs; i += 16) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
       for (int r = 0; r < ROWS; ++r) {
-        const __m256i c = _mm256_cvtepu8_epi16(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + i)));
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(c, xv));
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(codes.at(r, i), xv));
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t at = static_cast<int64_t>(n + r) * groups + g;
+      const int64_t at = (row0 + r) * groups + g;
       const float s = to_float(m.scales, m.scale_type, at);
       const float b = to_float(m.biases, m.scale_type, at);
       acc[r] = _mm256_fmadd_ps(
@@ -116,10 +172,51 @@ static inline void dot8_rows_int16(
   for (int r = 0; r < ROWS; ++r) out[r] = hsum8(acc[r]) + bias_acc[r];
 }
 
-static void linear_rows_int16(
+template <int BITS>
+static PackedCodes<BITS> packed_rows(const QuantMatrix& m, int64_t row0, int rows) {
+  PackedCodes<BITS> c{};
+  const int64_t row_bytes = static_cast<int64_t>(m.cols) * BITS / 8;
+  for (int r = 0; r < rows; ++r) c.row[r] = m.weight + (row0 + r) * row_bytes;
+  c.cols = m.cols;
+  return c;
+}
+
+// The 4 rows from `row0` widened into `buf` [4][cols].
+template <int BITS>
+static WidenedCodes widen_rows(const QuantMatrix& m, int64_t row0, int16_t* buf) {
+  const PackedCodes<BITS> packed = packed_rows<BITS>(m, row0, 4);
+  WidenedCodes w{};
+  for (int r = 0; r < 4; ++r) {
+    int16_t* dst = buf + static_cast<int64_t>(r) * m.cols;
+    for (int i = 0; i < m.cols; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed.at(r, i));
+    }
+    w.row[r] = dst;
+  }
+  return w;
+}
+
+// Tokens of one tile above which its codes are widened once into scratch
+// rather than again for every token (same bits either way).
+constexpr int kWidenAbovePairs = 2;
+
+// Calls dot(codes) for a 4-row tile from `row0`, with the codes packed or
+// widened according to `pairs`.
+template <int BITS, typename Dot>
+static inline void with_tile_codes(const QuantMatrix& m, int64_t row0, int pairs, Dot dot) {
+  if (pairs > kWidenAbovePairs) {
+    int16_t* buf = scratch<int16_t, 4>(4 * static_cast<size_t>(m.cols));
+    dot(widen_rows<BITS>(m, row0, buf));
+  } else {
+    dot(packed_rows<BITS>(m, row0, 4));
+  }
+}
+
+template <int BITS>
+static void linear_rows_int16_of(
     const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
   const int64_t N = a.w.rows;
-  const int64_t row_bytes = a.w.cols;
+  const int64_t row_bytes = static_cast<int64_t>(a.w.cols) * BITS / 8;
   float out[4];
   for (int n = n_begin; n < n_end; n += 4) {
     const int rows = std::min(4, n_end - n);
@@ -131,16 +228,92 @@ static void linear_rows_int16(
                      _MM_HINT_T1);
       }
     }
+    const auto codes = packed_rows<BITS>(a.w, n, rows);
     for (int t = t_begin; t < t_end; ++t) {
       if (rows == 4) {
-        dot8_rows_int16<4>(a, n, t, out);
+        dot_rows_int16<4>(a.w, n, codes, *a.x16, t, out);
       } else {
-        for (int r = 0; r < rows; ++r) dot8_rows_int16<1>(a, n + r, t, out + r);
+        for (int r = 0; r < rows; ++r) {
+          dot_rows_int16<1>(a.w, n + r, packed_rows<BITS>(a.w, n + r, 1), *a.x16, t, out + r);
+        }
       }
       for (int r = 0; r < rows; ++r) {
         store_as(a.y, a.y_type, t * N + n + r, out[r]);
       }
     }
+  }
+}
+
+static void linear_rows_int16(
+    const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
+  switch (a.w.bits) {
+    case 3: return linear_rows_int16_of<3>(a, n_begin, n_end, t_begin, t_end);
+    case 4: return linear_rows_int16_of<4>(a, n_begin, n_end, t_begin, t_end);
+    case 8: return linear_rows_int16_of<8>(a, n_begin, n_end, t_begin, t_end);
+  }
+}
+
+// Kernel A on the int16 path: packed rows 2r .. 2r+3 (gate r, up r, gate
+// r+1, up r+1) against every pair of the expert.
+template <int BITS>
+static void gate_up_rows_int16_of(
+    const GateUpArgs& a, int expert, const int32_t* pairs, int count, int r_begin, int r_end) {
+  const int H = a.w.rows / 2;
+  const int k = a.groups.k;
+  const int64_t first = static_cast<int64_t>(expert) * a.w.rows;
+  float out[4];
+  for (int r = r_begin; r < r_end; r += 2) {
+    with_tile_codes<BITS>(a.w, first + 2 * r, count, [&](const auto& codes) {
+      for (int i = 0; i < count; ++i) {
+        dot_rows_int16<4>(a.w, first + 2 * r, codes, *a.x16, pairs[i] / k, out);
+        const int64_t base = static_cast<int64_t>(pairs[i]) * H;
+        store_as(a.h, a.h_type, base + r, silu(out[0]) * out[1]);
+        store_as(a.h, a.h_type, base + r + 1, silu(out[2]) * out[3]);
+      }
+    });
+  }
+}
+
+static void gate_up_rows_int16(
+    const GateUpArgs& a, int expert, const int32_t* pairs, int count, int r_begin, int r_end) {
+  switch (a.w.bits) {
+    case 3: return gate_up_rows_int16_of<3>(a, expert, pairs, count, r_begin, r_end);
+    case 4: return gate_up_rows_int16_of<4>(a, expert, pairs, count, r_begin, r_end);
+    case 8: return gate_up_rows_int16_of<8>(a, expert, pairs, count, r_begin, r_end);
+  }
+}
+
+// Kernel B on the int16 path: rows [d_begin, d_end) of every used expert, in
+// increasing expert order, accumulated into y_acc.
+template <int BITS>
+static void down_rows_int16_of(const DownArgs& a, int d_begin, int d_end) {
+  const int D = a.w.rows;
+  const int k = a.groups.k;
+  float out[4];
+  for (int u = 0; u < a.groups.n_used; ++u) {
+    const int expert = a.groups.experts[u];
+    const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
+    const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
+    for (int d = d_begin; d < d_end; d += 4) {
+      const int64_t row0 = static_cast<int64_t>(expert) * D + d;
+      with_tile_codes<BITS>(a.w, row0, count, [&](const auto& codes) {
+        for (int i = 0; i < count; ++i) {
+          const int32_t p = pairs[i];
+          dot_rows_int16<4>(a.w, row0, codes, *a.h16, p, out);
+          const float wp = a.pair_weights[p];
+          float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
+          for (int r = 0; r < 4; ++r) y[r] += wp * out[r];
+        }
+      });
+    }
+  }
+}
+
+static void down_rows_int16(const DownArgs& a, int d_begin, int d_end) {
+  switch (a.w.bits) {
+    case 3: return down_rows_int16_of<3>(a, d_begin, d_end);
+    case 4: return down_rows_int16_of<4>(a, d_begin, d_end);
+    case 8: return down_rows_int16_of<8>(a, d_begin, d_end);
   }
 }
 
