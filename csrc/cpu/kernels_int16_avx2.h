@@ -77,12 +77,33 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+// The per-lane shuffle control and multipliers of unpack16 for BITS: code c
+// (of 16) starts at bit BITS·c of the 2·BITS bytes, byte b = that / 8 and
+// offset o = that % 8; lane c gets bytes b and b+1, times 2^(16-BITS-o).
+// Both 128-bit lanes hold the same bytes, so b indexes either.
+struct Unpack16Tables {
+  alignas(32) int8_t shuffle[32];
+  alignas(32) int16_t mul[16];
+};
+template <int BITS>
+constexpr Unpack16Tables make_unpack16_tables() {
+  Unpack16Tables t{};
+  for (int c = 0; c < 16; ++c) {
+    const int bit = BITS * c, b = bit / 8, o = bit % 8;
+    t.shuffle[2 * c] = static_cast<int8_t>(b);
+    t.shuffle[2 * c + 1] = static_cast<int8_t>(b + 1);
+    t.mul[c] = static_cast<int16_t>(1 << (16 - BITS - o));
+  }
+  return t;
+}
+template <int BITS>
+inline constexpr Unpack16Tables kUnpack16 = make_unpack16_tables<BITS>();
+
 // 16 codes of a packed row, from code i (a multiple of 16), widened to int16.
 // MLX packs a row's codes as one little-endian bit stream, so 16 codes fill
-// 2·BITS bytes. 3 and 4 bits: both 128-bit lanes get the same bytes; a
-// shuffle puts the two bytes holding code c into 16-bit lane c, a multiply
-// by 2^(16-BITS-offset) shifts each code to the top and a shift brings it
-// down. `tail`: the row's last 16 codes, read without passing its last byte.
+// 2·BITS bytes: 3 and 4 bits are placed by a byte shuffle, shifted to the
+// top of their 16-bit lane by a multiply and brought down by a shift.
+// `tail`: the row's last 16 codes, read without passing its last byte.
 template <int BITS>
 static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
   const uint8_t* p = row + static_cast<int64_t>(i) * BITS / 8;
@@ -98,21 +119,10 @@ static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
     } else {
       bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); // 8 bytes
     }
-    // Code c of lane L starts at bit BITS·(8L + c): byte b = that / 8,
-    // offset o = that % 8. The control and the multipliers, per lane.
-    alignas(32) static const auto tables = [] {
-      struct { int8_t shuffle[32]; int16_t mul[16]; } t{};
-      for (int c = 0; c < 16; ++c) {
-        const int bit = BITS * c, b = bit / 8, o = bit % 8;
-        t.shuffle[2 * c] = static_cast<int8_t>(b);
-        t.shuffle[2 * c + 1] = static_cast<int8_t>(b + 1);
-        t.mul[c] = static_cast<int16_t>(1 << (16 - BITS - o));
-      }
-      return t;
-    }();
+    const auto& t = kUnpack16<BITS>;
     __m256i v = _mm256_broadcastsi128_si256(bytes);
-    v = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(tables.shuffle)));
-    v = _mm256_mullo_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(tables.mul)));
+    v = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.shuffle)));
+    v = _mm256_mullo_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.mul)));
     return _mm256_srli_epi16(v, 16 - BITS);
   }
 }
