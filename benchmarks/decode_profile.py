@@ -47,8 +47,8 @@ def _step(model, cache, timer: _Timer) -> mx.array:
         q, k, v = t("q/k/v projections", lambda: (a.q_proj(x), a.k_proj(x), a.v_proj(x)))
         heads = lambda y, n: y.reshape(1, 1, n, -1).transpose(0, 2, 1, 3)
         if isinstance(a, fm.MiniMaxAttention):
-            q, k = t("q/k RMSNorm + RoPE", lambda: (a._heads(q, a.q_norm, a.num_attention_heads, c.offset),
-                                                    a._heads(k, a.k_norm, a.num_key_value_heads, c.offset)))
+            q, k = t("q/k RMSNorm + RoPE", lambda: (a.split_heads(q, a.q_norm, a.num_attention_heads, c.offset),
+                                                    a.split_heads(k, a.k_norm, a.num_key_value_heads, c.offset)))
         else:
             q, k = t("q/k RMSNorm + RoPE", lambda: (
                 a.rope(heads(a.q_norm(q), a.num_attention_heads), offset=c.offset),

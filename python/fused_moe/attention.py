@@ -124,15 +124,15 @@ class MiniMaxAttention(StockMiniMaxAttention):
             return super().__call__(x, mask=mask, cache=cache)
         B, L, _ = x.shape
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        queries = self._heads(queries, self.q_norm if self.use_qk_norm else None, self.num_attention_heads, offset)
-        keys = self._heads(keys, self.k_norm if self.use_qk_norm else None, self.num_key_value_heads, offset)
+        queries = self.split_heads(queries, self.q_norm if self.use_qk_norm else None, self.num_attention_heads, offset)
+        keys = self.split_heads(keys, self.k_norm if self.use_qk_norm else None, self.num_key_value_heads, offset)
         values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _heads(self, y: mx.array, norm: Optional[nn.Module], heads: int, offset: int) -> mx.array:
+    def split_heads(self, y: mx.array, norm: Optional[nn.Module], heads: int, offset: int) -> mx.array:
         """[B, L, heads * Dh] -> normed, [B, heads, L, Dh], rotated."""
         rope = self.rope
         if type(rope) is nn.RoPE and (norm is None or type(norm) is nn.RMSNorm):
