@@ -41,7 +41,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from fused_moe.quant import InputStats, quantize_weight
+from fused_moe.quant import InputStats, quantize_weight, quantizer
 from fused_moe.quant.text import read_texts, tokenize
 
 DEFAULT_TEXT = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/tutorial"))
@@ -78,12 +78,15 @@ class Metrics:
 
 
 def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
+    """Rows (name, metrics, bits per weight), the first the reference and the
+    second RTN: each later row's KL is also given as a fraction of RTN's."""
     print(f"\n{title}")
-    print(f"{'method':<12} {'KL (nats/token)':>16} {'perplexity':>11} {'top-1 agreement':>16} {'bits/weight':>12}")
-    for name, m, bpw in rows:
-        print(f"{name:<12} {m['kl']:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
-    if len(rows) >= 3:
-        print(f"calibrated KL / RTN KL = {rows[2][1]['kl'] / max(rows[1][1]['kl'], 1e-30):.3f}")
+    print(f"{'method':<12} {'KL (nats/token)':>16} {'KL / RTN KL':>12} {'perplexity':>11} {'top-1 agreement':>16} "
+          f"{'bits/weight':>12}")
+    rtn_kl = max(rows[1][1]["kl"], 1e-30)
+    for i, (name, m, bpw) in enumerate(rows):
+        ratio = f"{m['kl'] / rtn_kl:.3f}" if i >= 1 else ""
+        print(f"{name:<12} {m['kl']:>16.4g} {ratio:>12} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
 
 
 # ---------------------------------------------------------------- SmolLM2 (a Llama in numpy)
@@ -206,41 +209,46 @@ class Llama:
         return self.wt[name].shape[0]
 
 
-def calibrate_sequential(model: Llama, calib: np.ndarray, bits: int, group_size: int, batch: int):
+def calibrate_sequential(model: Llama, calib: np.ndarray, method: str, bits: int, group_size: int, batch: int):
     """Block by block, as the converter does: each block's statistics come
-    from the outputs of the blocks before it, already quantized."""
+    from the outputs of the blocks before it, already quantized by `method`."""
     out, stored = {}, [0, 0]
     x = model.embed[calib]
     for i in range(model.layers):
         names = [f"blk.{i}.{n}" for n in BLOCK_LINEARS]
-        stats = {n: InputStats(model.input_dim(n), full=False) for n in names}
+        stats = {n: InputStats(model.input_dim(n), full=method == "gptq") for n in names}
         for j in range(0, len(x), batch):
             model.block(i, x[j:j + batch], {}, stats)
         for n in names:
-            out[n], bits_n, params_n = quantize_linear(model, n, stats[n], bits, group_size)
+            out[n], bits_n, params_n = quantize_linear(model, n, stats[n], method, bits, group_size)
             stored[0] += bits_n
             stored[1] += params_n
         x = np.concatenate([model.block(i, x[j:j + batch], out) for j in range(0, len(x), batch)])
     return out, stored[0] / stored[1]
 
 
-def quantize_linear(model: Llama, name: str, stats: InputStats | None, bits: int, group_size: int):
-    """One block linear quantized (bf16 scales), dequantized to float32 and
-    transposed as `Llama` reads it; its stored bits and its weights."""
+def quantize_linear(model: Llama, name: str, stats: InputStats | None, method: str, bits: int, group_size: int):
+    """One block linear quantized by `method` (bf16 scales), dequantized to
+    float32 and transposed as `Llama` reads it; its stored bits and its weights."""
     w = mx.array(model.w[name]).astype(mx.bfloat16)
-    hessian = stats.diagonal() if stats is not None else None
-    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
+    hessian = None if method == "rtn" else stats.hessian() if method == "gptq" else stats.diagonal()
+    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method=method)
     w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
     return np.ascontiguousarray(np.array(w_hat).T), q.size * 32 + (s.size + b.size) * 16, w.size
 
 
-def quantize_linears(model: Llama, stats: dict | None, bits: int, group_size: int) -> tuple[dict, float]:
+def quantize_linears(model: Llama, stats: dict | None, method: str, bits: int, group_size: int) -> tuple[dict, float]:
     """Every block linear quantized (see `quantize_linear`); bits per weight of those linears."""
     out, stored, params = {}, 0, 0
     for name in (f"blk.{i}.{n}" for i in range(model.layers) for n in BLOCK_LINEARS):
-        out[name], b, p = quantize_linear(model, name, stats[name] if stats else None, bits, group_size)
+        out[name], b, p = quantize_linear(model, name, stats[name] if stats else None, method, bits, group_size)
         stored, params = stored + b, params + p
     return out, stored / params
+
+
+# The calibrated methods compared; "auto" picks gptq given full hessians
+# (AUTO_WITH_FULL_HESSIAN), the weighted search given diagonals.
+CALIBRATED_METHODS = ("weighted", "gptq")
 
 
 def run_smollm2(args) -> None:
@@ -252,40 +260,50 @@ def run_smollm2(args) -> None:
     data = tokenize(texts, lambda t: tok.encode(t).ids, seq_len=args.seq_len,
                     max_tokens=args.calib_tokens, separator=md["tokenizer.ggml.eos_token_id"].item())
     calib, held = data.calibration, data.held_out
+    order = ("one pass over the reference model (every block's inputs from the float blocks before it)"
+             if args.one_pass else "block by block (each block's inputs from the blocks before it, "
+             "already quantized by the same method), as the converter does")
     print(f"SmolLM2-135M-Instruct from {gguf.name}; text {args.text}: {calib.size} calibration tokens, "
-          f"{held.size} held out, sequences of {args.seq_len}", flush=True)
+          f"{held.size} held out, sequences of {args.seq_len}; statistics {order}; "
+          f"auto with a full hessian = {quantizer.AUTO_WITH_FULL_HESSIAN}", flush=True)
 
+    quantized = {}
     t0 = time.perf_counter()
-    rtn, bpw_rtn = quantize_linears(model, None, args.bits, args.group_size)
-    t_rtn = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    quantized["RTN"] = quantize_linears(model, None, "rtn", args.bits, args.group_size)
+    times = [f"RTN {time.perf_counter() - t0:.1f} s"]
     if args.one_pass:
         # Statistics of the reference model's own activations, in one pass.
-        stats = {n: InputStats(model.input_dim(n), full=False) for n in model.wt}
+        t0 = time.perf_counter()
+        stats = {n: InputStats(model.input_dim(n), full=True) for n in model.wt}
         for i in range(0, len(calib), args.batch):
             x = model.embed[calib[i:i + args.batch]]
             for layer in range(model.layers):
                 x = model.block(layer, x, {}, stats)
-        cal, bpw_cal = quantize_linears(model, stats, args.bits, args.group_size)
-    else:
-        cal, bpw_cal = calibrate_sequential(model, calib, args.bits, args.group_size, args.batch)
-    t_cal = time.perf_counter() - t0
-    print(f"quantization: RTN {t_rtn:.1f} s; calibrated {t_cal:.1f} s "
-          f"({'one pass' if args.one_pass else 'block by block'}, statistics included)", flush=True)
+        times.append(f"statistics {time.perf_counter() - t0:.1f} s")
+    for method in CALIBRATED_METHODS:
+        t0 = time.perf_counter()
+        if args.one_pass:
+            quantized[method] = quantize_linears(model, stats, method, args.bits, args.group_size)
+        else:
+            quantized[method] = calibrate_sequential(model, calib, method, args.bits, args.group_size, args.batch)
+        times.append(f"{method} {time.perf_counter() - t0:.1f} s")
+    print(f"quantization: {'; '.join(times)} ({'statistics apart' if args.one_pass else 'statistics included'})",
+          flush=True)
 
-    ref_m, rtn_m, cal_m = Metrics(), Metrics(), Metrics()
+    metrics = {name: Metrics() for name in ("reference", *quantized)}
     for i in range(0, len(held), args.batch):
         x = held[i:i + args.batch]
         inp, tgt = x[:, :-1], x[:, 1:]
         ref = model(inp, {})
-        ref_m.add(ref, ref, tgt)
-        rtn_m.add(ref, model(inp, rtn), tgt)
-        cal_m.add(ref, model(inp, cal), tgt)
+        metrics["reference"].add(ref, ref, tgt)
+        for name, (weights, _) in quantized.items():
+            metrics[name].add(ref, model(inp, weights), tgt)
     shipped_bpw = 4 + 2 * 16 / 32  # Q4_1: 4-bit codes, f16 scale and min per 32
     print_table(
         f"SmolLM2-135M-Instruct, every block linear {args.bits}-bit g{args.group_size}, bf16 scales "
         f"({held[:, 1:].size} held-out tokens)",
-        [("reference", ref_m.row(), shipped_bpw), ("RTN", rtn_m.row(), bpw_rtn), ("calibrated", cal_m.row(), bpw_cal)],
+        [("reference", metrics["reference"].row(), shipped_bpw)]
+        + [(name, metrics[name].row(), bpw) for name, (_, bpw) in quantized.items()],
     )
 
 
