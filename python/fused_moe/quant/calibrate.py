@@ -5,11 +5,13 @@ mlx-lm's own layer code (``mlx_lm.models.minimax``), so only one layer's
 weights and the hidden states are ever in memory. For each layer:
 
 1. the float layer runs over the calibration states while the inputs of each
-   matrix to quantize are recorded as ``E[x^2]`` per input channel (q/k/v
-   share the attention norm's output; o_proj its own input; each expert's
-   gate/up the tokens the router sends to it, its down that expert's own h);
-2. every matrix is quantized with its statistics (and by round to nearest,
-   for the report);
+   matrix to quantize are recorded (q/k/v share the attention norm's output;
+   o_proj its own input; each expert's gate/up the tokens the router sends to
+   it, its down that expert's own h): the full ``E[x x^T]`` for the attention
+   projections (and lm_head), ``E[x^2]`` per input channel for the experts;
+2. every matrix is quantized with its statistics, by ``quantize_weight``'s
+   "auto": GPTQ where the statistics are full, the weighted search where they
+   are diagonal (and by round to nearest, for the report);
 3. the quantized layer produces the next layer's inputs (sequential, as
    GPTQ does), and the held-out states measure each layer's relative output
    error for both quantizations.

@@ -217,14 +217,18 @@ def _inverse_hessian_factor(h: np.ndarray, expert: Optional[int]) -> np.ndarray:
     # U = P L^-1 P with P the reversal and P H P = L L^T: one Cholesky and
     # one triangular inverse, no general inverse.
     reversed_h = np.ascontiguousarray(h[::-1, ::-1])
+    del h
+    on_diagonal = np.diag_indices(n)
     for damping in GPTQ_DAMPING:
+        damped = reversed_h.copy()
+        damped[on_diagonal] += damping * mean
         try:
-            lower = np.linalg.cholesky(reversed_h + np.eye(n) * (damping * mean))
+            lower = np.linalg.cholesky(damped)
         except np.linalg.LinAlgError:
             continue
         return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
     raise ValueError(
-        f"{what} {tuple(h.shape)} is not positive semidefinite: its Cholesky factorization failed even with "
+        f"{what} {(n, n)} is not positive semidefinite: its Cholesky factorization failed even with "
         f"damping {GPTQ_DAMPING[-1]} x its mean diagonal ({mean:.3g}); E[x x^T] of real inputs is PSD")
 
 
