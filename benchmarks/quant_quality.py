@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,8 @@ def calibrate_sequential(model: Llama, calib: np.ndarray, method: str, bits: int
     x = model.embed[calib]
     for i in range(model.layers):
         names = [f"blk.{i}.{n}" for n in BLOCK_LINEARS]
-        stats = new_stats(model, names, full=method == "gptq")
+        # Full hessians only where the method reads them ("auto" reads them as GPTQ).
+        stats = new_stats(model, names, full=method in ("gptq", "auto"))
         for j in range(0, len(x), batch):
             model.block(i, x[j:j + batch], {}, stats)
         for n in names:
@@ -246,7 +248,7 @@ def quantize_linear(model: Llama, name: str, stats: InputStats | None, method: s
     """One block linear quantized by `method` (bf16 scales), dequantized to
     float32 and transposed as `Llama` reads it; its stored bits and its weights."""
     w = mx.array(model.w[name]).astype(mx.bfloat16)
-    hessian = None if method == "rtn" else stats.hessian() if method == "gptq" else stats.diagonal()
+    hessian = None if method == "rtn" else stats.hessian() if stats.full else stats.diagonal()
     q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method=method)
     w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
     return np.ascontiguousarray(np.array(w_hat).T), q.size * 32 + (s.size + b.size) * 16, w.size
@@ -426,8 +428,10 @@ def run_speed(args) -> None:
         hs[k] = (x.T @ x / n).astype(np.float32)
     mx.eval(*ws.values())
     n = sum(w.size for w in ws.values())
+    # The load average too: numpy's BLAS threads slow down badly on a busy machine.
     print(f"one REAP expert (gate and up [{2 * H}, {D}] sharing one hessian, down [{D}, {H}]; "
-          f"{n / 1e6:.1f}M weights), 3-bit g64, {_ext.get_num_threads()} threads, best of {args.repeats}:")
+          f"{n / 1e6:.1f}M weights), 3-bit g64, {_ext.get_num_threads()} threads, best of {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs:")
     for method, hessian in (("weighted", lambda k: np.ascontiguousarray(np.diagonal(hs[k]))),
                             ("gptq", lambda k: hs[k])):
         given = {k: hessian(k) for k in shapes}
@@ -456,6 +460,10 @@ def main(argv=None) -> None:
     p.add_argument("--one-pass", action="store_true",
                    help="smollm2: statistics from the reference model in one pass, not block by block")
     args = p.parse_args(argv)
+    for method in args.methods.split(","):
+        if method not in quantizer.METHODS or method == "rtn":
+            p.error(f"--methods: {method!r} is not a calibrated method; expected some of "
+                    f"{', '.join(m for m in quantizer.METHODS if m != 'rtn')}")
     if args.text is None and args.case != "speed":
         sys.exit("quant_quality: no python3-doc text found; `apt-get install python3-doc` or pass --text")
     if args.case in ("speed", "all"):
