@@ -15,9 +15,8 @@ class InputStats:
 
     With ``full=False`` only the diagonal ``E[x^2]`` is kept (``dim`` numbers,
     not ``dim^2``): all the weighted search reads, and what the calibration
-    driver accumulates for experts. Sums are float64 (each batch's x^T x is
-    computed in float32 first), so long runs of small batches do not lose
-    precision.
+    driver accumulates. Sums are float64, so the order of long runs of small
+    batches does not matter.
     """
 
     def __init__(self, dim: int, full: bool = True):
@@ -33,17 +32,13 @@ class InputStats:
         a = np.array(x.astype(mx.float32)) if isinstance(x, mx.array) else np.asarray(x, np.float32)
         if a.ndim == 0 or a.shape[-1] != self.dim:
             raise ValueError(f"InputStats({self.dim}): got inputs of shape {tuple(a.shape)}")
-        a = a.reshape(-1, self.dim)
+        a = a.reshape(-1, self.dim).astype(np.float64)
         if not np.isfinite(a).all():
             raise ValueError(f"InputStats({self.dim}): inputs {tuple(a.shape)} have NaN or infinite entries")
         self.count += a.shape[0]
-        a64 = a.astype(np.float64)
-        self._sum_sq += np.einsum("ij,ij->j", a64, a64)
+        self._sum_sq += np.einsum("ij,ij->j", a, a)
         if self.full:
-            # One batch's x^T x in float32 (the dim^2-per-row work, about 6x
-            # float64's speed here; a batch's sum is good to ~1e-6), added
-            # into float64 sums, so that long runs of batches stay exact.
-            self._sum_outer += (a.T @ a).astype(np.float64)
+            self._sum_outer += a.T @ a
 
     def diagonal(self) -> np.ndarray:
         """``E[x^2]`` per input, float32 ``[dim]`` (zeros before any update)."""
