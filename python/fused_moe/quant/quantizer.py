@@ -49,8 +49,8 @@ LS_STEPS = 5
 CHUNK_WEIGHTS = 1 << 16
 # mx.quantize's floor on a group's scale.
 MIN_SCALE = 1e-7
-# GPTQ: damping added to the hessian's diagonal, as a fraction of its mean
-# diagonal; if the Cholesky factorization fails, the next (larger) value is
+# GPTQ: damping added to the hessian's diagonal, as a fraction of the mean of
+# its nonzero diagonal entries; if the Cholesky factorization fails, the next (larger) value is
 # tried, and past the last one the hessian is refused.
 GPTQ_DAMPING = (0.01, 0.1, 1.0)
 # GPTQ: columns quantized one by one before their error reaches the later
@@ -201,7 +201,7 @@ def _inverse_hessian_factor(h: np.ndarray, expert: Optional[int]) -> np.ndarray:
     """The upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U), float64.
 
     A dead input (H_jj == 0: always zero in calibration) gets H_jj = the mean
-    diagonal, as GPTQ does, so H is invertible and no error flows into or out
+    of the nonzero diagonal (GPTQ uses 1), so H is invertible and no error flows into or out
     of that column; unlike GPTQ its weights are kept, not zeroed, so they stay
     right for inputs that calibration never saw. Damping starts at
     GPTQ_DAMPING[0] of the mean diagonal and grows through GPTQ_DAMPING while
