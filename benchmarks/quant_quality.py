@@ -1,11 +1,11 @@
 """Calibrated against round-to-nearest quantization, end to end.
 
-Each case quantizes one model twice in the same run, with the same recipe:
-round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
+Each case quantizes one model several times in the same run, with the same
+recipe: round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
 statistics from calibration text), and prints, on held-out text, for each:
 KL divergence of the next-token distributions from the reference model (the
-weights before this quantization), perplexity, top-1 agreement and bits per
-weight.
+weights before this quantization), that KL as a fraction of RTN's,
+perplexity, top-1 agreement and bits per weight.
 
 Cases:
 
@@ -16,7 +16,11 @@ Cases:
   group size 64, bf16 scales; the embedding (tied with the head) and the norms
   stay as shipped. The forward pass is a small float32 numpy Llama (numpy's
   BLAS is far faster than MLX's CPU matmul on Linux); the tokenizer is built
-  from the GGUF metadata with ``tokenizers``.
+  from the GGUF metadata with ``tokenizers``. The calibrated rows are the
+  weighted search (diagonal statistics) and GPTQ (full ones), ``--methods``;
+  statistics are collected block by block from the blocks already quantized
+  by the same method, as the converter does, or with ``--one-pass`` from the
+  reference model; the output says which.
 * ``minimax``: a synthetic Hugging Face MiniMax checkpoint (random weights)
   through ``fused_moe.convert(..., calibrate=TEXT)`` and without, both
   ``--to stock``, compared with mlx-lm on the bf16 source.
