@@ -1,11 +1,11 @@
 """Calibrated against round-to-nearest quantization, end to end.
 
-Each case quantizes one model twice in the same run, with the same recipe:
-round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
+Each case quantizes one model several times in the same run, with the same
+recipe: round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
 statistics from calibration text), and prints, on held-out text, for each:
 KL divergence of the next-token distributions from the reference model (the
-weights before this quantization), perplexity, top-1 agreement and bits per
-weight.
+weights before this quantization), that KL as a fraction of RTN's,
+perplexity, top-1 agreement and bits per weight.
 
 Cases:
 
@@ -16,12 +16,17 @@ Cases:
   group size 64, bf16 scales; the embedding (tied with the head) and the norms
   stay as shipped. The forward pass is a small float32 numpy Llama (numpy's
   BLAS is far faster than MLX's CPU matmul on Linux); the tokenizer is built
-  from the GGUF metadata with ``tokenizers``.
+  from the GGUF metadata with ``tokenizers``. The calibrated rows are the
+  weighted search (diagonal statistics) and GPTQ (full ones), ``--methods``;
+  statistics are collected block by block from the blocks already quantized
+  by the same method, as the converter does, or with ``--one-pass`` from the
+  reference model; the output says which.
 * ``minimax``: a synthetic Hugging Face MiniMax checkpoint (random weights)
   through ``fused_moe.convert(..., calibrate=TEXT)`` and without, both
   ``--to stock``, compared with mlx-lm on the bf16 source.
-* ``speed``: the weighted search on one REAP expert (gate and up [1536, 3072],
-  down [3072, 1536]; 14.2M weights).
+* ``speed``: the weighted search and GPTQ on one REAP expert (gate and up
+  stacked, [3072, 3072] sharing one hessian, and down [3072, 1536]; 14.2M
+  weights).
 
 Text: Python's documentation from Debian's ``python3-doc`` package (the reST
 sources under /usr/share/doc/python3*/html/_sources); ``--text`` for another.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,12 +47,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from fused_moe.quant import InputStats, quantize_weight
+from fused_moe import _ext
+from fused_moe.quant import InputStats, quantize_weight, quantizer
 from fused_moe.quant.text import read_texts, tokenize
 
 DEFAULT_TEXT = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/tutorial"))
 GGUF_BLOCK = 32
 BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# Linears that read the same input as another: their statistics are that one's.
+SAME_INPUT = {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"}
 
 
 # ---------------------------------------------------------------- metrics
@@ -78,12 +87,15 @@ class Metrics:
 
 
 def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
+    """Rows (name, metrics, bits per weight), the first the reference and the
+    second RTN: each later row's KL is also given as a fraction of RTN's."""
     print(f"\n{title}")
-    print(f"{'method':<12} {'KL (nats/token)':>16} {'perplexity':>11} {'top-1 agreement':>16} {'bits/weight':>12}")
-    for name, m, bpw in rows:
-        print(f"{name:<12} {m['kl']:>16.4g} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
-    if len(rows) >= 3:
-        print(f"calibrated KL / RTN KL = {rows[2][1]['kl'] / max(rows[1][1]['kl'], 1e-30):.3f}")
+    print(f"{'method':<12} {'KL (nats/token)':>16} {'KL / RTN KL':>12} {'perplexity':>11} {'top-1 agreement':>16} "
+          f"{'bits/weight':>12}")
+    rtn_kl = max(rows[1][1]["kl"], 1e-30)
+    for i, (name, m, bpw) in enumerate(rows):
+        ratio = f"{m['kl'] / rtn_kl:.3f}" if i >= 1 else ""
+        print(f"{name:<12} {m['kl']:>16.4g} {ratio:>12} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
 
 
 # ---------------------------------------------------------------- SmolLM2 (a Llama in numpy)
@@ -206,41 +218,59 @@ class Llama:
         return self.wt[name].shape[0]
 
 
-def calibrate_sequential(model: Llama, calib: np.ndarray, bits: int, group_size: int, batch: int):
+def input_owner(name: str) -> str:
+    """The linear whose statistics `name` uses ("blk.3.attn_k" -> "blk.3.attn_q")."""
+    prefix, kind = name.rsplit(".", 1)
+    return f"{prefix}.{SAME_INPUT.get(kind, kind)}"
+
+
+def new_stats(model: Llama, names, full: bool) -> dict:
+    """InputStats for the linears among `names` that own their input."""
+    return {n: InputStats(model.input_dim(n), full=full) for n in names if input_owner(n) == n}
+
+
+def calibrate_sequential(model: Llama, calib: np.ndarray, method: str, bits: int, group_size: int, batch: int):
     """Block by block, as the converter does: each block's statistics come
-    from the outputs of the blocks before it, already quantized."""
+    from the outputs of the blocks before it, already quantized by `method`."""
     out, stored = {}, [0, 0]
     x = model.embed[calib]
     for i in range(model.layers):
         names = [f"blk.{i}.{n}" for n in BLOCK_LINEARS]
-        stats = {n: InputStats(model.input_dim(n), full=False) for n in names}
+        # Full hessians only where the method reads them ("auto" reads them as GPTQ).
+        stats = new_stats(model, names, full=method in ("gptq", "auto"))
         for j in range(0, len(x), batch):
             model.block(i, x[j:j + batch], {}, stats)
         for n in names:
-            out[n], bits_n, params_n = quantize_linear(model, n, stats[n], bits, group_size)
+            out[n], bits_n, params_n = quantize_linear(model, n, stats[input_owner(n)], method, bits, group_size)
             stored[0] += bits_n
             stored[1] += params_n
         x = np.concatenate([model.block(i, x[j:j + batch], out) for j in range(0, len(x), batch)])
     return out, stored[0] / stored[1]
 
 
-def quantize_linear(model: Llama, name: str, stats: InputStats | None, bits: int, group_size: int):
-    """One block linear quantized (bf16 scales), dequantized to float32 and
-    transposed as `Llama` reads it; its stored bits and its weights."""
+def quantize_linear(model: Llama, name: str, stats: InputStats | None, method: str, bits: int, group_size: int):
+    """One block linear quantized by `method` (bf16 scales), dequantized to
+    float32 and transposed as `Llama` reads it; its stored bits and its weights."""
     w = mx.array(model.w[name]).astype(mx.bfloat16)
-    hessian = stats.diagonal() if stats is not None else None
-    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method="auto" if stats else "rtn")
+    hessian = None if method == "rtn" else stats.hessian() if stats.full else stats.diagonal()
+    q, s, b = quantize_weight(w, bits, group_size, hessian=hessian, method=method)
     w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
     return np.ascontiguousarray(np.array(w_hat).T), q.size * 32 + (s.size + b.size) * 16, w.size
 
 
-def quantize_linears(model: Llama, stats: dict | None, bits: int, group_size: int) -> tuple[dict, float]:
+def quantize_linears(model: Llama, stats: dict | None, method: str, bits: int, group_size: int) -> tuple[dict, float]:
     """Every block linear quantized (see `quantize_linear`); bits per weight of those linears."""
     out, stored, params = {}, 0, 0
     for name in (f"blk.{i}.{n}" for i in range(model.layers) for n in BLOCK_LINEARS):
-        out[name], b, p = quantize_linear(model, name, stats[name] if stats else None, bits, group_size)
+        out[name], b, p = quantize_linear(model, name, stats[input_owner(name)] if stats else None, method, bits,
+                                          group_size)
         stored, params = stored + b, params + p
     return out, stored / params
+
+
+# The calibrated methods compared by default; "auto" picks gptq given full
+# hessians (AUTO_WITH_FULL_HESSIAN), the weighted search given diagonals.
+CALIBRATED_METHODS = ("weighted", "gptq")
 
 
 def run_smollm2(args) -> None:
@@ -252,40 +282,50 @@ def run_smollm2(args) -> None:
     data = tokenize(texts, lambda t: tok.encode(t).ids, seq_len=args.seq_len,
                     max_tokens=args.calib_tokens, separator=md["tokenizer.ggml.eos_token_id"].item())
     calib, held = data.calibration, data.held_out
+    order = ("one pass over the reference model (every block's inputs from the float blocks before it)"
+             if args.one_pass else "block by block (each block's inputs from the blocks before it, "
+             "already quantized by the same method), as the converter does")
     print(f"SmolLM2-135M-Instruct from {gguf.name}; text {args.text}: {calib.size} calibration tokens, "
-          f"{held.size} held out, sequences of {args.seq_len}", flush=True)
+          f"{held.size} held out, sequences of {args.seq_len}; statistics {order}; "
+          f"auto with a full hessian = {quantizer.AUTO_WITH_FULL_HESSIAN}", flush=True)
 
+    quantized = {}
     t0 = time.perf_counter()
-    rtn, bpw_rtn = quantize_linears(model, None, args.bits, args.group_size)
-    t_rtn = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    quantized["RTN"] = quantize_linears(model, None, "rtn", args.bits, args.group_size)
+    times = [f"RTN {time.perf_counter() - t0:.1f} s"]
     if args.one_pass:
         # Statistics of the reference model's own activations, in one pass.
-        stats = {n: InputStats(model.input_dim(n), full=False) for n in model.wt}
+        t0 = time.perf_counter()
+        stats = new_stats(model, model.wt, full=True)
         for i in range(0, len(calib), args.batch):
             x = model.embed[calib[i:i + args.batch]]
             for layer in range(model.layers):
                 x = model.block(layer, x, {}, stats)
-        cal, bpw_cal = quantize_linears(model, stats, args.bits, args.group_size)
-    else:
-        cal, bpw_cal = calibrate_sequential(model, calib, args.bits, args.group_size, args.batch)
-    t_cal = time.perf_counter() - t0
-    print(f"quantization: RTN {t_rtn:.1f} s; calibrated {t_cal:.1f} s "
-          f"({'one pass' if args.one_pass else 'block by block'}, statistics included)", flush=True)
+        times.append(f"statistics {time.perf_counter() - t0:.1f} s")
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        if args.one_pass:
+            quantized[method] = quantize_linears(model, stats, method, args.bits, args.group_size)
+        else:
+            quantized[method] = calibrate_sequential(model, calib, method, args.bits, args.group_size, args.batch)
+        times.append(f"{method} {time.perf_counter() - t0:.1f} s")
+    print(f"quantization: {'; '.join(times)} ({'statistics apart' if args.one_pass else 'statistics included'})",
+          flush=True)
 
-    ref_m, rtn_m, cal_m = Metrics(), Metrics(), Metrics()
+    metrics = {name: Metrics() for name in ("reference", *quantized)}
     for i in range(0, len(held), args.batch):
         x = held[i:i + args.batch]
         inp, tgt = x[:, :-1], x[:, 1:]
         ref = model(inp, {})
-        ref_m.add(ref, ref, tgt)
-        rtn_m.add(ref, model(inp, rtn), tgt)
-        cal_m.add(ref, model(inp, cal), tgt)
+        metrics["reference"].add(ref, ref, tgt)
+        for name, (weights, _) in quantized.items():
+            metrics[name].add(ref, model(inp, weights), tgt)
     shipped_bpw = 4 + 2 * 16 / 32  # Q4_1: 4-bit codes, f16 scale and min per 32
     print_table(
         f"SmolLM2-135M-Instruct, every block linear {args.bits}-bit g{args.group_size}, bf16 scales "
         f"({held[:, 1:].size} held-out tokens)",
-        [("reference", ref_m.row(), shipped_bpw), ("RTN", rtn_m.row(), bpw_rtn), ("calibrated", cal_m.row(), bpw_cal)],
+        [("reference", metrics["reference"].row(), shipped_bpw)]
+        + [(name, metrics[name].row(), bpw) for name, (_, bpw) in quantized.items()],
     )
 
 
@@ -367,24 +407,43 @@ def run_minimax(args) -> None:
 # ---------------------------------------------------------------- speed
 
 
+def _best_time(fn, repeats: int) -> tuple[float, float]:
+    """Best wall and CPU seconds of `fn()` over `repeats` runs, after one warm-up."""
+    fn()
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return best, best_cpu
+
+
 def run_speed(args) -> None:
     rng = np.random.default_rng(0)
     D, H = 3072, 1536
-    shapes = {"gate_proj": (H, D), "up_proj": (H, D), "down_proj": (D, H)}
+    # gate and up stacked: one [2H, D] matrix, as they share their inputs (and hessian).
+    shapes = {"gate_up_proj": (2 * H, D), "down_proj": (D, H)}
     ws = {k: mx.array(rng.normal(0, 0.02, size=s).astype(np.float32)).astype(mx.bfloat16) for k, s in shapes.items()}
-    ds = {k: rng.lognormal(0, 1.5, size=s[1]).astype(np.float32) for k, s in shapes.items()}
+    hs = {}
+    for k, (_, n) in shapes.items():
+        # E[x x^T] of correlated inputs with heavy-tailed channel scales.
+        x = (rng.normal(size=(n, n)) @ (np.eye(n) + rng.normal(0, 0.3 / np.sqrt(n), (n, n)))).astype(np.float32)
+        x *= rng.lognormal(0, 1.5, size=n).astype(np.float32) ** 0.5
+        hs[k] = (x.T @ x / n).astype(np.float32)
     mx.eval(*ws.values())
-    quantize_weight(ws["down_proj"], 3, 64, hessian=ds["down_proj"])  # warm up
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(args.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for k in shapes:
-            mx.eval(*quantize_weight(ws[k], 3, 64, hessian=ds[k]))
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     n = sum(w.size for w in ws.values())
-    # CPU time too: on a shared machine the wall clock includes waiting for a core.
-    print(f"one REAP expert, 3-bit g64 weighted search: {n / 1e6:.1f}M weights in {best:.2f} s wall, "
-          f"{best_cpu:.2f} s CPU ({n / best / 1e6:.1f}M weights/s; best of {args.repeats})")
+    # The load average too: numpy's BLAS threads slow down badly on a busy machine.
+    print(f"one REAP expert (gate and up [{2 * H}, {D}] sharing one hessian, down [{D}, {H}]; "
+          f"{n / 1e6:.1f}M weights), 3-bit g64, {_ext.get_num_threads()} threads, best of {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs:")
+    for method, hessian in (("weighted", lambda k: np.ascontiguousarray(np.diagonal(hs[k]))),
+                            ("gptq", lambda k: hs[k])):
+        given = {k: hessian(k) for k in shapes}
+        wall, cpu = _best_time(lambda: [mx.eval(*quantize_weight(ws[k], 3, 64, hessian=given[k], method=method))
+                                        for k in shapes], args.repeats)
+        # CPU time too: on a shared machine the wall clock includes waiting for a core.
+        print(f"  {method:<9} {wall:6.2f} s wall, {cpu:6.2f} s CPU ({n / wall / 1e6:.1f}M weights/s); "
+              f"{'meets' if wall <= 2.0 else 'misses'} the 2 s per expert target")
 
 
 def main(argv=None) -> None:
@@ -400,9 +459,15 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default=",".join(CALIBRATED_METHODS),
+                   help=f"smollm2: calibrated methods to compare with RTN (default {','.join(CALIBRATED_METHODS)})")
     p.add_argument("--one-pass", action="store_true",
                    help="smollm2: statistics from the reference model in one pass, not block by block")
     args = p.parse_args(argv)
+    for method in args.methods.split(","):
+        if method not in quantizer.METHODS or method == "rtn":
+            p.error(f"--methods: {method!r} is not a calibrated method; expected some of "
+                    f"{', '.join(m for m in quantizer.METHODS if m != 'rtn')}")
     if args.text is None and args.case != "speed":
         sys.exit("quant_quality: no python3-doc text found; `apt-get install python3-doc` or pass --text")
     if args.case in ("speed", "all"):

@@ -206,3 +206,27 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path, text):
           f"(source {sizes[2] / 1e6:.0f} / {sizes[6] / 1e6:.0f} MB FP8; one layer {bf16_layer_mb:.0f} MB in bf16)")
     # Keeping the model would add the 4 extra layers (4 x bf16_layer_mb); allow half of that.
     assert peaks[6] - peaks[2] < 2 * bf16_layer_mb
+
+
+def test_head_is_quantized_by_gptq_with_its_full_hessian():
+    """The driver hands lm_head the full E[x x^T] of the final norm's output,
+    so "auto" is GPTQ there (the experts get diagonals: the weighted search)."""
+    import mlx.nn as nn
+
+    from fused_moe.quant import InputStats, quantize_weight
+    from fused_moe.quant.calibrate import BATCH_SEQUENCES, Calibrator
+
+    rng = np.random.default_rng(5)
+    D, V = 128, 64
+    states = mx.array(rng.normal(size=(6, 16, D)).astype(np.float32))
+    norm = nn.RMSNorm(D)
+    weight = mx.array(rng.normal(0, 0.02, size=(V, D)).astype(np.float32)).astype(mx.bfloat16)
+    got = Calibrator(states, states[:1]).head(norm, weight, 3, 64)
+    stats = InputStats(D)
+    for i in range(0, states.shape[0], BATCH_SEQUENCES):
+        stats.update(norm(states[i:i + BATCH_SEQUENCES]))
+    want = quantize_weight(weight, 3, 64, hessian=stats.hessian(), method="gptq")
+    for a, b in zip(got, want):
+        assert np.array_equal(np.array(a.view(mx.uint8)), np.array(b.view(mx.uint8)))
+    weighted = quantize_weight(weight, 3, 64, hessian=stats.diagonal(), method="weighted")
+    assert not np.array_equal(np.array(got[0]), np.array(weighted[0]))

@@ -114,7 +114,7 @@ def test_full_hessian_and_its_diagonal_agree_and_stacked_experts_are_independent
     x = rng.normal(size=(E, 500, 256)).astype(np.float32) * importance(256, experts=E)[:, None, :] ** 0.5
     full = np.einsum("eti,etj->eij", x, x) / 500
     diag = np.diagonal(full, axis1=1, axis2=2).copy()
-    stacked = quantize_weight(w, bits, gs, hessian=full.astype(np.float32))
+    stacked = quantize_weight(w, bits, gs, hessian=full.astype(np.float32), method="weighted")
     assert_bits_equal(stacked, quantize_weight(w, bits, gs, hessian=diag))
     for e in range(E):
         one = quantize_weight(w[e], bits, gs, hessian=diag[e])
@@ -125,6 +125,110 @@ def test_quantization_is_reproducible():
     w = weights((40, 384), mx.bfloat16)
     d = importance(384)
     assert_bits_equal(quantize_weight(w, 3, 64, hessian=d), quantize_weight(w, 3, 64, hessian=d))
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def correlated_hessian(inputs, seed=4, experts=None, tokens=2000):
+    """E[x x^T] of inputs mixed across channels, with heavy-tailed channel scales."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(experts or 1):
+        mix = rng.normal(size=(inputs, inputs)) * 0.3 + np.eye(inputs)
+        x = rng.normal(size=(tokens, inputs)) @ mix * rng.lognormal(0, 1, inputs)
+        out.append(x.T @ x / tokens)
+    h = np.stack(out).astype(np.float32)
+    return h if experts else h[0]
+
+
+def output_error(w, triple, h, bits, gs):
+    """tr((W - W_hat) H (W - W_hat)^T): the output error over the calibration inputs."""
+    q, s, b = triple
+    w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+    diff = np.array(w.astype(mx.float32) - w_hat, dtype=np.float64)
+    return float(np.einsum("oi,ij,oj->", diff, h.astype(np.float64), diff))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,gs", [(3, 64), (4, 32), (2, 128)])
+def test_gptq_gives_the_triple_mx_dequantize_reads(bits, gs, dtype):
+    w = weights((24, 256), DTYPES[dtype])
+    got = quantize_weight(w, bits, gs, hessian=correlated_hessian(256), method="gptq")
+    want = mx.quantize(w, group_size=gs, bits=bits)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    w_hat = np.array(mx.dequantize(*got, group_size=gs, bits=bits).astype(mx.float32))
+    assert np.isfinite(w_hat).all()
+    # Every code is in range: the unpacked codes re-pack to the same words.
+    codes = unpack_codes(np.array(got[0]), bits)
+    assert codes.max() < 2 ** bits and np.array_equal(pack_codes(codes, bits), np.array(got[0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_output_error_is_below_the_weighted_search_and_rtn(seed):
+    bits, gs = 3, 64
+    w = weights((64, 256), mx.bfloat16, seed=seed)
+    h = correlated_hessian(256, seed=seed + 10)
+    errors = {m: output_error(w, quantize_weight(w, bits, gs, hessian=h, method=m), h, bits, gs)
+              for m in ("rtn", "weighted", "gptq")}
+    assert errors["gptq"] < errors["weighted"] < errors["rtn"], errors
+
+
+def test_gptq_is_reproducible_and_stacked_experts_match_single_calls():
+    bits, gs, E = 3, 64, 3
+    w = weights((E, 16, 256), mx.bfloat16)
+    h = correlated_hessian(256, experts=E)
+    stacked = quantize_weight(w, bits, gs, hessian=h, method="gptq")
+    assert_bits_equal(stacked, quantize_weight(w, bits, gs, hessian=h, method="gptq"))
+    for e in range(E):
+        assert_bits_equal([a[e] for a in stacked], quantize_weight(w[e], bits, gs, hessian=h[e], method="gptq"))
+
+
+def test_gptq_with_dead_inputs():
+    w = weights((16, 256), mx.bfloat16)
+    h = correlated_hessian(256)
+    dead = np.arange(256) % 7 == 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    got = quantize_weight(w, 3, 64, hessian=h, method="gptq")
+    assert output_error(w, got, h, 3, 64) < output_error(w, quantize_weight(w, 3, 64, method="rtn"), h, 3, 64)
+    # A dead input's weight is kept (within its group's rounding), not zeroed.
+    w_hat = np.array(mx.dequantize(*got, group_size=64, bits=3).astype(mx.float32))
+    s = np.repeat(np.array(got[1].astype(mx.float32)), 64, -1)
+    wf = np.array(w.astype(mx.float32))
+    assert (np.abs(w_hat - wf)[:, dead] <= np.abs(s[:, dead]) * 0.5 + 1e-6).mean() > 0.9
+
+
+def test_auto_picks_gptq_with_a_full_hessian_and_the_weighted_search_with_a_diagonal():
+    w = weights((16, 256), mx.bfloat16)
+    h = correlated_hessian(256)
+    d = np.diagonal(h).copy()
+    assert_bits_equal(quantize_weight(w, 3, 64, hessian=h), quantize_weight(w, 3, 64, hessian=h, method="gptq"))
+    assert_bits_equal(quantize_weight(w, 3, 64, hessian=d), quantize_weight(w, 3, 64, hessian=d, method="weighted"))
+    assert_bits_equal(quantize_weight(w, 3, 64), mx.quantize(w, group_size=64, bits=3))
+
+
+def test_gptq_bad_hessian():
+    w = weights((8, 256), mx.bfloat16)
+    with pytest.raises(ValueError, match=r"method='gptq' needs the full hessian E\[x x\^T\] \(256, 256\), "
+                                         r"got its diagonal \(256,\)"):
+        quantize_weight(w, 3, 64, hessian=importance(256), method="gptq")
+    with pytest.raises(ValueError, match=r"hessian has shape \(128, 128\)"):
+        quantize_weight(w, 3, 64, hessian=np.eye(128, dtype=np.float32), method="gptq")
+    h = correlated_hessian(256)
+    h[3, 5] = np.nan
+    with pytest.raises(ValueError, match=r"hessian \(256, 256\) has NaN"):
+        quantize_weight(w, 3, 64, hessian=h, method="gptq")
+    # Not PSD: strong negative eigenvalues that no bounded damping removes.
+    bad = np.full((256, 256), -10, np.float32)
+    np.fill_diagonal(bad, 1)  # an eigenvalue of 1 - 10 * 255
+    with pytest.raises(ValueError, match=r"hessian \(256, 256\) is not positive semidefinite: its Cholesky "
+                                         r"factorization failed even with damping 1.0"):
+        quantize_weight(w, 3, 64, hessian=bad, method="gptq")
+    stacked = np.stack([correlated_hessian(256), bad])
+    with pytest.raises(ValueError, match=r"hessian\[1\] \(256, 256\) is not positive semidefinite"):
+        quantize_weight(weights((2, 8, 256), mx.bfloat16), 3, 64, hessian=stacked, method="gptq")
 
 
 # ---------------------------------------------------------------- bad input
@@ -167,7 +271,8 @@ def test_bad_hessian_for_stacked_weights():
     [
         (dict(bits=7), "bits=7 is not supported"),
         (dict(group_size=48), "group_size=48 is not supported"),
-        (dict(method="gptq"), "method='gptq'"),
+        (dict(method="gptq"), "method='gptq' needs a hessian"),
+        (dict(method="optimal"), "method='optimal': expected one of auto, rtn, weighted, gptq"),
         (dict(method="weighted"), "method='weighted' needs a hessian"),
     ],
 )

@@ -5,11 +5,13 @@ mlx-lm's own layer code (``mlx_lm.models.minimax``), so only one layer's
 weights and the hidden states are ever in memory. For each layer:
 
 1. the float layer runs over the calibration states while the inputs of each
-   matrix to quantize are recorded as ``E[x^2]`` per input channel (q/k/v
-   share the attention norm's output; o_proj its own input; each expert's
-   gate/up the tokens the router sends to it, its down that expert's own h);
-2. every matrix is quantized with its statistics (and by round to nearest,
-   for the report);
+   matrix to quantize are recorded (q/k/v share the attention norm's output;
+   o_proj its own input; each expert's gate/up the tokens the router sends to
+   it, its down that expert's own h): the full ``E[x x^T]`` for the attention
+   projections (and lm_head), ``E[x^2]`` per input channel for the experts;
+2. every matrix is quantized with its statistics, by ``quantize_weight``'s
+   "auto": GPTQ where the statistics are full, the weighted search where they
+   are diagonal (and by round to nearest, for the report);
 3. the quantized layer produces the next layer's inputs (sequential, as
    GPTQ does), and the held-out states measure each layer's relative output
    error for both quantizations.
@@ -36,6 +38,11 @@ from fused_moe.quant.stats import InputStats, shrink
 
 # Tokens at which an expert's own statistics weigh as much as the pool's.
 SHRINKAGE_TOKENS = 256
+# Full E[x x^T] (with which quantize_weight's "auto" is GPTQ) for the
+# attention projections and lm_head, where it is small (D^2 and
+# (heads * head_dim)^2 numbers); the experts keep E[x^2] per input (the
+# weighted search): full ones per expert would be 7.3 GB a layer at REAP's shapes.
+FULL_HESSIAN_ATTENTION_AND_HEAD = True
 # Sequences run through a layer at once.
 BATCH_SEQUENCES = 8
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -131,8 +138,8 @@ class Calibrator:
         attn, moe = layer.self_attn, layer.block_sparse_moe
         sw = moe.switch_mlp
         E, H, D = sw.gate_proj.weight.shape
-        qkv = InputStats(D, full=False)
-        o = InputStats(attn.o_proj.weight.shape[1], full=False)
+        qkv = InputStats(D, full=FULL_HESSIAN_ATTENTION_AND_HEAD)
+        o = InputStats(attn.o_proj.weight.shape[1], full=FULL_HESSIAN_ATTENTION_AND_HEAD)
         originals = {n: getattr(attn, n) for n in ATTENTION}
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(attn, n, _Recorded(originals[n], o if n == "o_proj" else qkv if n == "q_proj" else None))
@@ -146,7 +153,7 @@ class Calibrator:
             moe.switch_mlp = sw
         weights = {f"self_attn.{n}": getattr(attn, n).weight for n in ATTENTION}
         weights.update({f"block_sparse_moe.switch_mlp.{p}": getattr(sw, p).weight for p in EXPERT_PROJECTIONS})
-        diag = {f"self_attn.{n}": (o if n == "o_proj" else qkv).diagonal() for n in ATTENTION}
+        diag = {f"self_attn.{n}": _hessian(o if n == "o_proj" else qkv) for n in ATTENTION}
         counts = recorder.counts
         for proj, sums in (("gate_proj", recorder.gate_up_sums), ("up_proj", recorder.gate_up_sums),
                            ("down_proj", recorder.down_sums)):
@@ -177,10 +184,15 @@ class Calibrator:
 
     def head(self, norm: nn.Module, weight: mx.array, bits: int, group_size: int) -> Triple:
         """lm_head [V, D] quantized with the statistics of the final norm's output."""
-        stats = InputStats(weight.shape[1], full=False)
+        stats = InputStats(weight.shape[1], full=FULL_HESSIAN_ATTENTION_AND_HEAD)
         for i in range(0, self.calibration.shape[0], BATCH_SEQUENCES):
             stats.update(norm(self.calibration[i:i + BATCH_SEQUENCES]))
-        return quantize_weight(weight, bits, group_size, hessian=stats.diagonal())
+        return quantize_weight(weight, bits, group_size, hessian=_hessian(stats))
+
+
+def _hessian(stats: InputStats) -> np.ndarray:
+    """What the statistics hold: the full E[x x^T], or its diagonal."""
+    return stats.hessian() if stats.full else stats.diagonal()
 
 
 def _relative_error(y: mx.array, reference: mx.array, x: mx.array) -> float:
