@@ -144,12 +144,35 @@ struct WidenedCodes {
   }
 };
 
-// out[r] = row r · x for ROWS rows starting at (absolute) row `row0` of the
-// matrix, against int16 activation row `t` of `x`. Each row's result
+// A tile's scales and biases as fp32, converted once for all its tokens.
+struct TileScales {
+  const float* scale[4]; // [groups] each
+  const float* bias[4];
+};
+
+// Rows [row0, row0 + rows) of m's scales and biases into `buf` [2][4][groups].
+static TileScales tile_scales(const QuantMatrix& m, int64_t row0, int rows, float* buf) {
+  const int groups = m.cols / m.group_size;
+  TileScales t{};
+  for (int r = 0; r < rows; ++r) {
+    float* s = buf + static_cast<int64_t>(r) * groups;
+    float* b = buf + static_cast<int64_t>(4 + r) * groups;
+    for (int g = 0; g < groups; ++g) {
+      s[g] = to_float(m.scales, m.scale_type, (row0 + r) * groups + g);
+      b[g] = to_float(m.biases, m.scale_type, (row0 + r) * groups + g);
+    }
+    t.scale[r] = s;
+    t.bias[r] = b;
+  }
+  return t;
+}
+
+// out[r] = row r · x for the ROWS rows of a tile (codes and their fp32
+// scales), against int16 activation row `t` of `x`. Each row's result
 // depends only on its own codes and the token, in one order.
 template <int ROWS, typename Codes>
 static inline void dot_rows_int16(
-    const QuantMatrix& m, int64_t row0, const Codes& codes, const Int16Acts& x,
+    const QuantMatrix& m, const Codes& codes, const TileScales& sb, const Int16Acts& x,
     int64_t t, float* out) {
   const int K = m.cols, gs = m.group_size, groups = K / gs;
   const int16_t* xq = x.q + t * K;
@@ -171,12 +194,9 @@ static inline void dot_rows_int16(
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t at = (row0 + r) * groups + g;
-      const float s = to_float(m.scales, m.scale_type, at);
-      const float b = to_float(m.biases, m.scale_type, at);
       acc[r] = _mm256_fmadd_ps(
-          _mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(s * sx[g]), acc[r]);
-      bias_acc[r] += b * xs[g];
+          _mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(sb.scale[r][g] * sx[g]), acc[r]);
+      bias_acc[r] += sb.bias[r][g] * xs[g];
     }
   }
   for (int r = 0; r < ROWS; ++r) out[r] = hsum8(acc[r]) + bias_acc[r];
@@ -228,6 +248,7 @@ static void linear_rows_int16_of(
   const int64_t N = a.w.rows;
   const int64_t row_bytes = static_cast<int64_t>(a.w.cols) * BITS / 8;
   float out[4];
+  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
   for (int n = n_begin; n < n_end; n += 4) {
     const int rows = std::min(4, n_end - n);
     // The next rows are fetched into L2 while these are computed.
@@ -239,12 +260,14 @@ static void linear_rows_int16_of(
       }
     }
     const auto codes = packed_rows<BITS>(a.w, n, rows);
+    const TileScales sb = tile_scales(a.w, n, rows, sb_buf);
     for (int t = t_begin; t < t_end; ++t) {
       if (rows == 4) {
-        dot_rows_int16<4>(a.w, n, codes, *a.x16, t, out);
+        dot_rows_int16<4>(a.w, codes, sb, *a.x16, t, out);
       } else {
         for (int r = 0; r < rows; ++r) {
-          dot_rows_int16<1>(a.w, n + r, packed_rows<BITS>(a.w, n + r, 1), *a.x16, t, out + r);
+          const TileScales one = {{sb.scale[r]}, {sb.bias[r]}};
+          dot_rows_int16<1>(a.w, packed_rows<BITS>(a.w, n + r, 1), one, *a.x16, t, out + r);
         }
       }
       for (int r = 0; r < rows; ++r) {
@@ -272,10 +295,12 @@ static void gate_up_rows_int16_of(
   const int k = a.groups.k;
   const int64_t first = static_cast<int64_t>(expert) * a.w.rows;
   float out[4];
+  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
   for (int r = r_begin; r < r_end; r += 2) {
+    const TileScales sb = tile_scales(a.w, first + 2 * r, 4, sb_buf);
     with_tile_codes<BITS>(a.w, first + 2 * r, count, [&](const auto& codes) {
       for (int i = 0; i < count; ++i) {
-        dot_rows_int16<4>(a.w, first + 2 * r, codes, *a.x16, pairs[i] / k, out);
+        dot_rows_int16<4>(a.w, codes, sb, *a.x16, pairs[i] / k, out);
         const int64_t base = static_cast<int64_t>(pairs[i]) * H;
         store_as(a.h, a.h_type, base + r, silu(out[0]) * out[1]);
         store_as(a.h, a.h_type, base + r + 1, silu(out[2]) * out[3]);
@@ -300,16 +325,18 @@ static void down_rows_int16_of(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
   const int k = a.groups.k;
   float out[4];
+  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
   for (int u = 0; u < a.groups.n_used; ++u) {
     const int expert = a.groups.experts[u];
     const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
     const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
     for (int d = d_begin; d < d_end; d += 4) {
       const int64_t row0 = static_cast<int64_t>(expert) * D + d;
+      const TileScales sb = tile_scales(a.w, row0, 4, sb_buf);
       with_tile_codes<BITS>(a.w, row0, count, [&](const auto& codes) {
         for (int i = 0; i < count; ++i) {
           const int32_t p = pairs[i];
-          dot_rows_int16<4>(a.w, row0, codes, *a.h16, p, out);
+          dot_rows_int16<4>(a.w, codes, sb, *a.h16, p, out);
           const float wp = a.pair_weights[p];
           float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
           for (int r = 0; r < 4; ++r) y[r] += wp * out[r];

@@ -162,9 +162,21 @@ class Calibrator:
                 [shrink(sums[e], int(counts[e]), pooled, self.strength) for e in range(E)])
 
         calibrated, rtn = {}, {}
+        # q/k/v read the same input, so they share one hessian: quantized as
+        # one stack of rows, they need GPTQ's factorization of it once, not
+        # three times (rows are quantized independently given the hessian).
+        shared = [p for p in (f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")) if p in quants]
+        if len(shared) > 1 and len({quants[p] for p in shared}) == 1:
+            bits, gs = quants[shared[0]]
+            stacked = quantize_weight(mx.concatenate([weights[p].astype(dtype) for p in shared]), bits, gs,
+                                      hessian=diag[shared[0]])
+            bounds = np.cumsum([0] + [weights[p].shape[0] for p in shared])
+            for p, r0, r1 in zip(shared, bounds[:-1], bounds[1:]):
+                calibrated[p] = tuple(a[int(r0):int(r1)] for a in stacked)
         for path, (bits, gs) in quants.items():
             w = weights[path].astype(dtype)
-            calibrated[path] = quantize_weight(w, bits, gs, hessian=diag[path])
+            if path not in calibrated:
+                calibrated[path] = quantize_weight(w, bits, gs, hessian=diag[path])
             rtn[path] = quantize_weight(w, bits, gs, method="rtn")
 
         reference = self._run(layer, self.held_out)
