@@ -40,10 +40,17 @@ def _matrices(K: int, N: int, dtype, copies: int):
     return out
 
 
+# Seconds of calls a measurement takes at least: a 0.3 ms call needs many
+# for its median to settle (the probe before it leaves the threads idle).
+MIN_SECONDS = 0.3
+
+
 def _median_time(fn, calls: int) -> float:
+    """Median of at least `calls` calls and at least MIN_SECONDS of them."""
     mx.eval(fn())
     times = []
-    for _ in range(calls):
+    begin = time.perf_counter()
+    while len(times) < calls or time.perf_counter() - begin < MIN_SECONDS:
         start = time.perf_counter()
         mx.eval(fn())
         times.append(time.perf_counter() - start)

@@ -206,4 +206,6 @@ NB_MODULE(_ext, m) {
       nb::tuple(to_list(fused_moe::kSupportedLinearBits));
   m.attr("MIN_TOP_K") = fused_moe::kMinTopK;
   m.attr("MAX_TOP_K") = fused_moe::kMaxTopK;
+  m.attr("ATTENTION_HEAD_DIM_MULTIPLE") = fused_moe::kAttentionHeadDimMultiple;
+  m.attr("MAX_ATTENTION_HEAD_DIM") = fused_moe::kMaxAttentionHeadDim;
 }

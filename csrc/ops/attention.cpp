@@ -47,9 +47,11 @@ mx::array scaled_dot_product_attention(
     fail(op, "q has " + std::to_string(Hq) + " heads, not a multiple of k's " +
              std::to_string(Hkv));
   }
-  if (Dh % 16 != 0 || Dh < 16 || Dh > kMaxAttentionHeadDim) {
+  if (Dh % kAttentionHeadDimMultiple != 0 || Dh < kAttentionHeadDimMultiple ||
+      Dh > kMaxAttentionHeadDim) {
     fail(op, "head_dim=" + std::to_string(Dh) + " is not supported: a multiple "
-             "of 16 up to " + std::to_string(kMaxAttentionHeadDim) + " is");
+             "of " + std::to_string(kAttentionHeadDimMultiple) + " up to " +
+             std::to_string(kMaxAttentionHeadDim) + " is");
   }
   if (S < 1) {
     fail(op, "k has no positions (length 0)");

@@ -16,7 +16,8 @@ namespace fused_moe {
 //   q  [B, Hq, L, Dh]   float16 | bfloat16 | float32
 //   k  [B, Hkv, S, Dh]  dtype of q; any strides (a cache slice is read in place)
 //   v  [B, Hkv, S, Dh]  dtype of q
-// Dh is a multiple of 16, at most kMaxAttentionHeadDim; Hq a multiple of Hkv.
+// Dh is a multiple of kAttentionHeadDimMultiple, at most kMaxAttentionHeadDim;
+// Hq a multiple of Hkv.
 // causal: query row l sees keys [0, S - L + l] (the last L positions are the
 // queries'), so L <= S. Returns [B, Hq, L, Dh] in the dtype of q; the
 // arithmetic is fp32.
@@ -28,6 +29,9 @@ mx::array scaled_dot_product_attention(
     bool causal,
     mx::StreamOrDevice s = {});
 
+// Head sizes the CPU kernel takes: multiples of this (the widest vector's
+// lanes), up to kMaxAttentionHeadDim.
+constexpr int kAttentionHeadDimMultiple = 16;
 constexpr int kMaxAttentionHeadDim = 512;
 
 // ---------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
 from fused_moe import _ext
 from fused_moe.ops import StreamLike
 
-# Head sizes the CPU kernel takes: a multiple of 16 up to this.
-MAX_HEAD_DIM = 512
+# Head sizes the CPU kernel takes (csrc/ops/attention.h): multiples of
+# HEAD_DIM_MULTIPLE up to MAX_HEAD_DIM.
+HEAD_DIM_MULTIPLE = _ext.ATTENTION_HEAD_DIM_MULTIPLE
+MAX_HEAD_DIM = _ext.MAX_ATTENTION_HEAD_DIM
 
 
 def scaled_dot_product_attention(
@@ -53,7 +55,8 @@ def scaled_dot_product_attention(
             ``l`` sees keys ``0 .. S - L + l``: the queries are the last ``L``
             positions).
 
-    ``Dh`` is a multiple of 16 up to ``MAX_HEAD_DIM``. Returns
+    ``Dh`` is a multiple of ``HEAD_DIM_MULTIPLE`` (16) up to ``MAX_HEAD_DIM``
+    (512). Returns
     ``[B, Hq, L, Dh]`` in the dtype of ``q``; the arithmetic is fp32.
     """
     return _ext.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=stream)
@@ -94,13 +97,14 @@ def norm_rope(
 def unsupported_reason(attn: nn.Module) -> str | None:
     """Why :class:`MiniMaxAttention` cannot take this attention, or None."""
     head_dim = attn.head_dim
-    if head_dim % 16 or head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim}; supported: a multiple of 16 up to {MAX_HEAD_DIM}"
+    if head_dim % HEAD_DIM_MULTIPLE or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim}; supported: a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}"
     return None
 
 
 class MiniMaxAttention(StockMiniMaxAttention):
-    """mlx-lm's ``MiniMaxAttention`` with the attention computed by
+    """mlx-lm's ``MiniMaxAttention`` with q and k normed and rotated by
+    :func:`norm_rope` and the attention computed by
     :func:`scaled_dot_product_attention`. Same parameters and settings; the
     projections are whatever modules the layer holds (``patch`` makes them
     :class:`fused_moe.QuantizedLinear`)."""
