@@ -68,8 +68,14 @@ ROUTINGS = ("random", "duplicates", "one_expert", "few_experts", "edges")
 VALUES = ("normal", "large", "tiny_tokens", "zero_tokens")
 
 
+class _Case:
+    def describe(self) -> str:
+        """The case as one line of JSON, as failures print it."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
 @dataclass
-class MoeCase:
+class MoeCase(_Case):
     seed: int
     T: int
     E: int
@@ -90,12 +96,9 @@ class MoeCase:
     nonfinite_tokens: list  # [(token, "nan" | "inf")]
     bad_ids: list  # [(token, slot, id)]
 
-    def describe(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
 
 @dataclass
-class RouteCase:
+class RouteCase(_Case):
     seed: int
     T: int
     E: int
@@ -108,12 +111,9 @@ class RouteCase:
     nan_tokens: list
     nan_bias: list
 
-    def describe(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
 
 @dataclass
-class AttentionCase:
+class AttentionCase(_Case):
     seed: int
     B: int
     Hkv: int
@@ -127,12 +127,9 @@ class AttentionCase:
     values: str  # normal | wide | equal
     nan_query: bool
 
-    def describe(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
 
 @dataclass
-class NormRopeCase:
+class NormRopeCase(_Case):
     seed: int
     B: int
     L: int
@@ -143,9 +140,6 @@ class NormRopeCase:
     traditional: bool
     offset: int
     dtype: str
-
-    def describe(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
 
 
 def _dim(rng, limit: int, multiple: int) -> int:
