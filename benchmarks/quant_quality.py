@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from fused_moe import _ext
@@ -86,16 +87,31 @@ class Metrics:
         return dict(kl=self.kl / n, ppl=float(np.exp(self.nll / n)), top1=self.agree / n)
 
 
+def routing_overlap(ref_chosen: list[np.ndarray], chosen: list[np.ndarray]) -> tuple[float, int]:
+    """Sum over layers and tokens of |reference's top-k ∩ model's top-k| / k,
+    and the count it is over."""
+    total, count = 0.0, 0
+    for r, c in zip(ref_chosen, chosen):
+        k = r.shape[-1]
+        total += float((r[..., :, None] == c[..., None, :]).any(-1).sum()) / k
+        count += r[..., 0].size
+    return total, count
+
+
 def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
     """Rows (name, metrics, bits per weight), the first the reference and the
-    second RTN: each later row's KL is also given as a fraction of RTN's."""
+    second RTN: each later row's KL is also given as a fraction of RTN's. A
+    "routing" entry in the metrics (MoE models) adds the top-k overlap column."""
+    routed = all("routing" in m for _, m, _ in rows)
     print(f"\n{title}")
     print(f"{'method':<12} {'KL (nats/token)':>16} {'KL / RTN KL':>12} {'perplexity':>11} {'top-1 agreement':>16} "
-          f"{'bits/weight':>12}")
+          + (f"{'top-k overlap':>14} " if routed else "") + f"{'bits/weight':>12}")
     rtn_kl = max(rows[1][1]["kl"], 1e-30)
     for i, (name, m, bpw) in enumerate(rows):
         ratio = f"{m['kl'] / rtn_kl:.3f}" if i >= 1 else ""
-        print(f"{name:<12} {m['kl']:>16.4g} {ratio:>12} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {bpw:>12.3f}")
+        overlap = f"{100 * m['routing']:>13.1f}% " if routed else ""
+        print(f"{name:<12} {m['kl']:>16.4g} {ratio:>12} {m['ppl']:>11.2f} {100 * m['top1']:>15.1f}% {overlap}"
+              f"{bpw:>12.3f}")
 
 
 # ---------------------------------------------------------------- SmolLM2 (a Llama in numpy)
@@ -356,6 +372,37 @@ def _dequantized_model(reference, path: Path):
     return reference
 
 
+class _RecordingGate(nn.Module):
+    """A MiniMax router gate that also records the top-k experts the block
+    picks from its output (sigmoid scores plus the routing bias)."""
+
+    def __init__(self, gate: nn.Module, block: nn.Module, chosen: list):
+        super().__init__()
+        self.inner, self.block, self.chosen = gate, block, chosen
+
+    def __call__(self, x):
+        logits = self.inner(x)
+        k = self.block.num_experts_per_tok
+        scores = mx.sigmoid(logits) + self.block.e_score_correction_bias
+        self.chosen.append(np.array(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]))
+        return logits
+
+
+def _logits_and_routing(model, inp: mx.array) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The model's logits on `inp` and each layer's chosen experts [B, L, k]."""
+    chosen, gates = [], []
+    for layer in model.layers:
+        block = layer.block_sparse_moe
+        gates.append(block.gate)
+        block.gate = _RecordingGate(block.gate, block, chosen)
+    try:
+        logits = np.array(model(inp))
+    finally:
+        for layer, gate in zip(model.layers, gates):
+            layer.block_sparse_moe.gate = gate
+    return logits, chosen
+
+
 def run_minimax(args) -> None:
     import copy
     import tempfile
@@ -388,19 +435,25 @@ def run_minimax(args) -> None:
         rtn = _dequantized_model(copy.deepcopy(reference), tmp / "rtn")
         cal = _dequantized_model(copy.deepcopy(reference), tmp / "cal")
         ms = [Metrics() for _ in range(3)]
+        overlap = [[0.0, 0] for _ in range(3)]  # top-k overlap with the reference's routing
         for i in range(0, len(held), args.batch):
             x = held[i:i + args.batch]
             inp, tgt = mx.array(x[:, :-1]), x[:, 1:]
-            ref = np.array(reference(inp))
-            for m, model in zip(ms, (reference, rtn, cal)):
-                m.add(ref, ref if model is reference else np.array(model(inp)), tgt)
+            ref, ref_chosen = _logits_and_routing(reference, inp)
+            for m, o, model in zip(ms, overlap, (reference, rtn, cal)):
+                logits, chosen = (ref, ref_chosen) if model is reference else _logits_and_routing(model, inp)
+                m.add(ref, logits, tgt)
+                total, count = routing_overlap(ref_chosen, chosen)
+                o[0] += total
+                o[1] += count
     print(f"conversion: RTN {t_rtn:.1f} s, calibrated {t_cal:.1f} s")
     print_table(
         f"synthetic MiniMax (random weights; D={config['hidden_size']}, H={config['intermediate_size']}, "
         f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
         f"fused-moe convert --recipe seed-3.7bit [--calibrate] ({held[:, 1:].size} held-out tokens)",
-        [("reference", ms[0].row(), 16.0), ("RTN", ms[1].row(), rtn_summary.bits_per_weight),
-         ("calibrated", ms[2].row(), cal_summary.bits_per_weight)],
+        [(name, {**m.row(), "routing": o[0] / max(o[1], 1)}, bpw) for name, m, o, bpw in zip(
+            ("reference", "RTN", "calibrated"), ms, overlap,
+            (16.0, rtn_summary.bits_per_weight, cal_summary.bits_per_weight))],
     )
 
 
