@@ -5,7 +5,8 @@ recipe: round to nearest (``mx.quantize``) and calibrated (``fused_moe.quant``,
 statistics from calibration text), and prints, on held-out text, for each:
 KL divergence of the next-token distributions from the reference model (the
 weights before this quantization), that KL as a fraction of RTN's,
-perplexity, top-1 agreement and bits per weight.
+perplexity, top-1 agreement, for the MoE case the top-k routing overlap
+with the reference (per layer and token), and bits per weight.
 
 Cases:
 
