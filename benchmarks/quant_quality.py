@@ -416,7 +416,7 @@ def run_minimax(args) -> None:
     from fused_moe.convert.sources import open_source
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from hf_checkpoints import SMALL_HF, write_hf_checkpoint
+    from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
 
     config = dict(SMALL_HF, num_local_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
     with tempfile.TemporaryDirectory() as tmp:

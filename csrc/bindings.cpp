@@ -11,7 +11,7 @@
 #include "cpu/isa.h"
 #include "cpu/probe.h"
 #include "cpu/thread_pool.h"
-#include "grid.h"
+#include "supported.h"
 #include "metal/launch_plan.h"
 #include "metal/metal_source.h"
 #include "ops.h"
@@ -114,7 +114,7 @@ NB_MODULE(_ext, m) {
       "benchmark's bandwidth probe).");
 
   // The Metal launch plan and the Metal Primitive inputs, for the tests and
-  // the Linux emulator (tests/metal_emulator/).
+  // the Linux emulator (tests/tools/metal_emulator/).
   m.def(
       "gate_up_swiglu_metal_inputs",
       &fused_moe::gate_up_swiglu_metal_inputs,

@@ -1,19 +1,19 @@
 // The fused MoE Metal kernels, instantiated over the allow-lists of
-// kernel_grid.h and nothing else. Kernel bodies: gate_up_swiglu.h,
+// allow_list.h and nothing else. Kernel bodies: gate_up_swiglu.h,
 // down_combine.h and route.h; tile shapes: tile_shapes.h.
 //
 // The build embeds this file, with the headers below inlined, in the
 // extension (csrc/metal/embed_source.py). At run time the host compiles one
 // kernel at a time: everything outside the marked block, plus the one line
 // of the block that instantiates that kernel (csrc/metal/metal_source.cpp
-// spells the line from kernel_grid.h). So the block holds only the two
+// spells the line from allow_list.h). So the block holds only the two
 // allow-list expansions, one instantiation per kernel.
 #include <metal_stdlib>
 
 using namespace metal;
 
 #include "msl_conventions.h"
-#include "kernel_grid.h"
+#include "allow_list.h"
 #include "gate_up_swiglu.h"
 #include "down_combine.h"
 #include "route.h"

@@ -1,6 +1,6 @@
 // The two macros our Metal sources use where plain C++ cannot spell a Metal
 // construct the same way. Metal compiles them to the ordinary form below; the
-// Linux emulator (tests/metal_emulator/include/metal_stdlib) defines its own
+// Linux emulator (tests/tools/metal_emulator/include/metal_stdlib) defines its own
 // versions before this header is read. metal/README.md lists the MSL subset
 // the kernels may use.
 #pragma once

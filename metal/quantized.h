@@ -5,7 +5,7 @@
 // Staging: a lane's own codes (6 or 8 bytes, 3 or 2 loads) and its group's
 // scale (2 bytes, shared with 3 other lanes) make strided or narrow device
 // loads, a third to a half of each 32-byte sector used per instruction
-// (tests/metal_emulator/traffic.py measured it). So each SIMD group first
+// (tests/tools/metal_emulator/traffic.py measured it). So each SIMD group first
 // copies its rows' codes for one step, and their scales and biases for up to
 // kStageGroups groups per row, with consecutive lanes on consecutive words
 // (full sectors), into threadgroup memory; every lane then reads its own

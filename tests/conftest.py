@@ -2,23 +2,23 @@ import mlx.core as mx
 import pytest
 
 import fused_moe as fm
-from backends import METAL_MISSING, EmulatorBackend, StreamBackend, metal_available
+from support.backends import METAL_MISSING, EmulatorBackend, StreamBackend, metal_available
 
 # Every kernel case runs on each backend: the CPU kernels, the Metal kernels
 # on a real GPU (skipped, naming the missing backend, where MLX has no Metal)
-# and the same Metal kernels in the Linux emulator (tests/metal_emulator/).
+# and the same Metal kernels in the Linux emulator (tests/tools/metal_emulator/).
 BACKENDS = ["cpu", "metal", "metal_emulator"]
 GPU_BACKENDS = ["metal", "metal_emulator"]
 
 
 @pytest.fixture(scope="session")
 def metal_emulator(request):
-    import metal_emulator
+    from tools import metal_emulator
 
     if not metal_emulator.compiler_available():
         pytest.skip(
             f"metal_emulator backend not available: no C++ compiler "
-            f"({metal_emulator.CXX}) to build tests/metal_emulator"
+            f"({metal_emulator.CXX}) to build tests/tools/metal_emulator"
         )
     cache = request.config.cache.mkdir("metal_emulator")
     return metal_emulator.Emulator(metal_emulator.build(cache))

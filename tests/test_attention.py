@@ -15,7 +15,7 @@ from mlx_lm.models import minimax
 from mlx_lm.models.cache import KVCache
 
 import fused_moe as fm
-from tolerance import assert_within_tolerance, rel_err, slack
+from support.tolerance import assert_within_tolerance, rel_err, slack
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 

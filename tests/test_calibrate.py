@@ -13,8 +13,8 @@ import pytest
 
 import fused_moe as fm
 from fused_moe.convert import ConversionError
-from hf_checkpoints import SMALL_HF, write_hf_checkpoint
-from minimax_models import SMALL, make_checkpoint
+from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
+from support.minimax_models import SMALL, make_checkpoint
 from test_convert import _peak_rss_mb, leftovers, load_tensors, run_cli
 
 SEED = "seed-3.7bit"

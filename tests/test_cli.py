@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minimax_models import SMALL, build_model, save_checkpoint
+from support.minimax_models import SMALL, build_model, save_checkpoint
 
 # The console script pip installs beside this interpreter.
 FUSED_MOE = Path(sys.executable).parent / "fused-moe"

@@ -16,7 +16,7 @@ WORKER = textwrap.dedent(
     import sys, threading
     sys.path.insert(0, sys.argv[1])
     import mlx.core as mx, numpy as np, fused_moe as fm
-    from moe_reference import make_experts, random_routing
+    from support.moe_reference import make_experts, random_routing
 
     mode, threads, rounds = sys.argv[2], 6, 4
     ex = make_experts(16, 512, 256, mx.bfloat16, bits=3, group_size=64, down_bits=4, down_group_size=32)

@@ -19,8 +19,8 @@ import fused_moe as fm
 from fused_moe import format as fmt
 from fused_moe.cli import main as cli_main
 from fused_moe.convert import ConversionError, bits_per_weight_of, pipeline, recipes
-from hf_checkpoints import SMALL_HF, write_hf_checkpoint
-from minimax_models import SMALL, make_checkpoint, seed_recipe
+from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
+from support.minimax_models import SMALL, make_checkpoint, seed_recipe
 
 SEED = "seed-3.7bit"
 
@@ -351,7 +351,7 @@ def _wrong_experts(src):
 
 def _rewrite_shard(src: Path, change) -> None:
     """Rewrites shard 2 (layer 0) after `change` edits its {name: Tensor}."""
-    from hf_checkpoints import Tensor, write_safetensors
+    from support.hf_checkpoints import Tensor, write_safetensors
 
     shard = src / "model-00002-of-00004.safetensors"
     data = shard.read_bytes()
@@ -366,7 +366,7 @@ def _rewrite_shard(src: Path, change) -> None:
 
 
 def _bias_shape(src):
-    from hf_checkpoints import Tensor
+    from support.hf_checkpoints import Tensor
 
     name = "model.layers.0.block_sparse_moe.e_score_correction_bias"
     _rewrite_shard(src, lambda t: t.__setitem__(name, Tensor("F32", (7,), b"\0" * 28)))
@@ -458,7 +458,7 @@ def test_config_that_disagrees_with_an_mlx_lm_source(stock, tmp_path):
 
 
 def test_unsupported_expert_bits_of_an_mlx_lm_source(tmp_path):
-    from minimax_models import build_model, save_checkpoint
+    from support.minimax_models import build_model, save_checkpoint
 
     # mlx-lm quantizes 6-bit experts happily; the fused kernels do not read them.
     model, config = build_model(dict(SMALL, num_hidden_layers=1))

@@ -9,7 +9,7 @@ import pytest
 
 import fused_moe as fm
 from fused_moe import _ext
-from moe_reference import make_experts, random_routing
+from support.moe_reference import make_experts, random_routing
 
 
 def test_arrays_pass_through_the_extension():
@@ -73,31 +73,67 @@ def test_num_threads_from_environment():
 
 
 def test_every_isa_agrees_with_the_active_one():
-    """Each forced level gives the same result as this process, within fp32 rounding."""
+    """Each other level this CPU supports, forced in a child process, gives the
+    result of this process's level within fp32 rounding."""
     code = (
         "import mlx.core as mx, numpy as np, fused_moe as fm, sys\n"
         "sys.path.insert(0, %r)\n"
-        "from moe_reference import make_experts, random_routing\n"
+        "from support.moe_reference import make_experts, random_routing\n"
+        "assert fm.cpu_isa() == sys.argv[2], (fm.cpu_isa(), sys.argv[2])\n"
         "ex = make_experts(5, 256, 128, mx.float32, bits=3, group_size=32, down_bits=4)\n"
         "i, w = random_routing(9, 5, 3)\n"
         "x = mx.random.normal((9, 256), key=mx.random.key(1))\n"
         "y = fm.down_combine(fm.gate_up_swiglu(x, ex.packed, i), ex.packed, i, w)\n"
-        "np.save(sys.argv[1] if len(sys.argv) > 1 else 'y.npy', np.array(y))\n"
+        "np.save(sys.argv[1], np.array(y))\n"
     ) % os.path.dirname(__file__)
-    import numpy as np
     import tempfile
 
+    import numpy as np
+
+    active = fm.cpu_isa()
+    available = _ext.available_cpu_isas()
+    assert active in available
+    # The levels this CPU has must all be built and offered, so that the
+    # comparison below cannot pass by having nothing to compare.
+    missing = _levels_this_cpu_has() - set(available)
+    assert not missing, f"this CPU has {sorted(missing)}, but the extension offers only {available}"
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {}
-        for isa in _ext.available_cpu_isas():
+
+        def run(isa: str) -> np.ndarray:
             path = os.path.join(tmp, f"{isa}.npy")
             env = dict(os.environ, FUSED_MOE_ISA=isa)
-            r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=120)
+            r = subprocess.run([sys.executable, "-c", code, path, isa], capture_output=True, text=True, env=env,
+                               timeout=120)
             assert r.returncode == 0, r.stderr
-            outs[isa] = np.load(path)
-        ref = next(iter(outs.values()))
-        for isa, y in outs.items():
-            np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=isa)
+            return np.load(path)
+
+        # The active level in a child too: the same code path as the others.
+        ref = run(active)
+        others = [isa for isa in available if isa != active]
+        for isa in others:
+            y = run(isa)
+            np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=f"{isa} vs {active}")
+    assert len(available) == 1 or others, f"levels {available}: none compared with {active}"
+
+
+def _levels_this_cpu_has() -> set:
+    """The kernel levels the CPU's own feature flags allow (Linux x86-64;
+    elsewhere only "generic" is known without asking the extension)."""
+    levels = {"generic"}
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return levels
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        levels.add("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi"} <= flags:
+            levels.add("avx512")
+    return levels
 
 
 def test_bandwidth_probe_reads_a_buffer():

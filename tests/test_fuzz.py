@@ -1,8 +1,8 @@
-"""The differential fuzzer (tests/fuzz/) on a fixed CI budget.
+"""The differential fuzzer (tests/tools/fuzz/) on a fixed CI budget.
 
 About 50 s of cases on this process's CPU level, the Metal emulator and
 Metal where present, then 20 s under each other CPU level of this build in
-its own process. `python -m tests.fuzz --minutes 60 --seed S --all-isas`
+its own process. `python -m tests.tools.fuzz --minutes 60 --seed S --all-isas`
 runs longer; a failure prints its case and the command that reproduces it.
 """
 
@@ -15,14 +15,15 @@ import mlx.core as mx
 import pytest
 
 import fused_moe as fm
-import fuzz
-from backends import StreamBackend
+from tools import fuzz
+from support.backends import StreamBackend
 from fused_moe import _ext
 
 SEED = int(os.environ.get("FUSED_MOE_FUZZ_SEED", "0"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_fuzz_every_backend_here():
     backends = fuzz.backends(["cpu", "metal", "metal_emulator"])
     result = fuzz.run(SEED, 50, backends)
@@ -32,12 +33,13 @@ def test_fuzz_every_backend_here():
     assert not result["failures"], "\n".join(result["failures"])
 
 
+@pytest.mark.slow
 def test_fuzz_every_other_cpu_level():
     for isa in _ext.available_cpu_isas():
         if isa == fm.cpu_isa():
             continue
         r = subprocess.run(
-            [sys.executable, "-m", "tests.fuzz", "--seconds", "20", "--seed", str(SEED + 1), "--backends", "cpu"],
+            [sys.executable, "-m", "tests.tools.fuzz", "--seconds", "20", "--seed", str(SEED + 1), "--backends", "cpu"],
             cwd=ROOT, env=dict(os.environ, FUSED_MOE_ISA=isa), capture_output=True, text=True, timeout=300,
         )
         print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:])
@@ -54,7 +56,7 @@ def test_a_wrong_backend_fails_with_its_reproducer():
     seed = next(s for s in range(100) if isinstance(fuzz.draw(s), fuzz.MoeCase) and fuzz.draw(s).dtype == "float32")
     failures = fuzz.run_case(seed, [_OffByOnePercent("cpu", mx.cpu)])
     assert failures and "down_combine: err(fused)" in failures[0], failures
-    assert f"python -m tests.fuzz --case {seed} --backends cpu" in failures[0]
+    assert f"python -m tests.tools.fuzz --case {seed} --backends cpu" in failures[0]
 
 
 class _AttentionOffByOnePercent(StreamBackend):

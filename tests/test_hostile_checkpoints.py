@@ -25,7 +25,7 @@ import pytest
 import fused_moe as fm
 from fused_moe import format as fmt
 from fused_moe.cli import main as cli_main
-from minimax_models import SMALL, make_checkpoint
+from support.minimax_models import SMALL, make_checkpoint
 
 INDEX = "model.safetensors.index.json"
 # A float32 tensor both kinds of checkpoint hold, that does not start the data.
@@ -223,7 +223,7 @@ def shard_is_a_fifo(src):
 
 
 def tensor_in_two_shards(src):
-    from hf_checkpoints import Tensor, write_safetensors
+    from support.hf_checkpoints import Tensor, write_safetensors
 
     shard = shard_of(src)
     header, data = read_raw(shard)
@@ -420,8 +420,11 @@ def test_load_refuses_in_one_line(case, kind, checkpoints, tmp_path):
 def test_the_untouched_copies_load_and_convert(checkpoints, tmp_path):
     """The cases above fail because of their edit, not the fixture."""
     for kind, src in checkpoints.items():
-        fm.load(str(src))
-        fm.convert(src, tmp_path / kind, to="stock" if kind == "packed" else "packed")
+        model, _ = fm.load(str(src))
+        fused = [m for m in model.modules() if isinstance(m, fm.MiniMaxMoE)]
+        assert len(fused) == len(model.layers), f"{kind}: {len(fused)} fused blocks"
+        summary = fm.convert(src, tmp_path / kind, to="stock" if kind == "packed" else "packed")
+        assert summary.tensors > 0 and (tmp_path / kind / "config.json").is_file(), kind
 
 
 # ---------------------------------------------------------------- memory

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fused_moe.convert.pipeline import PAUSE_ENV
-from hf_checkpoints import SMALL_HF, write_hf_checkpoint
+from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
 
 SEED = int(os.environ.get("FUSED_MOE_KILL_SEED", "16"))
 CONVERT = [sys.executable, "-m", "fused_moe", "convert"]

@@ -1,4 +1,4 @@
-"""The Metal kernels on the Linux emulator (tests/metal_emulator/): every
+"""The Metal kernels on the Linux emulator (tests/tools/metal_emulator/): every
 instantiated kernel, the MiniMax shapes, bad expert ids, and proof that the
 guard pages catch what they must. The op cases of test_ops.py and
 test_route.py also run here through the `metal_emulator` backend of
@@ -10,8 +10,8 @@ import pytest
 
 import fused_moe as fm
 from fused_moe import _ext
-from metal_emulator import EmulatorError
-from moe_reference import (
+from tools.metal_emulator import EmulatorError
+from support.moe_reference import (
     dequantized,
     make_experts,
     random_routing,
@@ -20,8 +20,8 @@ from moe_reference import (
     stock_h,
     stock_y,
 )
-from router_reference import check_against_stock, clear_inputs, make_gate
-from tolerance import assert_within_tolerance
+from support.router_reference import check_against_stock, clear_inputs, make_gate
+from support.tolerance import assert_within_tolerance
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 EXPERT_KERNELS = [n for n in _ext.metal_kernel_names() if not n.startswith("route_")]

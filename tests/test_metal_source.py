@@ -12,8 +12,8 @@ import pytest
 
 import fused_moe as fm
 from fused_moe import _ext
-from moe_reference import make_experts, random_routing, reference_h, stock_h
-from tolerance import assert_within_tolerance
+from support.moe_reference import make_experts, random_routing, reference_h, stock_h
+from support.tolerance import assert_within_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANTIATION = re.compile(r"^FM_INSTANTIATE(_ROUTE)?\(", re.M)
@@ -92,7 +92,7 @@ def test_a_kernel_compiled_alone_runs_in_the_emulator(name, request):
     """One kernel's own source, as a GPU stream compiles it on first use,
     built into an emulator that then holds that kernel alone and computes
     the op within tolerance."""
-    import metal_emulator
+    from tools import metal_emulator
 
     if not metal_emulator.compiler_available():
         pytest.skip(f"no C++ compiler ({metal_emulator.CXX}) for the emulator")

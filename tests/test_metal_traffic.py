@@ -1,4 +1,4 @@
-"""The traffic build of the emulator (tests/metal_emulator/traffic.py): its
+"""The traffic build of the emulator (tests/tools/metal_emulator/traffic.py): its
 counters must tell a coalesced read from a strided one, see every weight byte
 a kernel reads, and find the expert kernels' weight loads at full sectors,
 each byte read once, on a small shape."""
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-import metal_emulator
-from metal_emulator import traffic
+from tools import metal_emulator
+from tools.metal_emulator import traffic
 
 WEIGHT_BUFFERS = ("_weight", "_scales", "_biases")
 

@@ -21,9 +21,9 @@ from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
 
 import fused_moe as fm
 from fused_moe import format
-from minimax_models import FULL_WIDTH, PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
-from moe_reference import Experts, reference_h, reference_y
-from tolerance import assert_within_tolerance, rel_err, slack
+from support.minimax_models import FULL_WIDTH, PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
+from support.moe_reference import Experts, reference_h, reference_y
+from support.tolerance import assert_within_tolerance, rel_err, slack
 
 
 
@@ -320,8 +320,8 @@ def test_load_of_a_converted_checkpoint_matches_the_stock_one(small_dir, tmp_pat
 def test_converted_hugging_face_checkpoint_matches_mlx_lm(fp8, tmp_path):
     from mlx_lm.utils import load_model, quantize_model
 
-    from hf_checkpoints import write_hf_checkpoint
-    from minimax_models import seed_recipe
+    from support.hf_checkpoints import write_hf_checkpoint
+    from support.minimax_models import seed_recipe
 
     src = write_hf_checkpoint(tmp_path / "hf", fp8=fp8, mtp=False)
     fm.convert(str(src), str(tmp_path / "packed"), recipe="seed-3.7bit")

@@ -1,4 +1,4 @@
-"""The checks of what Apple's compilers will see (tests/msl_checks): each
+"""The checks of what Apple's compilers will see (tests/tools/msl_checks): each
 passes on the shipped code and fails on a planted error, so none of them can
 pass vacuously.
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import msl_checks
-from msl_checks import CheckFailed
+from tools import msl_checks
+from tools.msl_checks import CheckFailed
 from fused_moe import _ext
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fused_moe as fm
-from moe_reference import (
+from support.moe_reference import (
     make_experts,
     random_routing,
     reference_h,
@@ -15,7 +15,7 @@ from moe_reference import (
     stock_h,
     stock_y,
 )
-from tolerance import assert_within_tolerance
+from support.tolerance import assert_within_tolerance
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 

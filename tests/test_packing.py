@@ -8,7 +8,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 import fused_moe as fm
 from fused_moe import format as fmt
-from moe_reference import make_experts
+from support.moe_reference import make_experts
 
 
 def quantized_switch_glu(D=256, H=128, E=6, bits=3, group_size=64, dtype=mx.bfloat16):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import fused_moe as fm
-from moe_reference import dequantized
-from tolerance import assert_within_tolerance, rel_err, slack
+from support.moe_reference import dequantized
+from support.tolerance import assert_within_tolerance, rel_err, slack
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 

@@ -15,7 +15,7 @@ import pytest
 
 import fused_moe as fm
 from fused_moe import _ext
-from router_reference import GATE_FORMS, check_against_stock, clear_inputs, make_gate, stock_route
+from support.router_reference import GATE_FORMS, check_against_stock, clear_inputs, make_gate, stock_route
 
 D = 256
 
@@ -172,7 +172,7 @@ def test_every_isa_matches_stock():
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "import mlx.core as mx, fused_moe as fm\n"
-        "from router_reference import GATE_FORMS, check_against_stock, clear_inputs, make_gate\n"
+        "from support.router_reference import GATE_FORMS, check_against_stock, clear_inputs, make_gate\n"
         "for form in GATE_FORMS:\n"
         "    for d in ([256, 100] if form != 'q8' else [256]):\n"
         "        for T in (1, 37):\n"

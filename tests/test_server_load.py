@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import fused_moe as fm
-from minimax_models import SMALL, make_checkpoint
+from support.minimax_models import SMALL, make_checkpoint
 
 HOST = "127.0.0.1"
 CLIENTS = 16
@@ -164,6 +164,7 @@ def packed_model(tmp_path_factory):
     return root / "packed"
 
 
+@pytest.mark.slow
 def test_server_under_load(packed_model, tmp_path):
     server = Server(packed_model, tmp_path / "server.log")
     try:

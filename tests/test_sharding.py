@@ -14,10 +14,10 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import fused_moe as fm
-from minimax_models import PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
-from tolerance import rel_err, slack
+from support.minimax_models import PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
+from support.tolerance import rel_err, slack
 
-WORKER = Path(__file__).with_name("sharding_worker.py")
+WORKER = Path(__file__).parent / "support" / "sharding_worker.py"
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 PATHS = ("patch_after_shard", "shard_patched", "load_stock", "load_packed")
 LAUNCH_TIMEOUT_S = 240

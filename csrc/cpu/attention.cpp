@@ -3,7 +3,7 @@
 // through their strides.
 #include <algorithm>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -12,7 +12,7 @@
 namespace fused_moe {
 
 void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, out,
       [scale = scale_, causal = causal_](
           const std::vector<mx::array>& in, mx::array& y) {

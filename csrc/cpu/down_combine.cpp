@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -27,7 +27,7 @@ static_assert(kDownRowsPerTask % 4 == 0);
 void DownCombine::eval_cpu(
     const std::vector<mx::array>& inputs,
     mx::array& out) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, out,
       [bits = bits_, group_size = group_size_](
           const std::vector<mx::array>& in, mx::array& y) {

@@ -3,7 +3,7 @@
 // instruction set over the thread pool.
 #include <algorithm>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -26,7 +26,7 @@ static_assert(kGateUpRowsPerTask % 2 == 0);
 void GateUpSwiglu::eval_cpu(
     const std::vector<mx::array>& inputs,
     mx::array& out) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, out,
       [bits = bits_, group_size = group_size_](
           const std::vector<mx::array>& in, mx::array& h) {

@@ -1,4 +1,4 @@
-// Interface between the CPU host code (each op's evaluation, cpu/<op>.cpp)
+// Interface between each op's CPU evaluation (cpu/<op>.cpp)
 // and the per-ISA kernel bodies (kernels_impl.h, compiled once per
 // instruction set).
 #pragma once
@@ -141,9 +141,6 @@ struct NormRopeArgs {
 constexpr bool integer_path_bits(int bits) {
   return bits == 3 || bits == 4 || bits == 8;
 }
-constexpr bool int16_path_bits(int bits) {
-  return integer_path_bits(bits);
-}
 
 // The router's gate [E, D], either in a float dtype or as 8-bit affine codes
 // (w = scale·q + bias per group of `group_size` inputs).
@@ -182,7 +179,7 @@ struct KernelTable {
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
   // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
-  // no int16 path (all but AVX2); weights of int16_path_bits only.
+  // no int16 path (all but AVX2); weights of integer_path_bits only.
   void (*quantize_acts16)(const float* x, int64_t row, const Int16Acts& q);
   // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
   // and n_end are multiples of 4 (whole integer tiles).

@@ -1,4 +1,5 @@
-// The CPU kernels built for portable C++ (any CPU; compiler-vectorized, NEON on arm64);
-// this file's compiler flags are set in CMakeLists.txt.
+// The CPU kernels in portable C++ for any CPU: the vector extensions compile
+// to the target's baseline instructions (SSE2 on x86-64, NEON on arm64).
+// Unlike the AVX2 and AVX-512 builds, this file gets no ISA flags of its own.
 #define FUSED_MOE_ISA_NS generic
 #include "cpu/kernels_impl.h"

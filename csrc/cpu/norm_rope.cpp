@@ -5,7 +5,7 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -21,7 +21,7 @@ constexpr int kRowsPerTask = 8;
 } // namespace
 
 void NormRope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, out,
       [heads = heads_, eps = eps_, rotary_dim = rotary_dim_, traditional = traditional_,
        base = base_, scale = scale_, offset = offset_](

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -31,7 +31,7 @@ constexpr int kTokensPerTask = 64;
 void QuantizedMatmul::eval_cpu(
     const std::vector<mx::array>& inputs,
     mx::array& out) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, out,
       [bits = bits_, group_size = group_size_](
           const std::vector<mx::array>& in, mx::array& y) {

@@ -6,11 +6,11 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
-#include "grid.h"
+#include "supported.h"
 #include "ops/route.h"
 
 namespace fused_moe {
@@ -106,7 +106,7 @@ cpu::RouterGate router_gate(const std::vector<mx::array>& in, int group_size) {
 void Route::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  cpu::launch(
+  cpu::dispatch(
       stream(), inputs, outputs,
       [k = k_, group_size = group_size_](
           const std::vector<mx::array>& in, std::vector<mx::array>& out) {

@@ -1,6 +1,6 @@
 // Apple only (see eval_gpu.h). Written without a Mac: on Linux CI
 // type-checks it against MLX's real macOS headers and checks that every MLX
-// symbol it uses is exported by the macOS libmlx.dylib (tests/msl_checks);
+// symbol it uses is exported by the macOS libmlx.dylib (tests/tools/msl_checks);
 // it has never run. The plan it runs is tested on every platform and by the
 // Linux emulator.
 #include "metal/eval_gpu.h"

@@ -8,7 +8,7 @@
 #include <stdexcept>
 
 #include "metal/args.h"
-#include "metal/kernel_grid.h"
+#include "metal/allow_list.h"
 #include "metal/tile_shapes.h"
 
 namespace fused_moe::metal {
@@ -127,7 +127,7 @@ std::string instantiated(const std::string& name, const std::string& family) {
     }
     throw std::invalid_argument(
         "fused_moe: Metal kernel '" + name + "' is not instantiated "
-        "(metal/kernel_grid.h); instantiated " + family + "* kernels: " +
+        "(metal/allow_list.h); instantiated " + family + "* kernels: " +
         same_family);
   }
   return name;

@@ -2,7 +2,7 @@
 // and the argument struct, for one call of a fused MoE op. Plain C++ with no
 // MLX or Metal dependency, so it builds and is tested on every platform; the
 // Metal encoder (eval_gpu.cpp, Apple only) and the Linux emulator
-// (tests/metal_emulator/) both run exactly these plans.
+// (tests/tools/metal_emulator/) both run exactly these plans.
 #pragma once
 
 #include <array>
@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
-#include "metal/kernel_grid.h"
+#include "metal/allow_list.h"
 
 namespace fused_moe::metal {
 
-// The pieces of a kernel name, spelled as metal/kernel_grid.h spells them.
+// The pieces of a kernel name, spelled as metal/allow_list.h spells them.
 #define FM_ENUM_ITEM(name, ...) name,
 enum class Op { FM_FOR_EACH_OP(FM_ENUM_ITEM) };
 enum class Variant { FM_FOR_EACH_VARIANT(FM_ENUM_ITEM) };
@@ -65,10 +65,10 @@ struct TileShape {
 TileShape tile_shape(Op op, Variant v);
 
 // "<op>_<variant>_<dtype>_b<bits>_gs<group_size>", the grammar of
-// metal/kernel_grid.h. Throws std::invalid_argument naming the kernel and the
+// metal/allow_list.h. Throws std::invalid_argument naming the kernel and the
 // instantiated set when the name is not in the allow-list.
 std::string kernel_name(Op op, Variant v, Dtype t, int bits, int group_size);
-// "route_<x dtype>_gate_<gate form>", the router grammar of kernel_grid.h:
+// "route_<x dtype>_gate_<gate form>", the router grammar of allow_list.h:
 // the gate form is gate_dtype's name for bits 0, "b<bits>_gs<group_size>"
 // otherwise. Throws std::invalid_argument like kernel_name.
 std::string route_kernel_name(Dtype x, int bits, int group_size, Dtype gate);

@@ -13,7 +13,7 @@ namespace fused_moe::metal {
 const std::string& metal_source();
 
 // The source one kernel is compiled from: the same text with only that
-// kernel's instantiation, spelled from the allow-list of kernel_grid.h.
+// kernel's instantiation, spelled from the allow-list of allow_list.h.
 // Throws std::invalid_argument naming the kernel and the instantiated set
 // when `kernel` is not in the allow-list.
 std::string kernel_source(const std::string& kernel);

@@ -8,7 +8,7 @@
 #include <sstream>
 #include <string>
 
-#include "grid.h"
+#include "supported.h"
 #include "metal/launch_plan.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -63,8 +63,6 @@ void check_grid(
              " is not supported; supported group sizes: " + set_str(G));
   }
 }
-
-// Checks one stacked quantized matrix [E, rows, cols] against the expected
 
 // Checks one stacked quantized matrix [E, rows, cols] against the expected
 // rows and cols; returns E.

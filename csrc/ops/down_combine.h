@@ -34,7 +34,7 @@ mx::array down_combine(
 
 // The Primitive's inputs as a GPU stream gets them, checked exactly as the
 // op checks them but computed on stream `s`. The Linux Metal emulator
-// (tests/metal_emulator/) runs the kernels on these.
+// (tests/tools/metal_emulator/) runs the kernels on these.
 std::vector<mx::array> down_combine_metal_inputs(
     const mx::array& h,
     const mx::array& down_weight,

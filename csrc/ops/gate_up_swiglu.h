@@ -32,7 +32,7 @@ mx::array gate_up_swiglu(
 
 // The Primitive's inputs as a GPU stream gets them, checked exactly as the
 // op checks them but computed on stream `s`. The Linux Metal emulator
-// (tests/metal_emulator/) runs the kernels on these.
+// (tests/tools/metal_emulator/) runs the kernels on these.
 std::vector<mx::array> gate_up_swiglu_metal_inputs(
     const mx::array& x,
     const mx::array& gate_up_weight,

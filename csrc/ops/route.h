@@ -40,7 +40,7 @@ std::vector<mx::array> route(
 
 // The Primitive's inputs as a GPU stream gets them, checked exactly as the
 // op checks them but computed on stream `s`. The Linux Metal emulator
-// (tests/metal_emulator/) runs the kernels on these.
+// (tests/tools/metal_emulator/) runs the kernels on these.
 std::vector<mx::array> route_metal_inputs(
     const mx::array& x,
     const mx::array& gate_weight,

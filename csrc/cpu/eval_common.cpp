@@ -1,4 +1,4 @@
-#include "cpu/host.h"
+#include "cpu/eval_common.h"
 
 #include <algorithm>
 #include <sstream>
@@ -138,7 +138,7 @@ Int16Planes::Int16Planes(
     int cols,
     int bits,
     int group_size) {
-  if (!kernels.quantize_acts16 || dtype == mx::float32 || !int16_path_bits(bits)) {
+  if (!kernels.quantize_acts16 || dtype == mx::float32 || !integer_path_bits(bits)) {
     return;
   }
   const int64_t groups = rows * (cols / group_size);

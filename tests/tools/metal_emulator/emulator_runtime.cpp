@@ -38,7 +38,7 @@
 #include "metal/launch_plan.h"
 
 // Access tracing (trace_hooks.cpp), linked only into the traffic build of
-// tests/metal_emulator/traffic.py. Weak: in the normal build they are null
+// tests/tools/metal_emulator/traffic.py. Weak: in the normal build they are null
 // and every call below is skipped.
 extern "C" {
 __attribute__((weak)) void fm_trace_run_begin(int n_buffers, const char* const* names,
@@ -389,7 +389,7 @@ void* threadgroup_alloc(size_t bytes, size_t align) {
 } // namespace metal_emu
 
 // ---------------------------------------------------------------------------
-// C API for the tests (tests/metal_emulator/__init__.py, via ctypes)
+// C API for the tests (tests/tools/metal_emulator/__init__.py, via ctypes)
 // ---------------------------------------------------------------------------
 
 using namespace metal_emu;

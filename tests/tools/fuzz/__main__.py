@@ -1,7 +1,7 @@
-"""python -m tests.fuzz [--minutes M | --seconds S] [--seed S] [--case SEED]
+"""python -m tests.tools.fuzz [--minutes M | --seconds S] [--seed S] [--case SEED]
 [--backends cpu,metal,metal_emulator] [--all-isas]
 
-Runs the differential fuzzer (tests/fuzz/__init__.py) for a time budget and
+Runs the differential fuzzer (tests/tools/fuzz/__init__.py) for a time budget and
 prints, per backend, the number of cases run; any failure prints its case and
 the command that reproduces it, and the exit status is 1. --all-isas runs the
 CPU cases again under every other CPU level of this build, one subprocess per
@@ -20,11 +20,11 @@ from pathlib import Path
 
 from . import backends, run, run_case
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.fuzz")
+    p = argparse.ArgumentParser(prog="python -m tests.tools.fuzz")
     p.add_argument("--minutes", type=float)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     results.append(run(args.seed, share, chosen))
     for isa in others:
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fuzz-{os.getpid()}-{isa}.json")
-        cmd = [sys.executable, "-m", "tests.fuzz", "--seconds", str(share), "--seed", str(args.seed),
+        cmd = [sys.executable, "-m", "tests.tools.fuzz", "--seconds", str(share), "--seed", str(args.seed),
                "--backends", "cpu", "--json", out]
         r = subprocess.run(cmd, env=dict(os.environ, FUSED_MOE_ISA=isa), cwd=ROOT,
                            timeout=share * 3 + 120, stdout=subprocess.PIPE, text=True)

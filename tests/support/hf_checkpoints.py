@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimax_models import SMALL, build_tokenizer
+from support.minimax_models import SMALL, build_tokenizer
 
 # Not multiples of 128 on purpose (H=192, q=6*32=192): the FP8 blocks at the
 # edges are partial. D and H are multiples of every group size used (64).

@@ -2,7 +2,7 @@
 present, against the fp64 reference under the tolerance rule.
 
 Each case is drawn from one integer seed (`draw(seed)`), so a failure
-reproduces with ``python -m tests.fuzz --case SEED`` (plus the FUSED_MOE_ISA
+reproduces with ``python -m tests.tools.fuzz --case SEED`` (plus the FUSED_MOE_ISA
 it ran under). The ops and what each case checks:
 
 * ``gate_up_swiglu`` and ``down_combine``: shapes up to D, H = 3072, E = 300,
@@ -44,7 +44,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[2]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
@@ -55,9 +55,9 @@ import numpy as np  # noqa: E402
 import fused_moe as fm  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 
-from moe_reference import Experts, stock_h, stock_y  # noqa: E402
-from router_reference import GATE_FORMS, MIN_SELECTION_GAP, gate_weight64, make_gate  # noqa: E402
-from tolerance import assert_within_tolerance  # noqa: E402
+from support.moe_reference import Experts, stock_h, stock_y  # noqa: E402
+from support.router_reference import GATE_FORMS, MIN_SELECTION_GAP, gate_weight64, make_gate  # noqa: E402
+from support.tolerance import assert_within_tolerance  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Multiply-adds a case may cost the fp64 reference and the stock path (the
@@ -683,14 +683,14 @@ def run_case(seed: int, backends) -> list[str]:
             failures.append(
                 f"FAIL on {backend.name} ({fm.cpu_isa()}): {type(e).__name__}: {first}\n"
                 f"  case: {case.describe()}\n"
-                f"  reproduce: FUSED_MOE_ISA={fm.cpu_isa()} python -m tests.fuzz --case {seed} --backends {backend.name}\n"
+                f"  reproduce: FUSED_MOE_ISA={fm.cpu_isa()} python -m tests.tools.fuzz --case {seed} --backends {backend.name}\n"
                 + "".join(traceback.format_exception(e)[-3:])
             )
     if isinstance(case, MoeCase) and not failures:
         try:
             check_packing(ex)
         except Exception as e:  # noqa: BLE001
-            failures.append(f"FAIL pack/unpack: {e}\n  case: {case.describe()}\n  reproduce: python -m tests.fuzz --case {seed}")
+            failures.append(f"FAIL pack/unpack: {e}\n  case: {case.describe()}\n  reproduce: python -m tests.tools.fuzz --case {seed}")
     return failures
 
 
@@ -721,7 +721,7 @@ def run(seed: int, seconds: float, backends, max_cases: int | None = None, log=p
 
 def backends(names) -> list:
     """The named backends that are present here (cpu, metal, metal_emulator)."""
-    from backends import EmulatorBackend, StreamBackend, metal_available
+    from support.backends import EmulatorBackend, StreamBackend, metal_available
 
     out = []
     for name in names:
@@ -730,7 +730,7 @@ def backends(names) -> list:
         elif name == "metal" and metal_available():
             out.append(StreamBackend("metal", mx.gpu))
         elif name == "metal_emulator":
-            import metal_emulator
+            from tools import metal_emulator
 
             if metal_emulator.compiler_available():
                 cache = TESTS.parent / ".pytest_cache" / "d" / "metal_emulator"

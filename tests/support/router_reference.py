@@ -10,8 +10,8 @@ import mlx.nn as nn
 import numpy as np
 
 import fused_moe as fm
-from moe_reference import dequantized
-from tolerance import assert_within_tolerance
+from support.moe_reference import dequantized
+from support.tolerance import assert_within_tolerance
 
 # Gate forms: an unquantized nn.Linear in a float dtype, or mlx-lm's default
 # 8-bit affine QuantizedLinear.

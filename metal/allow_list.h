@@ -3,7 +3,7 @@
 // (csrc/metal/launch_plan.cpp) builds its table of kernel names from the
 // same macros, so a name the host asks for is instantiated or the host
 // raises before any lookup. tests/test_metal_plan.py checks that the list
-// covers csrc/grid.h. Included by Metal sources and by host C++ alike, so it
+// covers csrc/supported.h. Included by Metal sources and by host C++ alike, so it
 // holds nothing but preprocessor macros.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CPU evaluation of every Primitive.
+// Helpers shared by the CPU evaluation (eval_cpu) of every Primitive.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/scheduler.h"
 
 namespace fused_moe::cpu {
 
@@ -83,11 +84,17 @@ struct Int16Planes {
 // Allocates `outputs` and runs `body(inputs, outputs)` on the primitive's CPU
 // stream once the inputs are ready.
 template <typename Body>
-void launch(
+void dispatch(
     mx::Stream stream,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
     Body body) {
+  // An error an earlier task left on this stream is raised here, before
+  // MLX's encoder counts a new task: raised from inside its enqueue, it
+  // would leave that task counted forever, and once more than 10 such tasks
+  // pile up every later mx.eval waits for them and never returns (MLX
+  // 0.32.4; tests/test_errors.py, test_many_failed_evals_do_not_hang).
+  mx::scheduler::check_error(stream);
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (const auto& in : inputs) {
     encoder.set_input_array(in);
@@ -102,13 +109,13 @@ void launch(
 
 // The same for a single output.
 template <typename Body>
-void launch(
+void dispatch(
     mx::Stream stream,
     const std::vector<mx::array>& inputs,
     mx::array& out,
     Body body) {
   std::vector<mx::array> outputs = {out};
-  launch(
+  dispatch(
       stream, inputs, outputs,
       [body](const std::vector<mx::array>& in, std::vector<mx::array>& outs) mutable {
         body(in, outs[0]);

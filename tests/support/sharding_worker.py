@@ -22,7 +22,10 @@ import mlx.core as mx
 import numpy as np
 
 import fused_moe as fm
-from minimax_models import PROMPT
+
+# Run as a script: its package's parent (tests/) holds the shared helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.minimax_models import PROMPT  # noqa: E402
 
 GENERATE = 16
 

@@ -19,7 +19,7 @@ c. ``check_host_code``: the Metal host code (``csrc/metal/*.cpp`` and every
    ``libmlx.dylib`` (``llvm-nm``).
 
 Each check raises ``CheckFailed`` with the tool's output. Run all three
-with ``python -m tests.msl_checks``; ``tests/test_msl_checks.py`` runs them
+with ``python -m tests.tools.msl_checks``; ``tests/test_msl_checks.py`` runs them
 and plants an error for each. What they cannot tell: whether Apple's Metal
 compiler accepts every construct (its rules are larger than these), and
 anything about running the kernels.
@@ -40,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 STRICT_INCLUDE = HERE / "include"
 APPLE_STUBS = HERE / "apple_stubs"
 # The file name the source string is compiled under, so that errors point

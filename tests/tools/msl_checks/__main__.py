@@ -1,4 +1,4 @@
-"""python -m tests.msl_checks [--cache DIR]: runs checks a, b and c on the
+"""python -m tests.tools.msl_checks [--cache DIR]: runs checks a, b and c on the
 installed extension's embedded source and the checkout's host code, and
 prints what each checked; exits 1 on the first failure."""
 
@@ -12,7 +12,7 @@ from . import CheckFailed, check_host_code, embedded_source, lint, macos_wheel, 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.msl_checks", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tests.tools.msl_checks", description=__doc__)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fused_moe" / "msl_checks",
                    help="where the macOS mlx-metal wheel is kept (default: %(default)s)")
     args = p.parse_args()

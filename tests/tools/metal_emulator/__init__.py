@@ -28,7 +28,7 @@ import numpy as np
 from fused_moe import _ext
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[2]
 RUNTIME_SOURCES = [HERE / "emulator_runtime.cpp", ROOT / "csrc" / "metal" / "launch_plan.cpp"]
 CXX = os.environ.get("CXX", "g++")
 # -O2: the kernels are plain scalar loops here; -Wno-attributes: Metal's

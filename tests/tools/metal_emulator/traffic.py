@@ -1,6 +1,6 @@
 """The Metal kernels' device-memory traffic, measured in the emulator.
 
-    python -m tests.metal_emulator.traffic [--json PATH] [--tokens 1 8 512] [--bits 3 4]
+    python -m tests.tools.metal_emulator.traffic [--json PATH] [--tokens 1 8 512] [--bits 3 4]
 
 runs kernel A (gate_up_swiglu) and kernel B (down_combine) at the MiniMax
 shapes in the traffic build of the emulator (``build(..., trace=True)``:
@@ -61,7 +61,7 @@ SHARED_ACROSS_ROW_BLOCKS = {"x", "h", "indices", "order", "weights", "args"}
 
 ASSUMPTIONS = f"""\
 Traffic of the fused MoE Metal kernels, traced in the Linux emulator
-(tests/metal_emulator/traffic.py). Assumptions:
+(tests/tools/metal_emulator/traffic.py). Assumptions:
 - Shapes: D={D}, H={H}, k={K}, E={E}, group size {GROUP}, bfloat16, 3 and 4 bits.
   Routing: distinct experts per token from a seeded permutation; the number of
   distinct experts touched is printed per case (8 at T=1, ~53 at T=8, 154 at T=512).

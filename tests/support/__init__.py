@@ -1,0 +1,1 @@
+"""Shared helpers of the test suite: references, tolerance rule, backends, small models and checkpoints."""
