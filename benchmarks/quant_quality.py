@@ -412,8 +412,8 @@ def run_minimax(args) -> None:
     from mlx_lm.utils import load_model
 
     import fused_moe as fm
-    from fused_moe.convert.calibration import prepare
-    from fused_moe.convert.sources import open_source
+    from fused_moe.conversion.calibration import prepare
+    from fused_moe.checkpoint.sources import open_checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
@@ -430,7 +430,7 @@ def run_minimax(args) -> None:
         cal_summary = fm.convert(src, tmp / "cal", calibrate=args.text, calib_tokens=args.minimax_tokens,
                                  calib_seq_len=args.seq_len, **kw)
         t_cal = time.perf_counter() - t0
-        held = prepare(open_source(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
+        held = prepare(open_checkpoint(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
         reference, _ = load_model(src, strict=False)
         reference.update(tree_map(lambda a: a.astype(mx.float32), reference.parameters()))
         rtn = _dequantized_model(copy.deepcopy(reference), tmp / "rtn")

@@ -1,6 +1,7 @@
 // The supported grid of the fused MoE ops: the one place it is written.
-// Python reads it through fused_moe._ext (SUPPORTED_BITS, ...), the README
-// table mirrors it, and every kernel backend instantiates exactly this set.
+// Python reads it through fused_moe._ext (SUPPORTED_BITS, ...), the table
+// in docs/api.md mirrors it, and every kernel backend instantiates exactly
+// this set.
 #pragma once
 
 #include <array>

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fused_moe as fm
-from fused_moe.convert import ConversionError
+from fused_moe.conversion import ConversionError
 from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
 from support.minimax_models import SMALL, make_checkpoint
 from test_convert import _peak_rss_mb, leftovers, load_tensors, run_cli
@@ -168,7 +168,7 @@ def test_bad_calibration_text(case, hf_bf16, tmp_path, capsys):
 
 def test_calibration_needs_a_hugging_face_source(tmp_path, text):
     stock = make_checkpoint(tmp_path / "stock", dict(SMALL, num_hidden_layers=1))
-    with pytest.raises(ConversionError, match="mlx-lm quantized checkpoint: it holds no original weights to calibrate"):
+    with pytest.raises(ConversionError, match="mlx-lm quantized checkpoint, which holds no original weights to calibrate"):
         fm.convert(stock, tmp_path / "out", calibrate=text)
     assert not (tmp_path / "out").exists()
 
@@ -198,9 +198,9 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path, text):
         src = write_hf_checkpoint(tmp_path / f"src{layers}", dict(config, num_hidden_layers=layers), fp8=True,
                                   mtp=False)
         sizes[layers] = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        peaks[layers], out = _peak_rss_mb([
-            sys.executable, "-m", "fused_moe", "convert", str(src), str(tmp_path / f"out{layers}"), "--recipe", SEED,
-            "--calibrate", str(text), "--calib-tokens", "256", "--calib-seq-len", "64"])
+        peaks[layers], out = _peak_rss_mb(
+            "fused_moe", "convert", src, tmp_path / f"out{layers}", "--recipe", SEED,
+            "--calibrate", text, "--calib-tokens", "256", "--calib-seq-len", "64")
     bf16_layer_mb = 2 * (sizes[6] - sizes[2]) / 4 / 1e6  # one layer's weights in bf16
     print(f"\ncalibrated conversion peak RSS: 2 layers {peaks[2]:.0f} MB, 6 layers {peaks[6]:.0f} MB "
           f"(source {sizes[2] / 1e6:.0f} / {sizes[6] / 1e6:.0f} MB FP8; one layer {bf16_layer_mb:.0f} MB in bf16)")

@@ -16,9 +16,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
 import fused_moe as fm
-from fused_moe import format as fmt
+from fused_moe.packed import spec
 from fused_moe.cli import main as cli_main
-from fused_moe.convert import ConversionError, bits_per_weight_of, pipeline, recipes
+from fused_moe.conversion import ConversionError, bits_per_weight_of, pipeline, recipes, sources
 from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
 from support.minimax_models import SMALL, make_checkpoint, seed_recipe
 
@@ -46,7 +46,7 @@ def assert_same(a: mx.array, b: mx.array, name: str) -> None:
 
 
 def unpacked_experts(tensors: dict, block: str):
-    names = fmt.tensor_names(block)
+    names = spec.tensor_names(block)
     arrays = [tensors[n] for n in names]
     gu_bits = 32 * arrays[0].shape[-1] // (arrays[3].shape[1])
     gu_gs = arrays[3].shape[1] // arrays[1].shape[-1]
@@ -128,7 +128,7 @@ def test_hf_source_matches_mlx_lm_bit_for_bit(fp8, hf_fp8, hf_bf16, tmp_path):
     want = mlx_lm_reference(src, SMALL_HF["num_hidden_layers"])
     expert_names = {k for k in want if ".switch_mlp." in k}
     # Every stock name but the experts, which became the packed tensors.
-    packed_names = {n for i in range(3) for n in fmt.tensor_names(f"model.layers.{i}.block_sparse_moe")}
+    packed_names = {n for i in range(3) for n in spec.tensor_names(f"model.layers.{i}.block_sparse_moe")}
     assert set(got) == (set(want) - expert_names) | packed_names
     for name in set(want) - expert_names:
         assert_same(got[name], want[name], name)
@@ -136,7 +136,7 @@ def test_hf_source_matches_mlx_lm_bit_for_bit(fp8, hf_fp8, hf_bf16, tmp_path):
         block = f"model.layers.{i}.block_sparse_moe"
         for proj, p in zip(("gate_proj", "up_proj", "down_proj"), unpacked_experts(got, block)):
             assert p.bits == (4 if i in (0, 2) else 3)
-            for a in fmt.ARRAYS:
+            for a in spec.ARRAYS:
                 assert_same(getattr(p, a), want[f"{block}.switch_mlp.{proj}.{a}"], f"{block} {proj}.{a}")
     assert got["model.layers.0.block_sparse_moe.e_score_correction_bias"].dtype == mx.float32
     assert got["model.layers.0.block_sparse_moe.gate.weight"].dtype == mx.bfloat16
@@ -155,12 +155,12 @@ def test_hf_output_config(hf_fp8, tmp_path):
     assert q["model.layers.1.self_attn.q_proj"] == {"group_size": 64, "bits": 8, "mode": "affine"}
     assert q["model.layers.1.block_sparse_moe.gate"] is False
     assert not any(".switch_mlp." in k for k in q)
-    fused = config[fmt.CONFIG_KEY]
-    assert fused[fmt.CONFIG_FORMAT_VERSION] == fmt.FORMAT_VERSION
-    assert fused[fmt.CONFIG_RECIPE] == SEED
-    assert fused[fmt.CONFIG_LAYERS]["model.layers.1.block_sparse_moe"] == {
+    fused = config[spec.CONFIG_KEY]
+    assert fused[spec.CONFIG_FORMAT_VERSION] == spec.FORMAT_VERSION
+    assert fused[spec.CONFIG_RECIPE] == SEED
+    assert fused[spec.CONFIG_LAYERS]["model.layers.1.block_sparse_moe"] == {
         "gate_up": {"bits": 3, "group_size": 64}, "down": {"bits": 3, "group_size": 64}}
-    assert fused[fmt.CONFIG_LAYERS]["model.layers.2.block_sparse_moe"]["down"]["bits"] == 4
+    assert fused[spec.CONFIG_LAYERS]["model.layers.2.block_sparse_moe"]["down"]["bits"] == 4
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (hf_fp8 / f).read_bytes()
 
@@ -198,13 +198,13 @@ def test_round_trip_stock_packed_stock_is_bit_identical(stock, tmp_path):
     packed = load_tensors(tmp_path / "packed")
     assert not any(".switch_mlp." in n for n in packed)
     config = json.loads((tmp_path / "packed" / "config.json").read_text())
-    layers = config[fmt.CONFIG_KEY][fmt.CONFIG_LAYERS]
+    layers = config[spec.CONFIG_KEY][spec.CONFIG_LAYERS]
     assert [layers[f"model.layers.{i}.block_sparse_moe"]["gate_up"]["bits"] for i in range(3)] == [4, 3, 4]
-    assert config[fmt.CONFIG_KEY][fmt.CONFIG_RECIPE] is None
+    assert config[spec.CONFIG_KEY][spec.CONFIG_RECIPE] is None
     # Packing the experts is lossless for the source too.
     src = load_tensors(stock)
     for proj, p in zip(("gate_proj", "up_proj", "down_proj"), unpacked_experts(packed, "model.layers.1.block_sparse_moe")):
-        for arr in fmt.ARRAYS:
+        for arr in spec.ARRAYS:
             assert_same(getattr(p, arr), src[f"model.layers.1.block_sparse_moe.switch_mlp.{proj}.{arr}"], proj)
 
 
@@ -220,7 +220,7 @@ def test_stock_output_of_a_packed_checkpoint_loads_in_mlx_lm(stock, tmp_path):
 
 
 def test_output_is_sharded_with_an_index(stock, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "MAX_SHARD_BYTES", 200_000)
+    monkeypatch.setattr(pipeline, "MAX_FILE_BYTES", 200_000)
     fm.convert(stock, tmp_path / "packed")
     out = tmp_path / "packed"
     shards = sorted(p.name for p in out.glob("*.safetensors"))
@@ -263,8 +263,8 @@ def test_failure_leaves_no_destination(hf_fp8, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return original(self, stored)
 
-    original = pipeline._Converter.unit
-    monkeypatch.setattr(pipeline._Converter, "unit", failing_unit)
+    original = pipeline._Writing.unit
+    monkeypatch.setattr(pipeline._Writing, "unit", failing_unit)
     with pytest.raises(RuntimeError, match="disk on fire"):
         fm.convert(hf_fp8, tmp_path / "out", recipe=SEED)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -274,7 +274,7 @@ def test_interruption_leaves_no_destination(stock, tmp_path, monkeypatch, capsys
     def interrupted(self, stored):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline._Converter, "unit", interrupted)
+    monkeypatch.setattr(pipeline._Writing, "unit", interrupted)
     code, out, err = run_cli([stock, tmp_path / "out"], capsys)
     assert code == 130 and "interrupted" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -287,7 +287,7 @@ def test_failed_verify_leaves_no_destination(stock, tmp_path, monkeypatch):
         packed.gate_up["weight"] = w ^ mx.array(1, dtype=mx.uint32)
         return packed
 
-    monkeypatch.setattr(pipeline, "pack_experts", corrupting_pack)
+    monkeypatch.setattr(sources, "pack_experts", corrupting_pack)
     with pytest.raises(ConversionError, match=r"--verify: expert 0 of model.layers.0.block_sparse_moe gate_proj.weight differs"):
         fm.convert(stock, tmp_path / "out", verify=True)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -427,7 +427,7 @@ def test_bad_source_is_one_line_without_traceback(case, hf_fp8, tmp_path, capsys
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     # --debug shows where it came from.
     code, out, err = run_cli([src, tmp_path / "out", "--recipe", SEED, "--debug"], capsys)
-    assert code == 1 and "Traceback" in err and "ConversionError" in err
+    assert code == 1 and "Traceback" in err and "CheckpointError" in err
 
 
 @pytest.mark.parametrize(
@@ -497,14 +497,31 @@ def test_python_dash_m_and_entry_point(hf_bf16, tmp_path):
 # ---------------------------------------------------------------- memory
 
 
-def _peak_rss_mb(cmd) -> tuple[float, str]:
-    """Peak RSS of one child process (its own rusage, from wait4)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = p.stdout.read().decode()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    assert p.returncode == 0, out[-2000:]
-    return usage.ru_maxrss / 1024, out
+# Runs `python -m MODULE ARGS...` and prints its own peak RSS at exit. The
+# high-water mark of this process's memory map (VmHWM) counts only what it
+# touched after exec; rusage's ru_maxrss would also count the RSS of the
+# process it was spawned from (Linux folds the old map's peak in at exec).
+_PEAK_OF_MODULE = """
+import atexit, runpy, sys
+
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("peak_kb", line.split()[1], flush=True)
+
+atexit.register(report)
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _peak_rss_mb(module: str, *args) -> tuple[float, str]:
+    """Peak RSS of `python -m module args...` in a child process."""
+    r = subprocess.run([sys.executable, "-c", _PEAK_OF_MODULE, module, *map(str, args)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert r.returncode == 0, r.stdout[-2000:]
+    return int(r.stdout.rsplit("peak_kb", 1)[1]) / 1024, r.stdout
 
 
 def test_peak_memory_is_at_most_half_of_mlx_lm_convert(tmp_path):
@@ -516,9 +533,9 @@ def test_peak_memory_is_at_most_half_of_mlx_lm_convert(tmp_path):
     src = write_hf_checkpoint(tmp_path / "src", config, fp8=True, mtp=False)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert size >= 1e9
-    ours, out = _peak_rss_mb([sys.executable, "-m", "fused_moe", "convert", str(src), str(tmp_path / "ours"), "--recipe", SEED])
-    theirs, _ = _peak_rss_mb([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src),
-                              "--mlx-path", str(tmp_path / "mlx"), "-q", "--q-bits", "3", "--q-group-size", "64"])
+    ours, out = _peak_rss_mb("fused_moe", "convert", src, tmp_path / "ours", "--recipe", SEED)
+    theirs, _ = _peak_rss_mb("mlx_lm", "convert", "--hf-path", src, "--mlx-path", tmp_path / "mlx", "-q",
+                             "--q-bits", "3", "--q-group-size", "64")
     print(f"\nsource {size / 1e9:.2f} GB FP8, 10 layers: peak RSS fused-moe convert {ours:.0f} MB, "
           f"mlx_lm.convert {theirs:.0f} MB")
     assert ours <= theirs / 2

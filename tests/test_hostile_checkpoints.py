@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import fused_moe as fm
-from fused_moe import format as fmt
+from fused_moe.checkpoint.minimax import block_path
+from fused_moe.packed import spec
 from fused_moe.cli import main as cli_main
 from support.minimax_models import SMALL, make_checkpoint
 
@@ -211,7 +212,7 @@ def name_with_a_newline(src):
 def shard_missing(src):
     shard = shard_of(src)
     shard.unlink()
-    return rf"{INDEX}: lists shard {shard.name}, which does not exist"
+    return rf"{INDEX}: lists file {shard.name}, which does not exist"
 
 
 def shard_is_a_fifo(src):
@@ -281,45 +282,45 @@ def quantization_group_size_zero(src):
 
 
 def _fused(change):
-    return lambda src: edit_json(src / "config.json", lambda c: change(c[fmt.CONFIG_KEY]))
+    return lambda src: edit_json(src / "config.json", lambda c: change(c[spec.CONFIG_KEY]))
 
 
-BLOCK1 = fmt.block_path(1)
+BLOCK1 = block_path(1)
 
 
 def format_version_a_string(src):
-    _fused(lambda f: f.__setitem__(fmt.CONFIG_FORMAT_VERSION, "1"))(src)
+    _fused(lambda f: f.__setitem__(spec.CONFIG_FORMAT_VERSION, "1"))(src)
     return r"format.version (is )?'1'"
 
 
 def format_version_true(src):
-    _fused(lambda f: f.__setitem__(fmt.CONFIG_FORMAT_VERSION, True))(src)
+    _fused(lambda f: f.__setitem__(spec.CONFIG_FORMAT_VERSION, True))(src)
     return r"format.version (is )?True"
 
 
 def layers_claims_one_too_many(src):
-    _fused(lambda f: f[fmt.CONFIG_LAYERS].__setitem__(fmt.block_path(3), f[fmt.CONFIG_LAYERS][BLOCK1]))(src)
+    _fused(lambda f: f[spec.CONFIG_LAYERS].__setitem__(block_path(3), f[spec.CONFIG_LAYERS][BLOCK1]))(src)
     return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks of num_hidden_layers=3"
 
 
 def layers_claims_one_too_few(src):
-    _fused(lambda f: f[fmt.CONFIG_LAYERS].pop(fmt.block_path(2)))(src)
+    _fused(lambda f: f[spec.CONFIG_LAYERS].pop(block_path(2)))(src)
     return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks"
 
 
 def layers_not_an_object(src):
-    _fused(lambda f: f.__setitem__(fmt.CONFIG_LAYERS, [1]))(src)
+    _fused(lambda f: f.__setitem__(spec.CONFIG_LAYERS, [1]))(src)
     return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks of num_hidden_layers=3, got \[1\]"
 
 
 def bits_the_tensors_contradict(src):
     # Layer 1 is 3-bit; the section claims 4.
-    _fused(lambda f: f[fmt.CONFIG_LAYERS][BLOCK1]["gate_up"].__setitem__("bits", 4))(src)
+    _fused(lambda f: f[spec.CONFIG_LAYERS][BLOCK1]["gate_up"].__setitem__("bits", 4))(src)
     return rf"tensor {BLOCK1}.fused_experts.gate_up.weight has shape \[8, 256, 12\], expected \[8, 256, 16\]"
 
 
 def bits_not_a_number(src):
-    _fused(lambda f: f[fmt.CONFIG_LAYERS][BLOCK1]["down"].__setitem__("bits", "3"))(src)
+    _fused(lambda f: f[spec.CONFIG_LAYERS][BLOCK1]["down"].__setitem__("bits", "3"))(src)
     return rf"config.json: fused_moe.layers\['{BLOCK1}'\].down needs bits in"
 
 

@@ -22,12 +22,53 @@ from pathlib import Path
 
 import pytest
 
-from fused_moe.convert.pipeline import PAUSE_ENV
 from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
 
 SEED = int(os.environ.get("FUSED_MOE_KILL_SEED", "16"))
 CONVERT = [sys.executable, "-m", "fused_moe", "convert"]
 RECIPE = ["--recipe", "seed-3.7bit"]
+
+# `fused-moe convert ARGS` that prints "paused at POINT" and waits there, so
+# the test can kill it at that exact moment. Points: "unit-N" (before unit N
+# is written), "swap" (the old DST moved aside, the new one not yet in
+# place), "renamed" (the new DST in place, the work directory not yet
+# removed). Usage: python -c PAUSING POINT ARGS...
+PAUSING = """
+import sys, time
+from fused_moe.cli import main
+from fused_moe.conversion import pipeline, workspace
+
+point = sys.argv[1]
+
+
+def pause(at):
+    if at == point:
+        print(f"fused-moe convert: paused at {at}", flush=True)
+        time.sleep(3600)
+
+
+def after(method, at):
+    def run(self, *args):
+        method(self, *args)
+        pause(at)
+    return run
+
+
+units = []
+unit = pipeline._Writing.unit
+
+
+def counted(self, stored):
+    pause(f"unit-{len(units)}")
+    units.append(stored)
+    unit(self, stored)
+
+
+pipeline._Writing.unit = counted
+workspace.Workspace.move_old_aside = after(workspace.Workspace.move_old_aside, "swap")
+workspace.Workspace.put_in_place = after(workspace.Workspace.put_in_place, "renamed")
+sys.exit(main(["convert", *sys.argv[2:]]))
+"""
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -60,12 +101,9 @@ class Run:
     """One conversion in a subprocess, killed at a pause point or a time."""
 
     def __init__(self, src: Path, dst: Path, overwrite: bool, pause: str | None = None):
-        env = dict(os.environ)
-        env.pop(PAUSE_ENV, None)
-        if pause:
-            env[PAUSE_ENV] = pause
-        args = [*CONVERT, str(src), str(dst), *RECIPE] + (["--overwrite"] if overwrite else [])
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        args = [str(src), str(dst), *RECIPE] + (["--overwrite"] if overwrite else [])
+        command = [sys.executable, "-c", PAUSING, pause, *args] if pause else [*CONVERT, *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.pause = pause
 
     def kill_when_paused(self, timeout: float = 60) -> str:

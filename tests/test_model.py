@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
 
 import fused_moe as fm
-from fused_moe import format
+from fused_moe.packed import spec
 from support.minimax_models import FULL_WIDTH, PROMPT, SMALL, build_model, save_checkpoint, tiny_llama
 from support.moe_reference import Experts, reference_h, reference_y
 from support.tolerance import assert_within_tolerance, rel_err, slack
@@ -150,11 +150,11 @@ def test_constructor_has_the_packed_parameter_tree():
     args = minimax.ModelArgs.from_dict(SMALL)
     layer = fm.MiniMaxMoE(args, bits=3, group_size=64, down_bits=4, down_group_size=32)
     shapes = dict((k, v.shape) for k, v in tree_flatten(layer.parameters()))
-    expected = {n[len("B."):] for n in format.tensor_names("B")}
-    assert {k for k in shapes if format.MODULE_NAME in k} == expected
+    expected = {n[len("B."):] for n in spec.tensor_names("B")}
+    assert {k for k in shapes if spec.MODULE_NAME in k} == expected
     D, H, E = SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["num_local_experts"]
-    assert shapes[f"{format.MODULE_NAME}.gate_up.weight"] == (E, 2 * H, D * 3 // 32)
-    assert shapes[f"{format.MODULE_NAME}.down.scales"] == (E, D, H // 32)
+    assert shapes[f"{spec.MODULE_NAME}.gate_up.weight"] == (E, 2 * H, D * 3 // 32)
+    assert shapes[f"{spec.MODULE_NAME}.down.scales"] == (E, D, H // 32)
     assert shapes["gate.weight"] == (E, D)
     assert shapes["e_score_correction_bias"] == (E,)
     with pytest.raises(ValueError, match="intermediate_size=100"):
@@ -247,7 +247,7 @@ def _model_with_unquantized_experts(layers_quantized):
 
 def test_unquantized_experts_strict_raises_and_changes_nothing():
     model = _model_with_unquantized_experts({0, 2})
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.block_sparse_moe: switch_mlp\.gate_proj is not quantized"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.block_sparse_moe: switch_mlp\.gate_proj: not quantized"):
         fm.patch(model)
     assert not any(isinstance(l.block_sparse_moe, fm.MiniMaxMoE) for l in model.layers)
 
@@ -281,7 +281,7 @@ def test_newer_format_version_is_refused(small_dir, tmp_path):
     fake = tmp_path / "packed"
     shutil.copytree(small_dir, fake)
     config = json.loads((fake / "config.json").read_text())
-    config[format.CONFIG_KEY] = {format.CONFIG_FORMAT_VERSION: format.FORMAT_VERSION + 1, format.CONFIG_LAYERS: {}}
+    config[spec.CONFIG_KEY] = {spec.CONFIG_FORMAT_VERSION: spec.FORMAT_VERSION + 1, spec.CONFIG_LAYERS: {}}
     (fake / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="newer than this fused_moe"):
         fm.load(str(fake))
@@ -301,15 +301,15 @@ def test_load_of_a_converted_checkpoint_matches_the_stock_one(small_dir, tmp_pat
     packed_dir = tmp_path / "packed"
     fm.convert(str(small_dir), str(packed_dir))
     config = json.loads((packed_dir / "config.json").read_text())
-    assert config[format.CONFIG_KEY][format.CONFIG_FORMAT_VERSION] == format.FORMAT_VERSION
+    assert config[spec.CONFIG_KEY][spec.CONFIG_FORMAT_VERSION] == spec.FORMAT_VERSION
     stock, from_stock = float32_pair(small_dir)
     from_packed, _ = fm.load(str(packed_dir))
     from_packed.set_dtype(mx.float32)
     assert all(isinstance(l.block_sparse_moe, fm.MiniMaxMoE) for l in from_packed.layers)
     # Opened directly: the packed arrays are the checkpoint's, bit for bit.
     for a, b in zip(from_packed.layers, from_stock.layers):
-        for proj in format.PROJECTIONS:
-            for arr in format.ARRAYS:
+        for proj in spec.PROJECTIONS:
+            for arr in spec.ARRAYS:
                 assert mx.array_equal(a.block_sparse_moe.experts[proj][arr], b.block_sparse_moe.experts[proj][arr])
     tokens = mx.array([PROMPT])
     assert_logits_match(from_packed(tokens), stock(tokens))

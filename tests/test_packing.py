@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import fused_moe as fm
-from fused_moe import format as fmt
+from fused_moe.packed import spec
 from support.moe_reference import make_experts
 
 
@@ -91,10 +91,10 @@ def test_slice_along_h_equals_pack_of_sliced(bits, group_size):
 def test_parameter_tree_names_match_format():
     ex = make_experts(2, 256, 128, mx.bfloat16)
     names = {k for k, _ in nn.utils.tree_flatten(ex.packed.parameters())}
-    assert sorted(f"blk.{n}" for n in [f"{fmt.MODULE_NAME}.{n}" for n in names]) == sorted(
-        fmt.tensor_names("blk")
+    assert sorted(f"blk.{n}" for n in [f"{spec.MODULE_NAME}.{n}" for n in names]) == sorted(
+        spec.tensor_names("blk")
     )
-    assert ex.packed.format_version == fmt.FORMAT_VERSION == fm.FORMAT_VERSION
+    assert ex.packed.format_version == spec.FORMAT_VERSION == fm.FORMAT_VERSION
     # Frozen, like QuantizedSwitchLinear: nothing trainable.
     assert nn.utils.tree_flatten(ex.packed.trainable_parameters()) == []
 

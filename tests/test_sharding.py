@@ -145,7 +145,7 @@ def test_shard_refuses_a_model_that_is_not_minimax():
 
 
 def test_split_check_names_h_n_and_group_size():
-    from fused_moe.sharding import check_split
+    from fused_moe.models.tensor_parallel import check_split
 
     model, _ = build_model(dict(SMALL, intermediate_size=192), seed=13)
     fm.patch(model)

@@ -1,85 +1,98 @@
-"""fused_moe: fused low-bit Mixture-of-Experts kernels for MLX."""
+"""fused_moe: fused low-bit Mixture-of-Experts kernels for MLX.
+
+The package is laid out by role, each layer importing only from those below
+it:
+
+* ``_ext`` (the native extension), ``supported`` (what the ops accept),
+  ``errors``;
+* ``packed``: the packed expert format and packing;
+* ``ops``: the op wrappers over the extension;
+* ``checkpoint``: reading, checking and writing safetensors checkpoints;
+* ``quant``: calibrated quantization of one matrix and one layer;
+* ``models``: the modules inside mlx-lm models, ``patch``, ``load``, tensor
+  parallelism;
+* ``convert``: the checkpoint converter;
+* ``cli``: the ``fused-moe`` command.
+
+The names below are imported on first use, so ``import fused_moe`` loads
+neither the native extension nor mlx-lm nor the converter until a name that
+needs them is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from fused_moe._version import __version__
-from fused_moe import _ext
-from fused_moe.format import FORMAT_VERSION
-from fused_moe.attention import MiniMaxAttention, norm_rope, scaled_dot_product_attention
-from fused_moe.convert import ConversionError, convert
-from fused_moe.layer import MiniMaxMoE
-from fused_moe.linear import (
-    SUPPORTED_LINEAR_BITS,
-    QuantizedEmbedding,
-    QuantizedLinear,
-    quantized_embedding,
-    quantized_matmul,
-)
-from fused_moe.loading import load
-from fused_moe.ops import down_combine, gate_up_swiglu
-from fused_moe.packing import (
-    SUPPORTED_BITS,
-    SUPPORTED_DTYPES,
-    SUPPORTED_GROUP_SIZES,
-    PackedExperts,
-    QuantizedProjection,
-    pack_experts,
-    unpack_experts,
-)
-from fused_moe.patch import patch
-from fused_moe.router import SUPPORTED_ROUTER_BITS, route
-from fused_moe.sharding import shard
 
-MIN_TOP_K = _ext.MIN_TOP_K
-MAX_TOP_K = _ext.MAX_TOP_K
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "FORMAT_VERSION": "fused_moe.packed.spec",
+    "ConversionError": "fused_moe.errors",
+    "CheckpointError": "fused_moe.errors",
+    "SUPPORTED_BITS": "fused_moe.supported",
+    "SUPPORTED_DTYPES": "fused_moe.supported",
+    "SUPPORTED_GROUP_SIZES": "fused_moe.supported",
+    "SUPPORTED_LINEAR_BITS": "fused_moe.supported",
+    "SUPPORTED_ROUTER_BITS": "fused_moe.supported",
+    "MIN_TOP_K": "fused_moe.supported",
+    "MAX_TOP_K": "fused_moe.supported",
+    "PackedExperts": "fused_moe.packed.experts",
+    "QuantizedProjection": "fused_moe.packed.experts",
+    "pack_experts": "fused_moe.packed.experts",
+    "unpack_experts": "fused_moe.packed.experts",
+    "gate_up_swiglu": "fused_moe.ops.experts",
+    "down_combine": "fused_moe.ops.experts",
+    "route": "fused_moe.ops.router",
+    "quantized_matmul": "fused_moe.ops.linear",
+    "quantized_embedding": "fused_moe.ops.linear",
+    "scaled_dot_product_attention": "fused_moe.ops.attention",
+    "norm_rope": "fused_moe.ops.attention",
+    "QuantizedLinear": "fused_moe.models.linear",
+    "QuantizedEmbedding": "fused_moe.models.linear",
+    "MiniMaxMoE": "fused_moe.models.minimax_moe",
+    "MiniMaxAttention": "fused_moe.models.minimax_attention",
+    "patch": "fused_moe.models.patch",
+    "load": "fused_moe.models.load",
+    "shard": "fused_moe.models.tensor_parallel",
+    "convert": "fused_moe.conversion.pipeline",
+}
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fused_moe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
 
 
 def set_num_threads(n: int) -> None:
     """Sets the threads used by the CPU kernels (default: ``FUSED_MOE_NUM_THREADS``
     or all hardware threads). Results are bit-identical for any count."""
+    from fused_moe import _ext
+
     _ext.set_num_threads(n)
 
 
 def get_num_threads() -> int:
     """Threads the CPU kernels use."""
+    from fused_moe import _ext
+
     return _ext.get_num_threads()
 
 
 def cpu_isa() -> str:
     """The CPU kernel build in use: ``"avx512"``, ``"avx2"`` or ``"generic"``.
     ``FUSED_MOE_ISA`` forces a lower level."""
+    from fused_moe import _ext
+
     return _ext.cpu_isa()
 
 
-__all__ = [
-    "__version__",
-    "ConversionError",
-    "FORMAT_VERSION",
-    "MAX_TOP_K",
-    "MIN_TOP_K",
-    "MiniMaxAttention",
-    "MiniMaxMoE",
-    "PackedExperts",
-    "QuantizedEmbedding",
-    "QuantizedLinear",
-    "QuantizedProjection",
-    "SUPPORTED_BITS",
-    "SUPPORTED_DTYPES",
-    "SUPPORTED_GROUP_SIZES",
-    "SUPPORTED_LINEAR_BITS",
-    "SUPPORTED_ROUTER_BITS",
-    "convert",
-    "cpu_isa",
-    "down_combine",
-    "gate_up_swiglu",
-    "get_num_threads",
-    "load",
-    "norm_rope",
-    "pack_experts",
-    "patch",
-    "quantized_embedding",
-    "quantized_matmul",
-    "route",
-    "scaled_dot_product_attention",
-    "set_num_threads",
-    "shard",
-    "unpack_experts",
-]
+__all__ = ["__version__", "cpu_isa", "get_num_threads", "set_num_threads", *sorted(_PUBLIC)]

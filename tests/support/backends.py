@@ -4,7 +4,7 @@ Metal where MLX has it. Each offers the ops with the signature of
 
 GPU semantics differ from the CPU in one place: an expert id outside [0, E)
 raises from ``mx.eval`` on the CPU, while the Metal kernels cannot raise and
-make the affected rows NaN instead (README.md, "Bad expert ids").
+make the affected rows NaN instead (docs/reliability.md, "Bad expert ids").
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 import fused_moe as fm
-from fused_moe.router import gate_arrays
+from fused_moe.ops.router import gate_arrays
 
 
 class StreamBackend:

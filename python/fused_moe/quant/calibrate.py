@@ -33,6 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from fused_moe.checkpoint.minimax import BLOCK_ATTR
+from fused_moe.packed.spec import STOCK_PROJECTIONS
 from fused_moe.quant.quantizer import quantize_weight
 from fused_moe.quant.stats import InputStats, shrink
 
@@ -46,7 +48,6 @@ FULL_HESSIAN_ATTENTION_AND_HEAD = True
 # Sequences run through a layer at once.
 BATCH_SEQUENCES = 8
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 Triple = tuple  # (weight uint32, scales, biases), as mx.quantize returns
 
@@ -135,7 +136,7 @@ class Calibrator:
         to the layer ("self_attn.q_proj", "block_sparse_moe.switch_mlp.gate_proj",
         ...) to (bits, group_size). Returns the quantized triples by the same
         paths and the layer's report; advances the hidden states."""
-        attn, moe = layer.self_attn, layer.block_sparse_moe
+        attn, moe = layer.self_attn, layer[BLOCK_ATTR]
         sw = moe.switch_mlp
         E, H, D = sw.gate_proj.weight.shape
         qkv = InputStats(D, full=FULL_HESSIAN_ATTENTION_AND_HEAD)
@@ -152,13 +153,13 @@ class Calibrator:
                 setattr(attn, n, m)
             moe.switch_mlp = sw
         weights = {f"self_attn.{n}": getattr(attn, n).weight for n in ATTENTION}
-        weights.update({f"block_sparse_moe.switch_mlp.{p}": getattr(sw, p).weight for p in EXPERT_PROJECTIONS})
+        weights.update({f"{BLOCK_ATTR}.switch_mlp.{p}": getattr(sw, p).weight for p in STOCK_PROJECTIONS})
         diag = {f"self_attn.{n}": _hessian(o if n == "o_proj" else qkv) for n in ATTENTION}
         counts = recorder.counts
         for proj, sums in (("gate_proj", recorder.gate_up_sums), ("up_proj", recorder.gate_up_sums),
                            ("down_proj", recorder.down_sums)):
             pooled = sums.sum(0) / max(counts.sum(), 1)
-            diag[f"block_sparse_moe.switch_mlp.{proj}"] = np.stack(
+            diag[f"{BLOCK_ATTR}.switch_mlp.{proj}"] = np.stack(
                 [shrink(sums[e], int(counts[e]), pooled, self.strength) for e in range(E)])
 
         calibrated, rtn = {}, {}

@@ -20,8 +20,8 @@ up for each other. Each group's (scale, bias) is chosen by the weighted search
 on the weights as updated when the group's first column is reached.
 
 "auto" picks by what was measured end to end (KL to the reference model on
-held-out text, SmolLM2-135M-Instruct at 3 bits, group 64; README,
-"Calibrated quantization"): GPTQ with a full Hessian (KL 21% of RTN's, the
+held-out text, SmolLM2-135M-Instruct at 3 bits, group 64;
+docs/calibration.md): GPTQ with a full Hessian (KL 21% of RTN's, the
 weighted search 35%), the weighted search with a diagonal, RTN without.
 """
 
@@ -33,10 +33,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .. import _ext
-
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-AFFINE_GROUP_SIZES = (32, 64, 128)
+from fused_moe import _ext
+from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 METHODS = ("auto", "rtn", "weighted", "gptq")
 
@@ -57,9 +55,10 @@ GPTQ_DAMPING = (0.01, 0.1, 1.0)
 # columns in one matmul (a multiple of every group size).
 GPTQ_BLOCK = 128
 # GPTQ: the dtype of the weights as they are updated (float64 measured no
-# better end to end; see the README).
+# better end to end; docs/calibration.md).
 GPTQ_UPDATE_DTYPE = np.float32
-# "auto"'s method when given the full hessian (measured end to end; README).
+# "auto"'s method when given the full hessian (measured end to end;
+# docs/calibration.md).
 AUTO_WITH_FULL_HESSIAN = "gptq"
 # GPTQ: below this size the triangular inverse is numpy's general inverse.
 TRI_INV_LEAF = 256

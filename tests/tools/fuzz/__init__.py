@@ -21,7 +21,7 @@ it ran under). The ops and what each case checks:
   emulator's guard pages checking that nothing is read out of bounds.
 * ``route``: E 1..300, k 1..min(E, 16), every x dtype and gate form, exact
   ties (duplicated gate rows), NaN scores and NaN bias entries, under the
-  router's own semantics (README, "The router").
+  router's own semantics (docs/api.md, "The router").
 * ``pack_experts``/``unpack_experts``: bit-exact round trip.
 * ``scaled_dot_product_attention``: B up to 3, KV heads up to 8 with groups
   up to 12 query heads, L up to 16 (mostly 1, decode), S up to 2000, head

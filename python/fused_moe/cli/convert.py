@@ -1,0 +1,62 @@
+"""fused-moe convert SRC DST: the command-line face of fused_moe.convert."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from fused_moe.conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS
+from fused_moe.conversion.pipeline import convert
+from fused_moe.conversion.recipes import RECIPES
+from fused_moe.errors import ConversionError
+from fused_moe.supported import AFFINE_GROUP_SIZES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    parser.add_argument("dst", metavar="DST", help="destination directory (must not exist, unless --overwrite)")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="quantization recipe for a Hugging Face source: "
+        + "; ".join(f"{n}: {r.description}" for n, r in RECIPES.items()),
+    )
+    parser.add_argument("--bits", type=int, help="quantize every weight but the router at B bits (Hugging Face source)")
+    parser.add_argument(
+        "--group-size", type=int, help=f"group size with --bits (default 64; one of {AFFINE_GROUP_SIZES})"
+    )
+    parser.add_argument(
+        "--to", choices=("packed", "stock"), default="packed",
+        help="packed fused_moe checkpoint (default), or a plain mlx-lm one",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--verify", action="store_true", help="check a sample of experts against the source before finishing")
+    parser.add_argument(
+        "--calibrate", metavar="TEXT",
+        help="quantize with statistics of the layers' inputs on this text (.txt, .jsonl with a \"text\" field, "
+        "or a folder of them), layer by layer; Hugging Face sources only (docs/calibration.md)",
+    )
+    parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, metavar="N",
+                        help=f"at most N calibration tokens, 10%% held out (default {DEFAULT_CALIB_TOKENS})")
+    parser.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="L",
+                        help=f"tokens per calibration sequence (default {DEFAULT_CALIB_SEQ_LEN})")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        convert(
+            args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size,
+            to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
+            calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+        )
+    except ConversionError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fused-moe convert: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fused-moe convert: interrupted; {args.dst} was not written", file=sys.stderr)
+        return 130
+    return 0

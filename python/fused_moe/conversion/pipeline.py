@@ -1,0 +1,275 @@
+"""The conversion: check everything, stream unit by unit into a workspace
+beside the destination, optionally verify, then rename into place."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import json
+
+import mlx.core as mx
+
+from fused_moe.checkpoint.files import COPIED_FILES
+from fused_moe.checkpoint.minimax import EMBED, EXPERTS, MiniMaxShapes, block_path
+from fused_moe.checkpoint.safetensors import CheckpointWriter
+from fused_moe.checkpoint.sources import open_checkpoint
+from fused_moe.checkpoint.storage import Stored, bits_per_weight, unit_experts, unit_tensors
+from fused_moe.conversion import calibration as calibration_mod
+from fused_moe.conversion import recipes as recipes_mod
+from fused_moe.conversion.plan import from_recipe
+from fused_moe.conversion.recipes import Recipe
+from fused_moe.conversion.sources import SourceConverter, for_checkpoint
+from fused_moe.conversion.workspace import Workspace, prepare_destination
+from fused_moe.errors import ConversionError
+from fused_moe.packed import spec
+from fused_moe.supported import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, grid_unsupported, width_unsupported
+
+# mlx-lm's file size limit; a tensor larger than this gets a file of its own.
+MAX_FILE_BYTES = 5 << 30
+# Experts per layer that --verify checks: the first, the last and random others.
+VERIFY_EXPERTS = 3
+TARGETS = ("packed", "stock")
+
+
+@dataclass
+class Summary:
+    """What a conversion did."""
+
+    dst: Path
+    source_kind: str
+    to: str
+    recipe: Optional[str]
+    tensors: int
+    bytes: int
+    files: int
+    bits_per_weight: float
+    seconds: float
+    dropped: list
+    verified_experts: int
+    calibration: Optional[calibration_mod.CalibrationSummary] = None
+
+    def lines(self) -> list[str]:
+        out = [
+            f"wrote {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.files} "
+            f"file{'s' if self.files != 1 else ''} to {self.dst}",
+            f"bits per weight: {self.bits_per_weight:.3f}",
+            f"time: {self.seconds:.1f} s",
+        ]
+        if self.verified_experts:
+            out.append(f"verified: {self.verified_experts} experts bit for bit")
+        if self.calibration:
+            out += self.calibration.lines()
+        if self.dropped:
+            out.append(f"dropped {len(self.dropped)} source tensors the model does not use: " + _abbreviate(self.dropped))
+        return out
+
+
+def _abbreviate(names: list[str], limit: int = 20) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    groups: dict[str, int] = {}
+    for n in names:
+        prefix = ".".join(n.split(".")[:3])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    return ", ".join(f"{p}.* ({c})" for p, c in groups.items())
+
+
+def bits_per_weight_of(config: dict, recipe: str | Recipe = "seed-3.7bit") -> float:
+    """Bits per weight of the packed checkpoint `recipe` makes of a model with
+    this config.json, computed from the shapes alone."""
+    recipe = recipes_mod.get(recipe) if isinstance(recipe, str) else recipe
+    model = MiniMaxShapes.from_config(config)
+    return bits_per_weight([t for unit in from_recipe(model, recipe) for t in unit_tensors(unit, "packed")])
+
+
+def _check_options(recipe: Optional[str], bits: Optional[int], group_size: Optional[int], to: str) -> None:
+    if to not in TARGETS:
+        raise ConversionError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    if group_size is not None and bits is None:
+        raise ConversionError("--group-size needs --bits")
+    if recipe is not None and bits is not None:
+        raise ConversionError("give either --recipe or --bits, not both")
+
+
+def _check_target(units: list[list[Stored]], to: str) -> None:
+    for stored in units:
+        for s in stored:
+            m = s.module
+            if s.quant is None:
+                continue
+            if reason := width_unsupported(m.shape[-1], s.quant.bits, s.quant.group_size):
+                raise ConversionError(f"{m.path}: {reason}")
+            if m.role == EXPERTS and to == "packed":
+                if grid_unsupported(s.quant.bits, s.quant.group_size):
+                    raise ConversionError(
+                        f"{m.path}: {s.quant.bits}-bit experts with group size {s.quant.group_size} "
+                        f"are not supported by the fused kernels; supported bits "
+                        f"{SUPPORTED_BITS}, group sizes {SUPPORTED_GROUP_SIZES} (or use --to stock)"
+                    )
+        experts = {name: s.quant for name, s in unit_experts(stored).items()}
+        if experts and experts["gate_proj"] != experts["up_proj"] and to == "packed":
+            raise ConversionError(
+                f"{block_path(stored[0].module.layer)}: gate_proj {experts['gate_proj']} and up_proj "
+                f"{experts['up_proj']} must share bits and group size to be packed"
+            )
+
+
+class _Writing:
+    """Writes the units of one conversion in order."""
+
+    def __init__(self, source: SourceConverter, recipe: Optional[Recipe], to: str, writer: CheckpointWriter):
+        self.source, self.recipe, self.to, self.writer = source, recipe, to, writer
+
+    def unit(self, stored: list[Stored]) -> None:
+        for s in stored:
+            if s.module.role != EXPERTS:
+                self.source.write_module(s, self.writer, self.recipe)
+        if experts := unit_experts(stored):
+            self.source.write_experts(stored[0].module.layer, experts, self.to, self.writer, self.recipe)
+
+    def calibrated_unit(self, calibrated, stored: list[Stored]) -> None:
+        """One unit of a --calibrate conversion: the embedding starts the
+        hidden states, a layer is calibrated before it is written, the head
+        last."""
+        if stored[0].module.role == EMBED:
+            written = self.source.write_module(stored[0], self.writer, self.recipe)
+            s = stored[0]
+            table = written if s.quant is None else mx.dequantize(
+                *written, group_size=s.quant.group_size, bits=s.quant.bits)
+            calibrated.embedding(table)
+            return
+        self.source.override = calibrated.layer(stored) if unit_experts(stored) else calibrated.head(stored)
+        try:
+            self.unit(stored)
+        finally:
+            self.source.override = {}
+
+
+def _verify(source: SourceConverter, recipe: Optional[Recipe], units, out: Path) -> int:
+    """Re-derives a sample of experts from the source and compares them, bit
+    for bit, with what was written (read back from disk, unpacked)."""
+    written = open_checkpoint(out)
+    rng = random.Random(0)
+    count = 0
+    E = source.checkpoint.model.experts
+    for stored in units:
+        experts = unit_experts(stored)
+        if not experts:
+            continue
+        layer = stored[0].module.layer
+        sample = sorted({0, E - 1, *rng.sample(range(E), min(E, VERIFY_EXPERTS) - min(E, 2))})
+        for e in sample:
+            want = source.expert(layer, experts, e, recipe)
+            got = written.read_expert(layer, e)
+            for proj, a, b in zip(spec.STOCK_PROJECTIONS, want, got):
+                for name, x, y in zip(spec.ARRAYS, a[:3], b[:3]):
+                    if x.dtype != y.dtype or x.shape != y.shape or not mx.array_equal(x, y).item():
+                        raise ConversionError(
+                            f"--verify: expert {e} of {block_path(layer)} {proj}.{name} differs from the source"
+                        )
+                if a[3:] != b[3:]:
+                    raise ConversionError(f"--verify: expert {e} of {block_path(layer)} {proj}: bits/group size differ")
+            count += 1
+    return count
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    for pattern in COPIED_FILES:
+        for f in src.glob(pattern):
+            if f.is_file() and not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+
+
+def convert(
+    src,
+    dst,
+    *,
+    recipe: Optional[str] = None,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    to: str = "packed",
+    overwrite: bool = False,
+    verify: bool = False,
+    calibrate=None,
+    calib_tokens: int = calibration_mod.DEFAULT_CALIB_TOKENS,
+    calib_seq_len: int = calibration_mod.DEFAULT_CALIB_SEQ_LEN,
+) -> Summary:
+    """Converts a MiniMax checkpoint to a packed fused_moe checkpoint (or,
+    with ``to="stock"``, to a plain mlx-lm one).
+
+    ``src`` is an mlx-lm quantized checkpoint (repacked losslessly; no recipe),
+    a packed checkpoint, or a Hugging Face ``minimax_m2`` checkpoint in FP8 or
+    bf16 (quantized under ``recipe`` or uniformly at ``bits``/``group_size``).
+    The output is written to a temporary directory beside ``dst`` and renamed
+    into place only once it is complete (and verified, with ``verify``).
+
+    ``calibrate`` (a .txt or .jsonl file, or a folder of them; Hugging Face
+    sources only) quantizes each layer with statistics of its inputs on that
+    text, layer by layer (``fused_moe.quant``): at most ``calib_tokens``
+    tokens in sequences of ``calib_seq_len``, 10% of them held out for the
+    per-layer error report. Same bits per weight as without.
+    Raises :class:`ConversionError` for bad input.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    prepare_destination(src, dst, overwrite)
+    checkpoint = open_checkpoint(src)
+    source = for_checkpoint(checkpoint)
+    _check_options(recipe, bits, group_size, to)
+    recipe_obj, units = source.target(recipe, bits, group_size)
+    _check_target(units, to)
+    data = None
+    if calibrate is not None:
+        source.require_original_weights("calibrate")
+        data = calibration_mod.prepare(checkpoint, Path(calibrate), calib_tokens, calib_seq_len, verify)
+    tensors = [t for stored in units for t in unit_tensors(stored, to)]
+    bpw = bits_per_weight(tensors)
+    target = f"{to}" + (f", format version {spec.FORMAT_VERSION}" if to == "packed" else "")
+    how = f"recipe {recipe_obj.name}" if recipe_obj and recipe_obj.name else (
+        recipe_obj.description if recipe_obj else "lossless repack")
+    print(f"fused-moe convert: {src} ({checkpoint.describe()}) -> {dst} ({target}; {how})", flush=True)
+
+    work = Workspace(dst)
+    try:
+        writer = CheckpointWriter(work.out, [(t.name, t.dtype, t.shape) for t in tensors], MAX_FILE_BYTES,
+                                  {"format": "mlx"})
+        try:
+            writing = _Writing(source, recipe_obj, to, writer)
+            calibrated = None if data is None else calibration_mod.CalibratedLayers(
+                source, recipe_obj, data, Path(calibrate))
+            labels = [label for label, _ in checkpoint.model.units()]
+            bar = tqdm(list(zip(labels, units)), desc="calibrating" if calibrated else "converting", unit="unit",
+                       file=sys.stderr)
+            for label, stored in bar:
+                bar.set_postfix_str(label)
+                if calibrated is None:
+                    writing.unit(stored)
+                else:
+                    writing.calibrated_unit(calibrated, stored)
+            bar.close()
+            writer.finish()
+        finally:
+            writer.close()
+        with open(work.out / "config.json", "w") as f:
+            json.dump(source.output_config(recipe_obj, units, to), f, indent=4)
+        _copy_files(src, work.out)
+        verified = _verify(source, recipe_obj, units, work.out) if verify else 0
+        work.commit()
+    finally:
+        work.close()
+    summary = Summary(
+        dst, checkpoint.kind, to, recipe_obj.name if recipe_obj else None, len(tensors), writer.total_bytes,
+        len(writer.files), bpw, time.perf_counter() - start, checkpoint.dropped, verified,
+        calibrated.summary() if calibrated else None,
+    )
+    for line in summary.lines():
+        print(line, flush=True)
+    return summary

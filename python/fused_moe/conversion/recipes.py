@@ -1,0 +1,79 @@
+"""Quantization recipes: which precision each module of a MiniMax model gets.
+
+A recipe is a rule from a module's role (and layer) to a `Quant`, or to None
+for a module kept in floating point. Bits per weight follow from the shapes
+alone (see `plan.from_recipe` and `storage.bits_per_weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from fused_moe.checkpoint.minimax import EXPERTS, QUANTIZABLE, ROUTER
+from fused_moe.checkpoint.storage import Quant
+from fused_moe.errors import ConversionError
+from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: Optional[str]  # None for a --bits conversion
+    description: str
+    # (role, layer, number of layers) -> Quant, or None to keep the weight in `dtype`.
+    rule: Callable[[str, Optional[int], int], Optional[Quant]]
+    # The top-level "quantization" default written to config.json.
+    default: Quant
+    # Floating-point tensors (norms, unquantized weights, scales and biases) are
+    # stored in this dtype; the routing bias stays float32, as in mlx-lm.
+    dtype: mx.Dtype = mx.bfloat16
+
+    def quant(self, role: str, layer: Optional[int], num_layers: int) -> Optional[Quant]:
+        if role not in QUANTIZABLE:
+            return None
+        return self.rule(role, layer, num_layers)
+
+
+def _seed_3_7bit(role: str, layer: Optional[int], num_layers: int) -> Optional[Quant]:
+    if role == ROUTER:
+        return None
+    if role == EXPERTS:
+        return Quant(4 if layer in (0, num_layers - 1) else 3, 64)
+    return Quant(8, 64)  # embed, lm_head, attention
+
+
+RECIPES = {
+    "seed-3.7bit": Recipe(
+        "seed-3.7bit",
+        "experts 3-bit (4-bit in the first and last layer); embed, lm_head and "
+        "attention 8-bit; router gate and norms bf16, routing bias fp32; group size 64",
+        _seed_3_7bit,
+        Quant(8, 64),
+    ),
+}
+
+
+def uniform(bits: int, group_size: int) -> Recipe:
+    """The --bits recipe: every quantizable module but the router at `bits`."""
+    if bits not in AFFINE_BITS:
+        raise ConversionError(f"--bits {bits} is not supported; supported bits: {AFFINE_BITS}")
+    if group_size not in AFFINE_GROUP_SIZES:
+        raise ConversionError(
+            f"--group-size {group_size} is not supported; supported group sizes: {AFFINE_GROUP_SIZES}"
+        )
+    q = Quant(bits, group_size)
+    return Recipe(
+        None,
+        f"all weights {bits}-bit, router gate and norms bf16, routing bias fp32; group size {group_size}",
+        lambda role, layer, n: None if role == ROUTER else q,
+        q,
+    )
+
+
+def get(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConversionError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}") from None

@@ -1,0 +1,12 @@
+"""The package's one error type for bad checkpoints and bad converter input."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as it claims to be, or bad options to
+    the converter: a bad source, an existing destination, a packed format this
+    package cannot read. The message is one line that names the file, tensor
+    or shape at fault; the command line prints it without a traceback."""
+
+
+# The name the converter's API has always raised; the same class.
+ConversionError = CheckpointError

@@ -1,0 +1,133 @@
+"""`MiniMaxMoE`: a drop-in for mlx-lm's `MiniMaxSparseMoeBlock` on the fused ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import sum_gradients
+
+from fused_moe.ops.experts import down_combine, gate_up_swiglu
+from fused_moe.ops.router import route
+from fused_moe.packed import spec
+from fused_moe.packed.experts import PackedExperts, QuantizedProjection, pack_experts
+from fused_moe.supported import width_unsupported
+
+
+def _placeholder_projection(experts: int, rows: int, cols: int, bits: int, group_size: int) -> QuantizedProjection:
+    # Lazy zeros with the exact shapes a checkpoint must supply; loading
+    # replaces them before anything evaluates them, so nothing is allocated.
+    return QuantizedProjection(
+        mx.zeros((experts, rows, cols * bits // 32), dtype=mx.uint32),
+        mx.zeros((experts, rows, cols // group_size)),
+        mx.zeros((experts, rows, cols // group_size)),
+        bits,
+        group_size,
+    )
+
+
+def _check_divisible(what: str, dims: int, bits: int, group_size: int) -> None:
+    if reason := width_unsupported(dims, bits, group_size):
+        raise ValueError(f"MiniMaxMoE: {what}={dims}: {reason}")
+
+
+class MiniMaxMoE(nn.Module):
+    """The MiniMax sparse MoE block with its experts in the fused_moe layout.
+
+    Same call, output shape and dtype as mlx-lm's ``MiniMaxSparseMoeBlock``;
+    the routed experts run through :func:`fused_moe.gate_up_swiglu` and
+    :func:`fused_moe.down_combine`.
+
+    Parameters: ``gate`` (the router, a ``Linear`` or ``QuantizedLinear`` as in
+    stock), ``e_score_correction_bias``, and the :class:`PackedExperts` under
+    ``spec.MODULE_NAME`` (docs/FORMAT.md). A layer built from ``args`` holds
+    zero experts until weights are loaded; :meth:`from_block` converts a
+    loaded stock block.
+
+    Args:
+        args: mlx-lm's MiniMax ``ModelArgs``.
+        bits, group_size: quantization of the gate/up projections.
+        down_bits, down_group_size: of the down projection (default: the same).
+    """
+
+    def __init__(
+        self,
+        args,
+        *,
+        bits: int = 3,
+        group_size: int = 64,
+        down_bits: Optional[int] = None,
+        down_group_size: Optional[int] = None,
+    ):
+        super().__init__()
+        down_bits = bits if down_bits is None else down_bits
+        down_group_size = group_size if down_group_size is None else down_group_size
+        D, H, E = args.hidden_size, args.intermediate_size, args.num_local_experts
+        _check_divisible("hidden_size", D, bits, group_size)
+        _check_divisible("intermediate_size", H, down_bits, down_group_size)
+        packed = PackedExperts(
+            _placeholder_projection(E, 2 * H, D, bits, group_size),
+            _placeholder_projection(E, D, H, down_bits, down_group_size),
+        )
+        self._init_parts(
+            nn.Linear(D, E, bias=False),
+            mx.zeros((E,)),
+            packed,
+            args.num_experts_per_tok,
+            None,
+        )
+
+    def _init_parts(self, gate, bias, packed, k, sharding_group) -> None:
+        self.num_experts_per_tok = k
+        self.gate = gate
+        self.e_score_correction_bias = bias
+        setattr(self, spec.MODULE_NAME, packed)
+        self.sharding_group = sharding_group
+
+    @classmethod
+    def from_block(cls, block: nn.Module) -> "MiniMaxMoE":
+        """Builds the layer from a stock ``MiniMaxSparseMoeBlock`` whose
+        ``switch_mlp`` is quantized, keeping its router, routing bias, k and
+        sharding group. The expert arrays are repacked (lazily; evaluate the
+        result to materialise them)."""
+        packed = pack_experts(block.switch_mlp)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_parts(
+            block.gate,
+            block.e_score_correction_bias,
+            packed,
+            block.num_experts_per_tok,
+            getattr(block, "sharding_group", None),
+        )
+        return layer
+
+    @property
+    def experts(self) -> PackedExperts:
+        return self[spec.MODULE_NAME]
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Expert ids ``[..., k]`` (uint32) and their float32 weights: mlx-lm's
+        MiniMax router (fp32 logits, sigmoid, top-k on the biased scores,
+        renormalised weights) as one primitive, :func:`fused_moe.route`."""
+        return route(x, self.gate, self.e_score_correction_bias, self.num_experts_per_tok)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.sharding_group is not None:
+            x = sum_gradients(self.sharding_group)(x)
+
+        inds, weights = self.route(x)
+        experts = self.experts
+        # The kernels take activations in the dtype of the scales; the result
+        # has the dtype stock would give (x promoted with the scales).
+        out_dtype = mx.result_type(x.dtype, experts.dtype)
+        h = gate_up_swiglu(x.astype(experts.dtype), experts, inds)
+        y = down_combine(h, experts, inds, weights).astype(out_dtype)
+
+        if self.sharding_group is not None:
+            y = mx.distributed.all_sum(y, group=self.sharding_group)
+        return y
+
+    def _extra_repr(self) -> str:
+        return f"k={self.num_experts_per_tok}"
