@@ -10,3 +10,13 @@ class CheckpointError(ValueError):
 
 # The name the converter's API has always raised; the same class.
 ConversionError = CheckpointError
+
+
+class UnsupportedError(ValueError):
+    """A model, module or quantization the fused path does not take. The
+    message names the module and what is supported."""
+
+
+# What the command line reports in one line (no traceback unless --debug):
+# the user's input is at fault, not the program.
+EXPECTED_ERRORS = (CheckpointError, UnsupportedError)

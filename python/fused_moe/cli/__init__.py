@@ -3,6 +3,8 @@
 Each subcommand lives in its own module of this package, which provides
 add_arguments(parser) and run(args, extra) -> int. A subcommand's module is
 imported only when that subcommand runs, so fused-moe --help stays fast.
+Errors in the user's input (fused_moe.errors.EXPECTED_ERRORS) are one line
+on stderr and exit status 1; --debug shows their traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from fused_moe._version import __version__
+from fused_moe.errors import EXPECTED_ERRORS
 
 # name -> (module, one-line help). `extra` is the list of arguments the
 # subcommand did not declare; only subcommands listed in PASS_THROUGH get any.
@@ -34,6 +38,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         # Only the chosen subcommand's module is imported to declare options.
         if name == command:
             importlib.import_module(module).add_arguments(sub_parser)
+            sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -48,4 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args, extra = parser.parse_args(argv), []
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args, extra) or 0)
+    try:
+        return int(module.run(args, extra) or 0)
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fused-moe {args.command}: error: {e}", file=sys.stderr)
+        return 1

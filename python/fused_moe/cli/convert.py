@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from fused_moe.conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS
 from fused_moe.conversion.pipeline import convert
 from fused_moe.conversion.recipes import RECIPES
-from fused_moe.errors import ConversionError
 from fused_moe.supported import AFFINE_GROUP_SIZES
 
 
@@ -41,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"at most N calibration tokens, 10%% held out (default {DEFAULT_CALIB_TOKENS})")
     parser.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="L",
                         help=f"tokens per calibration sequence (default {DEFAULT_CALIB_SEQ_LEN})")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -51,11 +48,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
             calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
         )
-    except ConversionError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"fused-moe convert: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"fused-moe convert: interrupted; {args.dst} was not written", file=sys.stderr)
         return 130

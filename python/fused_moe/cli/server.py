@@ -11,7 +11,9 @@ import argparse
 import logging
 import sys
 from http.server import ThreadingHTTPServer
+from types import SimpleNamespace
 
+from huggingface_hub.errors import CacheNotFound
 from mlx_lm import server as mlx_server
 
 from fused_moe.models.load import load
@@ -39,6 +41,29 @@ def _load_fused(*args, **kwargs):
     return loaded
 
 
+def _scan_cache_dir(*args, **kwargs):
+    """mlx_lm.server's scan of the Hugging Face cache for GET /v1/models,
+    with no cache directory read as an empty cache: mlx-lm lets that error
+    escape after sending 200, and the client gets an empty body."""
+    try:
+        return _stock_scan_cache_dir(*args, **kwargs)
+    except CacheNotFound:
+        return SimpleNamespace(repos=frozenset())
+
+
+_stock_scan_cache_dir = mlx_server.scan_cache_dir
+
+
+def _run_loaded(host, port, model_provider, *args, **kwargs):
+    """mlx_lm.server's run, after loading the model it was given: a model
+    that does not load stops the command before anything listens."""
+    model_provider.load_default()
+    return _stock_run(host, port, model_provider, *args, **kwargs)
+
+
+_stock_run = mlx_server.run
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     # mlx_lm.server looks up its loaders as module globals when a model is
     # first requested; pointing them at ours is the whole integration.
@@ -49,6 +74,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     # This process is the server, so the class attribute is ours to set.
     ThreadingHTTPServer.request_queue_size = LISTEN_BACKLOG
     mlx_server.sharded_load = _refuse_distributed
+    mlx_server.scan_cache_dir = _scan_cache_dir
+    mlx_server.run = _run_loaded
     sys.argv = ["fused-moe server", "--model", args.model, *extra]
     mlx_server.main()
     return 0

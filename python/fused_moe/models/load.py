@@ -7,16 +7,49 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from mlx_lm import utils
 
 from fused_moe.checkpoint.files import read_config
 from fused_moe.checkpoint.minimax import BLOCK_ATTR, block_path
 from fused_moe.checkpoint.safetensors import read_header
-from fused_moe.checkpoint.sources import open_checkpoint
+from fused_moe.checkpoint.sources import HFCheckpoint, open_checkpoint
+from fused_moe.errors import CheckpointError
 from fused_moe.models.minimax_moe import MiniMaxMoE
 from fused_moe.models.patch import check_minimax, patch, swap_dense_layers
 from fused_moe.models.tensor_parallel import check_split, read_own_experts, shard
 from fused_moe.packed import spec
+
+
+def _local_path(path: str, revision) -> Path:
+    """The checkpoint directory `path` names: a local directory, or a Hugging
+    Face hub id, downloaded (or found in the cache) as mlx-lm does."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        return local
+    # A hub id is "name" or "org/name"; anything else was meant as a path.
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise CheckpointError(f"{path}: no such directory")
+    try:
+        return Path(utils._download(path, revision=revision))
+    except HFValidationError:
+        raise CheckpointError(f"{path}: no such directory, and not a Hugging Face hub id") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise CheckpointError(
+            f"{path}: no such directory, and not in the Hugging Face cache; the hub cannot be reached "
+            f"(offline). Download it first (huggingface-cli download {path}) or give a local directory"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{path}: no such directory, nor a model on the Hugging Face hub "
+                              f"({type(e).__name__})") from None
 
 
 def check_checkpoint(model_path: Path, where: str) -> None:
@@ -26,7 +59,13 @@ def check_checkpoint(model_path: Path, where: str) -> None:
     accepts negative and overflowing shapes. Raises a one-line
     CheckpointError naming the file and the tensor."""
     spec.packed_layers(read_config(model_path), where)  # a newer format says so first
-    open_checkpoint(model_path)
+    checkpoint = open_checkpoint(model_path)
+    if isinstance(checkpoint, HFCheckpoint):
+        raise CheckpointError(
+            f"{model_path} is a {checkpoint.describe()}: fused_moe.load opens mlx-lm quantized and packed "
+            f"checkpoints. Convert it first, e.g. fused-moe convert {model_path} "
+            f"{str(model_path).rstrip('/')}-fused --recipe seed-3.7bit"
+        )
     # mlx-lm loads every model*.safetensors, whether the index lists it or not.
     for file in sorted(model_path.glob("model*.safetensors")):
         read_header(file)
@@ -149,7 +188,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
             f"fused_moe.load: unexpected keyword arguments {unknown}; mlx-lm's "
             f"loading takes {list(LOAD_KWARGS)}"
         )
-    model_path = utils._download(path, revision=kwargs.get("revision"))
+    model_path = _local_path(str(path), kwargs.get("revision"))
     where = f"fused_moe.load({str(path)!r})"
     check_checkpoint(Path(model_path), where)
     config = utils.load_config(Path(model_path))
@@ -159,7 +198,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     if tensor_group is not None:
         return _load_sharded(Path(model_path), config, layers, tensor_group, where, kwargs)
     if layers is None:
-        loaded = utils.load(path, **kwargs)
+        loaded = utils.load(str(model_path), **kwargs)
         patch(loaded[0])
         return loaded
 
