@@ -9,47 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fused_moe.checkpoint.modules import ATTENTION, EMBED, EXPERTS, LM_HEAD, NORM, ROUTER, ROUTING_BIAS, Module
 from fused_moe.errors import CheckpointError
-from fused_moe.packed.spec import STOCK_PROJECTIONS
+from fused_moe.packed.spec import MODULE_NAME, STOCK_PROJECTIONS
 
 # mlx-lm runs both with its `minimax` module; Hugging Face writes minimax_m2.
 MODEL_TYPES = ("minimax_m2", "minimax")
 # The attribute of a decoder layer that holds its MoE block.
 BLOCK_ATTR = "block_sparse_moe"
 
-# Roles decide how a recipe stores a module.
-EMBED, LM_HEAD, ATTENTION, ROUTER, ROUTING_BIAS, NORM, EXPERTS = (
-    "embed", "lm_head", "attention", "router", "routing_bias", "norm", "experts",
-)
-# Roles whose weight is a matrix that mx.quantize can store.
-QUANTIZABLE = (EMBED, LM_HEAD, ATTENTION, ROUTER, EXPERTS)
-
-
 def block_path(layer: int) -> str:
     """Module path of layer `layer`'s MoE block in an mlx-lm MiniMax model:
-    the prefix of its tensor names and its key in a packed config."""
+    the prefix of its tensor names."""
     return f"model.layers.{layer}.{BLOCK_ATTR}"
-
-
-@dataclass(frozen=True)
-class Module:
-    """One parameter-holding module: `shape` is its full-precision weight's
-    shape ((out, in), (E, out, in) for stacked experts, (n,) for a vector)."""
-
-    path: str
-    role: str
-    layer: int | None
-    shape: tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        """The last part of the path, e.g. "gate_proj"."""
-        return self.path.rpartition(".")[2]
-
-    @property
-    def tensor(self) -> str:
-        """The name of its full-precision weight in an mlx-lm checkpoint."""
-        return self.path if self.role == ROUTING_BIAS else f"{self.path}.weight"
 
 
 def expert_path(layer: int, projection: str) -> str:
@@ -129,6 +101,17 @@ class MiniMaxShapes:
         expert_shapes = {"gate_proj": (E, H, D), "up_proj": (E, H, D), "down_proj": (E, D, H)}
         mods += [Module(expert_path(layer, proj), EXPERTS, layer, expert_shapes[proj]) for proj in STOCK_PROJECTIONS]
         return mods
+
+    @staticmethod
+    def packed_path(stack_path: str) -> str:
+        """Where the packed experts of the stack at `stack_path` (a block's
+        switch_mlp) live: MiniMax's fused block holds them as `fused_experts`."""
+        return f"{stack_path.rpartition('.')[0]}.{MODULE_NAME}"
+
+    @staticmethod
+    def stack_path(packed_path: str) -> str:
+        """The inverse of packed_path."""
+        return f"{packed_path.rpartition('.')[0]}.switch_mlp"
 
     def units(self) -> list[tuple[str, list[Module]]]:
         """The modules in the order they are converted and written: the

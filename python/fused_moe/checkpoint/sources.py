@@ -5,10 +5,10 @@ Three kinds, one class each:
 * `HFCheckpoint`: a Hugging Face MiniMax-M2.x checkpoint (model_type
   minimax_m2) with per-expert ``experts.E.w1|w2|w3`` weights, each stored as
   FP8 e4m3 with a 128x128 ``weight_scale_inv`` or as a plain float tensor;
-* `QuantizedCheckpoint`: an mlx-lm quantized checkpoint with stacked
-  ``switch_mlp`` experts;
+* `QuantizedCheckpoint`: an mlx-lm quantized checkpoint of any MoE family,
+  its experts stacked (``switch_mlp`` and the like);
 * `PackedCheckpoint`: a checkpoint in the packed format (spec.CONFIG_KEY in
-  config.json).
+  config.json), of any family.
 
 `open_checkpoint` tells them apart and checks every tensor the model needs
 against config.json (names, shapes, dtypes), so a bad file is refused in one
@@ -25,13 +25,23 @@ from typing import Optional
 import mlx.core as mx
 
 from fused_moe.checkpoint.files import TOKENIZER_FILES, has_tokenizer, read_checkpoint, read_config
-from fused_moe.checkpoint.minimax import BLOCK_ATTR, EXPERTS, NORM, QUANTIZABLE, ROUTING_BIAS, MiniMaxShapes, Module, block_path
+from fused_moe.checkpoint.discovered import DiscoveredLayout, expert_stacks
+from fused_moe.checkpoint.minimax import BLOCK_ATTR, MODEL_TYPES, MiniMaxShapes, block_path, expert_path
+from fused_moe.checkpoint.modules import EXPERTS, NORM, QUANTIZABLE, ROUTING_BIAS, TENSOR, Module
 from fused_moe.checkpoint.safetensors import TensorInfo, printable, read_tensor
-from fused_moe.checkpoint.storage import Quant, Stored, packed_tensors, quantized_shapes, unit_experts
+from fused_moe.checkpoint.storage import (
+    Quant,
+    Stored,
+    first_and_down,
+    packed_tensors,
+    quantized_shapes,
+    stack_of,
+    unit_experts,
+)
 from fused_moe.errors import CheckpointError
 from fused_moe.packed import spec
 from fused_moe.packed.experts import PackedExperts, QuantizedProjection, unpack_experts
-from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES
+from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES, FP_MODES
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 FP8_BLOCK = 128
@@ -92,6 +102,10 @@ class HFCheckpoint(Checkpoint):
 
     kind = "hf"
 
+    @classmethod
+    def layout_of(cls, path: Path, config: dict, tensors: dict[str, TensorInfo]) -> MiniMaxShapes:
+        return MiniMaxShapes.from_config(config, str(path / "config.json"))
+
     def __init__(self, *args):
         super().__init__(*args)
         self.fp8 = False
@@ -147,17 +161,21 @@ class HFCheckpoint(Checkpoint):
 
 
 class QuantizedCheckpoint(Checkpoint):
-    """An mlx-lm quantized checkpoint: `stored` says, per unit, how each
-    module is stored (the per-path "quantization" entries of config.json, or
-    what the scales' shapes imply)."""
+    """An mlx-lm quantized checkpoint of any MoE family: `stored` says, per
+    unit, how each module is stored (config.json's "quantization": a module's
+    own entry, else the default its scales' shapes agree with), and
+    `experts` holds each stack of experts' projections by stack path. A
+    MiniMax checkpoint has every module's shape checked against config.json;
+    any other family's experts are found by their tensor names."""
 
     kind = "mlx"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, path: Path, config: dict, model, tensors: dict[str, TensorInfo]):
+        super().__init__(path, config, model, tensors)
         quantization = self.config.get("quantization")
         if not isinstance(quantization, dict):
             raise CheckpointError(f"{self.path / 'config.json'}: \"quantization\" must be an object")
+        self.quantization = quantization
         self.stored: list[list[Stored]] = []
         for _, modules in self.model.units():
             stored = []
@@ -165,33 +183,66 @@ class QuantizedCheckpoint(Checkpoint):
                 if m.role in (NORM, ROUTING_BIAS):
                     info = self._info(m.tensor, m.shape, FLOAT_DTYPES, self._shape_note(m))
                     stored.append(Stored(m, None, info.dtype))
+                elif m.role == TENSOR:
+                    stored.append(Stored(m, None, self._info(m.tensor, m.shape, (self.tensors[m.tensor].dtype,)).dtype))
                 elif m.role == EXPERTS:
-                    stored.append(self._stored_experts(m, quantization))
+                    stored.append(self._stored_experts(m))
                 else:
-                    stored.append(self._stored_module(m, quantization))
+                    stored.append(self._stored_module(m))
             self._check_unit_experts(stored)
             self.stored.append(stored)
-        # Per layer, its stacked expert projections by name.
-        self.experts = {s[0].module.layer: unit_experts(s) for s in self.stored if unit_experts(s)}
+        # Per stack of experts (its module path), its projections by name.
+        self.experts = {stack_of(e): e for e in map(unit_experts, self.stored) if e}
+
+    @classmethod
+    def layout_of(cls, path: Path, config: dict, tensors: dict[str, TensorInfo]):
+        """MiniMax's layout from config.json, or one read off the tensor names."""
+        if config.get("model_type") in MODEL_TYPES:
+            return MiniMaxShapes.from_config(config, str(path / "config.json"))
+        quantization = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
+        stacks = expert_stacks(tensors)
+        if not stacks:
+            raise CheckpointError(
+                f"{path}: model_type {config.get('model_type')!r} has no stacked experts (no 3-D "
+                f"*.gate_proj/up_proj/down_proj or *.fc1/fc2 weights): not an mlx-lm MoE checkpoint")
+        shapes = {}
+        for stack, projections in stacks.items():
+            shapes[stack] = {}
+            for p in projections:
+                name = f"{stack}.{p}"
+                weight = tensors[f"{name}.weight"]
+                q = _quant_of(path, quantization, name)
+                if q is None:
+                    shapes[stack][p] = weight.shape  # a float stack: refused below, by name
+                    continue
+                E, out, words = weight.shape
+                shapes[stack][p] = (E, out, words * 32 // q.bits)
+        return DiscoveredLayout(tensors, stacks, shapes)
 
     def describe(self) -> str:
         return "mlx-lm quantized checkpoint"
 
-    def _stored_module(self, m: Module, quantization: dict) -> Stored:
-        q = self._mlx_quant(m, quantization)
-        dtype_of = self.tensors.get(f"{m.path}.scales" if q else m.tensor)
+    def _stored_module(self, m: Module) -> Stored:
+        q = self._mlx_quant(m)
+        dtype_of = self.tensors.get(f"{m.path}.scales" if q and q.mode == "affine" else m.tensor)
         s = Stored(m, q, dtype_of.dtype if dtype_of else "BF16")
         self._check_stored(s)
         return s
 
-    def _stored_experts(self, m: Module, quantization: dict) -> Stored:
-        s = self._stored_module(m, quantization)
+    def _stored_experts(self, m: Module) -> Stored:
+        s = self._stored_module(m)
         if s.quant is None:
             raise CheckpointError(
                 f"{self.path}: {m.path} is not quantized; convert the original "
                 f"Hugging Face checkpoint instead"
             )
-        return s
+        bias = self.tensors.get(f"{m.path}.bias")
+        if bias is not None:
+            self._info(f"{m.path}.bias", m.shape[:-1], FLOAT_DTYPES, " (the experts' additive bias [E, out])")
+        scale = self.tensors.get(f"{m.path}.global_scale")
+        if scale is not None:
+            self._info(f"{m.path}.global_scale", m.shape[:1], ("F32",), " (nvfp4's tensor scale per expert)")
+        return Stored(m, s.quant, s.dtype, bias.dtype if bias else None, scale is not None)
 
     def _check_unit_experts(self, stored: list[Stored]) -> None:
         """Checks of a unit's experts as a whole (none for stock experts)."""
@@ -202,109 +253,112 @@ class QuantizedCheckpoint(Checkpoint):
             self._info(m.tensor, m.shape, FLOAT_DTYPES, self._shape_note(m))
             return
         w, g = quantized_shapes(m.shape, s.quant)
-        note = f" for {s.quant.bits}-bit, group size {s.quant.group_size}{self._shape_note(m)}"
+        q = s.quant
+        note = (f" for {q.bits}-bit" if q.mode == "affine" else f" for {q.mode}") + \
+            f", group size {q.group_size}{self._shape_note(m)}"
         self._info(f"{m.path}.weight", w, ("U32",), note)
+        if q.mode != "affine":
+            self._info(f"{m.path}.scales", g, ("U8",), note)
+            return
         scales = self._info(f"{m.path}.scales", g, FLOAT_DTYPES, note)
         self._info(f"{m.path}.biases", g, (scales.dtype,), note + " (the dtype of the scales)")
 
-    def _mlx_quant(self, m: Module, quantization: dict) -> Optional[Quant]:
-        """How module m is stored: its per-path entry wins, else stored scales
-        mean quantized with the settings their shapes imply."""
-        entry = quantization.get(m.path)
-        if entry is False or m.role not in QUANTIZABLE:
+    def _mlx_quant(self, m: Module) -> Optional[Quant]:
+        if m.role not in QUANTIZABLE:
             return None
-        if isinstance(entry, dict):
-            return self._quant_entry(entry, f"quantization[{m.path!r}]")
-        scales = self.tensors.get(f"{m.path}.scales")
-        weight = self.tensors.get(f"{m.path}.weight")
-        if scales is None or weight is None or not scales.shape or not weight.shape:
-            return None
-        inputs = m.shape[-1]
-        groups, words = scales.shape[-1], weight.shape[-1]
-        implied = {"bits": words * 32 // inputs, "group_size": inputs // groups if groups else 0}
-        if not groups or inputs % groups or (words * 32) % inputs or _quant_error(implied):
-            raise CheckpointError(
-                f"{weight.file}: {m.path}.weight {list(weight.shape)} and scales "
-                f"{list(scales.shape)} are not a quantization of {list(m.shape)}"
-            )
-        self._quant_entry(quantization, "quantization")  # the mode must be affine
-        return Quant(implied["bits"], implied["group_size"])
+        return _quant_of(self.path, self.quantization, m.path, self.tensors, m.shape[-1])
 
-    def _quant_entry(self, entry: dict, where: str) -> Quant:
-        config_file = self.path / "config.json"
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{config_file}: {where} must be an object, got {entry!r}")
-        mode = entry.get("mode", "affine")
-        if mode != "affine":
-            raise CheckpointError(f"{config_file}: {where} uses mode {mode!r}; only 'affine' is supported")
-        if error := _quant_error(entry):
-            raise CheckpointError(f"{config_file}: {where} {error}")
-        return Quant(entry["bits"], entry["group_size"])
-
-    def read_expert(self, layer: int, e: int) -> tuple[QuantizedProjection, ...]:
-        """Expert e of a layer as (gate, up, down), each [1, out, ...], as stored."""
-        experts = self.experts[layer]
-        return tuple(
-            QuantizedProjection(
-                *(self.read(f"{experts[p].module.path}.{a}", e)[None] for a in spec.ARRAYS),
-                experts[p].quant.bits,
-                experts[p].quant.group_size,
-            )
-            for p in spec.STOCK_PROJECTIONS
-        )
+    def read_expert(self, stack: str, e: int) -> tuple[QuantizedProjection, ...]:
+        """Expert e of a stack as its projections in stock order (gate, up,
+        down or fc1, fc2), each [1, out, ...], as stored."""
+        out = []
+        for s in self.experts[stack].values():
+            q = s.quant
+            arrays = {a: self.read(f"{s.module.path}.{a}", e)[None] for a in q.arrays}
+            extra = {"bias": self.read(f"{s.module.path}.bias", e)[None] if s.bias else None,
+                     "global_scale": self.read(f"{s.module.path}.global_scale")[e:e + 1] if s.global_scale else None}
+            out.append(QuantizedProjection(arrays["weight"], arrays["scales"], arrays.get("biases"), q.bits,
+                                           q.group_size, q.mode, **extra))
+        return tuple(out)
 
 
 class PackedCheckpoint(QuantizedCheckpoint):
-    """A packed checkpoint: the experts of each layer in the packed format,
-    their settings under spec.CONFIG_KEY; everything else as mlx-lm stores it."""
+    """A packed checkpoint: each stack of experts in the packed format at its
+    packed path, the settings under spec.CONFIG_KEY; everything else as
+    mlx-lm stores it."""
 
     kind = "packed"
 
-    def __init__(self, path: Path, config: dict, model: MiniMaxShapes, tensors: dict[str, TensorInfo]):
-        layers = spec.packed_layers(config, str(path / "config.json"))
-        blocks = {block_path(i) for i in range(model.layers)}
-        if not isinstance(layers, dict) or set(layers) != blocks:
-            claimed = sorted(layers) if isinstance(layers, dict) else layers
-            raise CheckpointError(
-                f"{path / 'config.json'}: {spec.CONFIG_KEY}.{spec.CONFIG_LAYERS} must name exactly the "
-                f"{model.layers} MoE blocks of num_hidden_layers={model.layers}, got {_short_list(claimed)}"
-            )
-        self.layers = layers
+    def __init__(self, path: Path, config: dict, model, tensors: dict[str, TensorInfo]):
+        self.packed = spec.packed_experts(config, str(path / "config.json"))
+        self.version = config[spec.CONFIG_KEY][spec.CONFIG_FORMAT_VERSION]
+        if isinstance(model, MiniMaxShapes):
+            want = {model.packed_path(expert_path(i, "gate_proj").rpartition(".")[0]) for i in range(model.layers)}
+            if set(self.packed) != want:
+                raise CheckpointError(
+                    f"{path / 'config.json'}: {spec.CONFIG_KEY} must describe exactly the {model.layers} MoE "
+                    f"blocks of num_hidden_layers={model.layers}, got {_short_list(sorted(self.packed))}"
+                )
         super().__init__(path, config, model, tensors)
 
-    def describe(self) -> str:
-        return f"packed fused_moe checkpoint, format version {spec.FORMAT_VERSION}"
+    @classmethod
+    def layout_of(cls, path: Path, config: dict, tensors: dict[str, TensorInfo]):
+        if config.get("model_type") in MODEL_TYPES:
+            return MiniMaxShapes.from_config(config, str(path / "config.json"))
+        packed = spec.packed_experts(config, str(path / "config.json"))
+        stacks, shapes = {}, {}
+        for packed_path, specs in packed.items():
+            first = next(iter(specs))
+            names = spec.STOCK_PROJECTIONS if first == spec.GATE_UP else spec.STOCK_MLP_PROJECTIONS
+            down = tensors.get(f"{packed_path}.{spec.DOWN}.weight")
+            if down is None or len(down.shape) != 3:
+                raise CheckpointError(f"{path}: missing tensor {packed_path}.{spec.DOWN}.weight (a 3-D [E, D, "
+                                      f"H*bits/32]) for the packed experts config.json describes")
+            E, D, words = down.shape
+            H = words * 32 // specs[spec.DOWN].bits
+            stack = DiscoveredLayout.stack_path(packed_path)
+            stacks[stack] = names
+            shapes[stack] = {n: (E, D, H) if n in ("down_proj", "fc2") else (E, H, D) for n in names}
+        return DiscoveredLayout(tensors, stacks, shapes)
 
-    def _stored_experts(self, m: Module, quantization: dict) -> Stored:
-        block = block_path(m.layer)
-        entry = self.layers.get(block)
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{self.path / 'config.json'}: {spec.CONFIG_KEY} has no settings for {block}")
-        proj = "down" if m.name == "down_proj" else "gate_up"
-        q = self._quant_entry(entry.get(proj, {}), f"{spec.CONFIG_KEY}.layers[{block!r}].{proj}")
-        scales = self.tensors.get(f"{block}.{spec.MODULE_NAME}.{proj}.scales")
+    def describe(self) -> str:
+        return f"packed fused_moe checkpoint, format version {self.version}"
+
+    def _stored_experts(self, m: Module) -> Stored:
+        packed_path = self.model.packed_path(m.parent)
+        specs = self.packed.get(packed_path)
+        if specs is None:
+            raise CheckpointError(f"{self.path / 'config.json'}: {spec.CONFIG_KEY} has no settings for {packed_path}")
+        name = spec.DOWN if m.name in ("down_proj", "fc2") else next(iter(specs))
+        p = specs[name]
+        q = Quant(p.bits, p.group_size, p.mode)
+        if error := _quant_error(q._asdict()):
+            raise CheckpointError(f"{self.path / 'config.json'}: {spec.CONFIG_KEY} for {packed_path}.{name} {error}")
+        scales = self.tensors.get(f"{packed_path}.{name}.scales")
         if scales is None:
-            raise CheckpointError(f"{self.path}: missing tensor {block}.{spec.MODULE_NAME}.{proj}.scales")
-        return Stored(m, q, scales.dtype)
+            raise CheckpointError(f"{self.path}: missing tensor {packed_path}.{name}.scales")
+        bias = self.tensors.get(f"{packed_path}.{name}.bias")
+        return Stored(m, q, scales.dtype, (bias.dtype if bias else "BF16") if p.bias else None, p.global_scale)
 
     def _check_unit_experts(self, stored: list[Stored]) -> None:
         experts = unit_experts(stored)
         if experts:
-            gate, down = experts["gate_proj"], experts["down_proj"]
-            for t in packed_tensors(gate.module.layer, gate, down):
-                self._info(t.name, t.shape, ("U32",) if t.params else (gate.dtype,),
-                           f" ({spec.CONFIG_KEY} layer settings in config.json)")
+            for t in packed_tensors(self.model.packed_path(stack_of(experts)), *first_and_down(experts)):
+                dtypes = ("U32",) if t.params else ((t.dtype,) if t.dtype in ("U8", "F32") else FLOAT_DTYPES)
+                self._info(t.name, t.shape, dtypes, f" ({spec.CONFIG_KEY} settings in config.json)")
 
-    def read_expert(self, layer: int, e: int) -> tuple[QuantizedProjection, ...]:
-        experts = self.experts[layer]
-        names = iter(spec.tensor_names(block_path(layer)))
-        arrays = {proj: [self.read(next(names), e)[None] for _ in spec.ARRAYS] for proj in spec.PROJECTIONS}
-        gu, d = experts["gate_proj"].quant, experts["down_proj"].quant
-        packed = PackedExperts(
-            QuantizedProjection(*arrays["gate_up"], gu.bits, gu.group_size),
-            QuantizedProjection(*arrays["down"], d.bits, d.group_size),
-        )
-        return unpack_experts(packed)
+    def read_expert(self, stack: str, e: int) -> tuple[QuantizedProjection, ...]:
+        packed_path = self.model.packed_path(stack)
+        projections = []
+        for name, p in self.packed[packed_path].items():
+            arrays = {a: self.read(f"{packed_path}.{name}.{a}", e)[None] for a in p.arrays() if a != "global_scale"}
+            if p.global_scale:
+                arrays["global_scale"] = self.read(f"{packed_path}.{name}.global_scale")[e:e + 1]
+            projections.append(QuantizedProjection(
+                arrays["weight"], arrays["scales"], arrays.get("biases"), p.bits, p.group_size, p.mode,
+                arrays.get("bias"), arrays.get("global_scale")))
+        packed = PackedExperts(*projections, gated=spec.GATE_UP in self.packed[packed_path])
+        return tuple(unpack_experts(packed))
 
 
 def _short_list(value, limit: int = 4) -> str:
@@ -314,14 +368,60 @@ def _short_list(value, limit: int = 4) -> str:
 
 
 def _quant_error(entry: dict) -> Optional[str]:
-    """Why `entry` is not an affine setting MLX can store, or None."""
+    """Why `entry` is not a setting MLX can store, or None."""
 
     def exact(value, allowed) -> bool:
         return type(value) is int and value in allowed
 
-    if exact(entry.get("bits"), AFFINE_BITS) and exact(entry.get("group_size"), AFFINE_GROUP_SIZES):
+    mode = entry.get("mode", "affine")
+    if mode == "affine":
+        if exact(entry.get("bits"), AFFINE_BITS) and exact(entry.get("group_size"), AFFINE_GROUP_SIZES):
+            return None
+        return f"needs bits in {AFFINE_BITS} and group_size in {AFFINE_GROUP_SIZES}, got {entry!r}"
+    if mode not in FP_MODES:
+        return f"uses mode {mode!r}; MLX's modes are {('affine', *FP_MODES)}"
+    want = FP_MODES[mode]
+    if entry.get("bits", want["bits"]) == want["bits"] and entry.get("group_size") == want["group_size"]:
         return None
-    return f"needs bits in {AFFINE_BITS} and group_size in {AFFINE_GROUP_SIZES}, got {entry!r}"
+    return f"mode {mode} needs bits {want['bits']} and group_size {want['group_size']}, got {entry!r}"
+
+
+def _quant_of(path: Path, quantization: dict, module: str, tensors: Optional[dict] = None,
+              inputs: Optional[int] = None) -> Optional[Quant]:
+    """How `module` is stored per config.json's "quantization": its own
+    entry (an object, or false for floating point) wins; else, where its
+    scales are stored, the default, checked against their shapes when the
+    input width is known."""
+    config_file = path / "config.json"
+
+    def parse(entry, where: str) -> Quant:
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{config_file}: {where} must be an object, got {entry!r}")
+        if error := _quant_error(entry):
+            raise CheckpointError(f"{config_file}: {where} {error}")
+        mode = entry.get("mode", "affine")
+        return Quant(entry.get("bits", FP_MODES.get(mode, {}).get("bits")), entry["group_size"], mode)
+
+    entry = quantization.get(module)
+    if entry is False:
+        return None
+    if isinstance(entry, dict):
+        return parse(entry, f"quantization[{module!r}]")
+    if tensors is None:
+        return parse(quantization, "quantization")
+    scales, weight = tensors.get(f"{module}.scales"), tensors.get(f"{module}.weight")
+    if scales is None or weight is None or not scales.shape or not weight.shape:
+        return None
+    default = parse(quantization, "quantization")
+    groups, words = scales.shape[-1], weight.shape[-1]
+    implied = {"mode": default.mode, "bits": words * 32 // inputs if inputs else 0,
+               "group_size": inputs // groups if groups and inputs else 0}
+    if not groups or inputs % groups or (words * 32) % inputs or _quant_error(implied):
+        raise CheckpointError(
+            f"{weight.file}: {module}.weight {list(weight.shape)} and scales "
+            f"{list(scales.shape)} are not a quantization of {inputs} inputs in mode {default.mode}"
+        )
+    return Quant(implied["bits"], implied["group_size"], default.mode)
 
 
 def dequantize_fp8(codes: mx.array, scale_inv: mx.array) -> mx.array:
@@ -345,7 +445,10 @@ def open_checkpoint(path) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = read_config(path)
-    model = MiniMaxShapes.from_config(config, str(path / "config.json"))
+    if config.get("model_type") in MODEL_TYPES or not ({"quantization", spec.CONFIG_KEY} & set(config)):
+        # A MiniMax config (or a float source, which must be MiniMax) is
+        # checked before any file is opened.
+        MiniMaxShapes.from_config(config, str(path / "config.json"))
     if not has_tokenizer(path):
         raise CheckpointError(f"{path}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     tensors = read_checkpoint(path)
@@ -360,4 +463,4 @@ def open_checkpoint(path) -> Checkpoint:
             f"{path}: neither a Hugging Face MiniMax checkpoint (per-expert w1/w2/w3 "
             f"weights) nor an mlx-lm quantized one (\"quantization\" in config.json)"
         )
-    return kind(path, config, model, tensors)
+    return kind(path, config, kind.layout_of(path, config, tensors), tensors)

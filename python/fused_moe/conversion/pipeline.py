@@ -16,10 +16,11 @@ import json
 import mlx.core as mx
 
 from fused_moe.checkpoint.files import COPIED_FILES
-from fused_moe.checkpoint.minimax import EMBED, EXPERTS, MiniMaxShapes, block_path
+from fused_moe.checkpoint.minimax import MiniMaxShapes
+from fused_moe.checkpoint.modules import EMBED, EXPERTS
 from fused_moe.checkpoint.safetensors import CheckpointWriter
 from fused_moe.checkpoint.sources import open_checkpoint
-from fused_moe.checkpoint.storage import Stored, bits_per_weight, unit_experts, unit_tensors
+from fused_moe.checkpoint.storage import Stored, bits_per_weight, stack_of, unit_experts, unit_tensors
 from fused_moe.conversion import calibration as calibration_mod
 from fused_moe.conversion import recipes as recipes_mod
 from fused_moe.conversion.plan import from_recipe
@@ -28,7 +29,7 @@ from fused_moe.conversion.sources import SourceConverter, for_checkpoint
 from fused_moe.conversion.workspace import Workspace, prepare_destination
 from fused_moe.errors import ConversionError
 from fused_moe.packed import spec
-from fused_moe.supported import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, grid_unsupported, width_unsupported
+from fused_moe.supported import expert_quantization_unsupported, width_unsupported
 
 # mlx-lm's file size limit; a tensor larger than this gets a file of its own.
 MAX_FILE_BYTES = 5 << 30
@@ -85,16 +86,17 @@ def bits_per_weight_of(config: dict, recipe: str | Recipe = "seed-3.7bit") -> fl
     this config.json, computed from the shapes alone."""
     recipe = recipes_mod.get(recipe) if isinstance(recipe, str) else recipe
     model = MiniMaxShapes.from_config(config)
-    return bits_per_weight([t for unit in from_recipe(model, recipe) for t in unit_tensors(unit, "packed")])
+    return bits_per_weight([t for unit in from_recipe(model, recipe) for t in unit_tensors(unit, "packed", model.packed_path)])
 
 
-def _check_options(recipe: Optional[str], bits: Optional[int], group_size: Optional[int], to: str) -> None:
+def _check_options(recipe: Optional[str], bits: Optional[int], group_size: Optional[int], mode: Optional[str],
+                   to: str) -> None:
     if to not in TARGETS:
         raise ConversionError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
-    if group_size is not None and bits is None:
-        raise ConversionError("--group-size needs --bits")
-    if recipe is not None and bits is not None:
-        raise ConversionError("give either --recipe or --bits, not both")
+    if group_size is not None and bits is None and mode is None:
+        raise ConversionError("--group-size needs --bits or --mode")
+    if recipe is not None and (bits is not None or mode is not None):
+        raise ConversionError("give either --recipe or --bits/--mode, not both")
 
 
 def _check_target(units: list[list[Stored]], to: str) -> None:
@@ -106,18 +108,17 @@ def _check_target(units: list[list[Stored]], to: str) -> None:
             if reason := width_unsupported(m.shape[-1], s.quant.bits, s.quant.group_size):
                 raise ConversionError(f"{m.path}: {reason}")
             if m.role == EXPERTS and to == "packed":
-                if grid_unsupported(s.quant.bits, s.quant.group_size):
-                    raise ConversionError(
-                        f"{m.path}: {s.quant.bits}-bit experts with group size {s.quant.group_size} "
-                        f"are not supported by the fused kernels; supported bits "
-                        f"{SUPPORTED_BITS}, group sizes {SUPPORTED_GROUP_SIZES} (or use --to stock)"
-                    )
-        experts = {name: s.quant for name, s in unit_experts(stored).items()}
-        if experts and experts["gate_proj"] != experts["up_proj"] and to == "packed":
-            raise ConversionError(
-                f"{block_path(stored[0].module.layer)}: gate_proj {experts['gate_proj']} and up_proj "
-                f"{experts['up_proj']} must share bits and group size to be packed"
-            )
+                if reason := expert_quantization_unsupported(s.quant.mode, s.quant.bits, s.quant.group_size):
+                    raise ConversionError(f"{m.path}: the fused kernels do not take these experts: {reason} "
+                                          f"(or use --to stock)")
+        experts = unit_experts(stored)
+        if "gate_proj" in experts and to == "packed":
+            gate, up = experts["gate_proj"], experts["up_proj"]
+            if (gate.quant, gate.bias is None, gate.global_scale) != (up.quant, up.bias is None, up.global_scale):
+                raise ConversionError(
+                    f"{stack_of(experts)}: gate_proj {gate.quant} and up_proj {up.quant} must share their "
+                    f"quantization to be packed"
+                )
 
 
 class _Writing:
@@ -131,7 +132,7 @@ class _Writing:
             if s.module.role != EXPERTS:
                 self.source.write_module(s, self.writer, self.recipe)
         if experts := unit_experts(stored):
-            self.source.write_experts(stored[0].module.layer, experts, self.to, self.writer, self.recipe)
+            self.source.write_experts(experts, self.to, self.writer, self.recipe)
 
     def calibrated_unit(self, calibrated, stored: list[Stored]) -> None:
         """One unit of a --calibrate conversion: the embedding starts the
@@ -139,9 +140,9 @@ class _Writing:
         last."""
         if stored[0].module.role == EMBED:
             written = self.source.write_module(stored[0], self.writer, self.recipe)
-            s = stored[0]
-            table = written if s.quant is None else mx.dequantize(
-                *written, group_size=s.quant.group_size, bits=s.quant.bits)
+            q = stored[0].quant
+            table = written if q is None else mx.dequantize(
+                *written, group_size=q.group_size, bits=q.bits, mode=q.mode)
             calibrated.embedding(table)
             return
         self.source.override = calibrated.layer(stored) if unit_experts(stored) else calibrated.head(stored)
@@ -157,24 +158,23 @@ def _verify(source: SourceConverter, recipe: Optional[Recipe], units, out: Path)
     written = open_checkpoint(out)
     rng = random.Random(0)
     count = 0
-    E = source.checkpoint.model.experts
     for stored in units:
         experts = unit_experts(stored)
         if not experts:
             continue
-        layer = stored[0].module.layer
+        stack = stack_of(experts)
+        E = next(iter(experts.values())).module.shape[0]
         sample = sorted({0, E - 1, *rng.sample(range(E), min(E, VERIFY_EXPERTS) - min(E, 2))})
         for e in sample:
-            want = source.expert(layer, experts, e, recipe)
-            got = written.read_expert(layer, e)
-            for proj, a, b in zip(spec.STOCK_PROJECTIONS, want, got):
-                for name, x, y in zip(spec.ARRAYS, a[:3], b[:3]):
+            want = source.expert(experts, e, recipe)
+            got = written.read_expert(stack, e)
+            for proj, a, b in zip(experts, want, got):
+                if a.spec != b.spec:
+                    raise ConversionError(f"--verify: expert {e} of {stack} {proj}: its quantization differs")
+                for name, x in a.arrays().items():
+                    y = b.arrays()[name]
                     if x.dtype != y.dtype or x.shape != y.shape or not mx.array_equal(x, y).item():
-                        raise ConversionError(
-                            f"--verify: expert {e} of {block_path(layer)} {proj}.{name} differs from the source"
-                        )
-                if a[3:] != b[3:]:
-                    raise ConversionError(f"--verify: expert {e} of {block_path(layer)} {proj}: bits/group size differ")
+                        raise ConversionError(f"--verify: expert {e} of {stack} {proj}.{name} differs from the source")
             count += 1
     return count
 
@@ -193,6 +193,7 @@ def convert(
     recipe: Optional[str] = None,
     bits: Optional[int] = None,
     group_size: Optional[int] = None,
+    mode: Optional[str] = None,
     to: str = "packed",
     overwrite: bool = False,
     verify: bool = False,
@@ -205,7 +206,10 @@ def convert(
 
     ``src`` is an mlx-lm quantized checkpoint (repacked losslessly; no recipe),
     a packed checkpoint, or a Hugging Face ``minimax_m2`` checkpoint in FP8 or
-    bf16 (quantized under ``recipe`` or uniformly at ``bits``/``group_size``).
+    bf16 (quantized under ``recipe``, or uniformly at ``bits``/``group_size``
+    in ``mode``: "affine" or one of MLX's fp modes, "mxfp4", "mxfp8",
+    "nvfp4", like mlx-lm's ``--q-mode``). mlx-lm quantized and packed
+    sources may be of any MoE family mlx-lm runs.
     The output is written to a temporary directory beside ``dst`` and renamed
     into place only once it is complete (and verified, with ``verify``).
 
@@ -223,14 +227,16 @@ def convert(
     prepare_destination(src, dst, overwrite)
     checkpoint = open_checkpoint(src)
     source = for_checkpoint(checkpoint)
-    _check_options(recipe, bits, group_size, to)
-    recipe_obj, units = source.target(recipe, bits, group_size)
+    _check_options(recipe, bits, group_size, mode, to)
+    recipe_obj, units = source.target(recipe, bits, group_size, mode)
     _check_target(units, to)
     data = None
     if calibrate is not None:
         source.require_original_weights("calibrate")
+        if recipe_obj.default.mode != "affine":
+            raise ConversionError(f"--calibrate quantizes to the affine mode, not {recipe_obj.default.mode}")
         data = calibration_mod.prepare(checkpoint, Path(calibrate), calib_tokens, calib_seq_len, verify)
-    tensors = [t for stored in units for t in unit_tensors(stored, to)]
+    tensors = [t for stored in units for t in unit_tensors(stored, to, checkpoint.model.packed_path)]
     bpw = bits_per_weight(tensors)
     target = f"{to}" + (f", format version {spec.FORMAT_VERSION}" if to == "packed" else "")
     how = f"recipe {recipe_obj.name}" if recipe_obj and recipe_obj.name else (

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fused_moe.checkpoint.minimax import ATTENTION, EMBED, EXPERTS, LM_HEAD, ROUTER, ROUTING_BIAS, MiniMaxShapes, block_path
+from fused_moe.checkpoint.minimax import MiniMaxShapes
+from fused_moe.checkpoint.modules import ATTENTION, EMBED, EXPERTS, LM_HEAD, ROUTER, ROUTING_BIAS
 from fused_moe.checkpoint.safetensors import dtype_name
-from fused_moe.checkpoint.storage import Quant, Stored, unit_experts
+from fused_moe.checkpoint.storage import Quant, Stored, first_and_down, packed_specs, stack_of, unit_experts
 from fused_moe.conversion.recipes import Recipe
 from fused_moe.packed import spec
 
@@ -45,20 +46,16 @@ def quantization_config(units: list[list[Stored]], recipe_default: Optional[Quan
     return q
 
 
-def fused_config(units: list[list[Stored]], recipe_name: Optional[str]) -> dict:
-    """The spec.CONFIG_KEY entry of a packed checkpoint."""
-    layers = {}
+def fused_config(units: list[list[Stored]], recipe_name: Optional[str], packed_path) -> dict:
+    """The spec.CONFIG_KEY entry of a packed checkpoint: each stack of
+    experts' packed projections, at `packed_path(stack path)`."""
+    experts = {}
     for stored in units:
-        experts = unit_experts(stored)
-        if not experts:
-            continue
-        gate, down = experts["gate_proj"].quant, experts["down_proj"].quant
-        layers[block_path(stored[0].module.layer)] = {
-            "gate_up": {"bits": gate.bits, "group_size": gate.group_size},
-            "down": {"bits": down.bits, "group_size": down.group_size},
-        }
+        if stack := unit_experts(stored):
+            specs = packed_specs(*first_and_down(stack))
+            experts[packed_path(stack_of(stack))] = {n: p.as_config() for n, p in specs.items()}
     return {
         spec.CONFIG_FORMAT_VERSION: spec.FORMAT_VERSION,
-        spec.CONFIG_LAYERS: layers,
+        spec.CONFIG_EXPERTS: experts,
         spec.CONFIG_RECIPE: recipe_name,
     }

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from fused_moe.checkpoint.minimax import EXPERTS, QUANTIZABLE, ROUTER
+from fused_moe.checkpoint.modules import EXPERTS, QUANTIZABLE, ROUTER
 from fused_moe.checkpoint.storage import Quant
 from fused_moe.errors import ConversionError
-from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES
+from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES, FP_MODES
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,32 @@ RECIPES = {
 }
 
 
-def uniform(bits: int, group_size: int) -> Recipe:
-    """The --bits recipe: every quantizable module but the router at `bits`."""
-    if bits not in AFFINE_BITS:
-        raise ConversionError(f"--bits {bits} is not supported; supported bits: {AFFINE_BITS}")
-    if group_size not in AFFINE_GROUP_SIZES:
-        raise ConversionError(
-            f"--group-size {group_size} is not supported; supported group sizes: {AFFINE_GROUP_SIZES}"
-        )
-    q = Quant(bits, group_size)
+def uniform(bits: Optional[int], group_size: Optional[int], mode: str = "affine") -> Recipe:
+    """The --bits/--mode recipe: every quantizable module but the router at
+    `bits` in `mode` (an fp mode at MLX's own bits and group size, which
+    `bits` and `group_size` may restate)."""
+    if mode == "affine":
+        bits, group_size = bits, 64 if group_size is None else group_size
+        if bits not in AFFINE_BITS:
+            raise ConversionError(f"--bits {bits} is not supported; supported bits: {AFFINE_BITS}")
+        if group_size not in AFFINE_GROUP_SIZES:
+            raise ConversionError(
+                f"--group-size {group_size} is not supported; supported group sizes: {AFFINE_GROUP_SIZES}"
+            )
+        what = f"{bits}-bit"
+    else:
+        if mode not in FP_MODES:
+            raise ConversionError(f"--mode {mode!r} is not supported; modes: {('affine', *FP_MODES)}")
+        want = FP_MODES[mode]
+        for flag, given, need in (("--bits", bits, want["bits"]), ("--group-size", group_size, want["group_size"])):
+            if given is not None and given != need:
+                raise ConversionError(f"{flag} {given} does not fit --mode {mode}, which is {want['bits']}-bit "
+                                      f"with group size {want['group_size']}")
+        bits, group_size, what = want["bits"], want["group_size"], mode
+    q = Quant(bits, group_size, mode)
     return Recipe(
         None,
-        f"all weights {bits}-bit, router gate and norms bf16, routing bias fp32; group size {group_size}",
+        f"all weights {what}, router gate and norms bf16, routing bias fp32; group size {group_size}",
         lambda role, layer, n: None if role == ROUTER else q,
         q,
     )

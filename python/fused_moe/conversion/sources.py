@@ -18,8 +18,7 @@ import mlx.core as mx
 
 from fused_moe.checkpoint.safetensors import CheckpointWriter
 from fused_moe.checkpoint.sources import Checkpoint, HFCheckpoint, PackedCheckpoint, QuantizedCheckpoint
-from fused_moe.checkpoint.storage import Stored
-from fused_moe.checkpoint.minimax import block_path
+from fused_moe.checkpoint.storage import Stored, first_and_down, packed_tensors, stack_of, stored_tensors
 from fused_moe.conversion import recipes
 from fused_moe.conversion.plan import from_recipe, fused_config, quantization_config
 from fused_moe.conversion.recipes import Recipe
@@ -27,7 +26,7 @@ from fused_moe.errors import ConversionError
 from fused_moe.packed import spec
 from fused_moe.packed.experts import QuantizedProjection, pack_experts
 
-Expert = tuple[QuantizedProjection, QuantizedProjection, QuantizedProjection]
+Expert = tuple[QuantizedProjection, ...]
 
 
 class SourceConverter:
@@ -39,7 +38,8 @@ class SourceConverter:
         # to nearest (--calibrate); stacked [E, ...] for experts.
         self.override: dict[str, tuple] = {}
 
-    def target(self, recipe: Optional[str], bits: Optional[int], group_size: Optional[int]):
+    def target(self, recipe: Optional[str], bits: Optional[int], group_size: Optional[int],
+               mode: Optional[str] = None):
         """The recipe (None for a copy) and, per unit, how each module is stored."""
         raise NotImplementedError
 
@@ -52,28 +52,33 @@ class SourceConverter:
     def write_module(self, s: Stored, writer: CheckpointWriter, recipe: Optional[Recipe]):
         """Writes one module that is not an expert projection; returns what
         was written for a quantized-from-float module (its float weight, or
-        its (weight, scales, biases)), else None."""
+        its quantized arrays), else None."""
         raise NotImplementedError
 
-    def expert(self, layer: int, experts: dict[str, Stored], e: int, recipe: Optional[Recipe]) -> Expert:
-        """Expert e of a layer as (gate, up, down), each [1, out, ...], as the
-        conversion stores it."""
+    def expert(self, experts: dict[str, Stored], e: int, recipe: Optional[Recipe]) -> Expert:
+        """Expert e of a stack (its projections by name) as its projections in
+        stock order, each [1, out, ...], as the conversion stores it."""
         raise NotImplementedError
 
-    def write_experts(self, layer: int, experts: dict[str, Stored], to: str, writer: CheckpointWriter,
+    def packed_path(self, experts: dict[str, Stored]) -> str:
+        """Where a stack's packed experts are written."""
+        return self.checkpoint.model.packed_path(stack_of(experts))
+
+    def write_experts(self, experts: dict[str, Stored], to: str, writer: CheckpointWriter,
                       recipe: Optional[Recipe]) -> None:
-        """Writes a layer's experts, one at a time, each into its slice of the
-        stacked tensors."""
-        for e in range(self.checkpoint.model.experts):
-            gate, up, down = self.expert(layer, experts, e, recipe)
+        """Writes a stack of experts, one expert at a time, each into its
+        slice of the stacked tensors."""
+        E = next(iter(experts.values())).module.shape[0]
+        for e in range(E):
+            projections = self.expert(experts, e, recipe)
             if to == "packed":
-                packed = pack_experts(gate, up, down)
-                arrays = [a for proj in spec.PROJECTIONS for a in packed.projection(proj)[:3]]
-                names = spec.tensor_names(block_path(layer))
+                packed = pack_experts(*projections)
+                named = {f"{self.packed_path(experts)}.{n}.{a}": x for n in packed.projection_names
+                         for a, x in packed.projection(n).arrays().items()}
             else:
-                arrays = [a for p in (gate, up, down) for a in p[:3]]
-                names = [f"{experts[p].module.path}.{a}" for p in spec.STOCK_PROJECTIONS for a in spec.ARRAYS]
-            for name, a in zip(names, arrays):
+                named = {f"{s.module.path}.{a}": x for s, p in zip(experts.values(), projections)
+                         for a, x in p.arrays().items()}
+            for name, a in named.items():
                 writer.write(name, a[0], index=e)
 
     def _quantization(self, config: dict, recipe: Optional[Recipe]) -> tuple[Optional[dict], Optional[object]]:
@@ -91,20 +96,20 @@ class SourceConverter:
         # mlx-lm writes both keys (mlx_lm.utils.save_config).
         config["quantization_config"] = config["quantization"]
         if to == "packed":
-            config[spec.CONFIG_KEY] = fused_config(units, recipe_name)
+            config[spec.CONFIG_KEY] = fused_config(units, recipe_name, self.checkpoint.model.packed_path)
         return dict(sorted(config.items()))
 
 
 class FromHuggingFace(SourceConverter):
     checkpoint: HFCheckpoint
 
-    def target(self, recipe, bits, group_size):
-        if recipe is None and bits is None:
+    def target(self, recipe, bits, group_size, mode=None):
+        if recipe is None and bits is None and mode is None:
             raise ConversionError(
                 f"{self.checkpoint.path} is a Hugging Face checkpoint: choose --recipe "
-                f"({', '.join(recipes.RECIPES)}) or --bits"
+                f"({', '.join(recipes.RECIPES)}), --bits or --mode"
             )
-        r = recipes.get(recipe) if recipe is not None else recipes.uniform(bits, group_size or 64)
+        r = recipes.get(recipe) if recipe is not None else recipes.uniform(bits, group_size, mode or "affine")
         return r, from_recipe(self.checkpoint.model, r)
 
     def require_original_weights(self, what: str) -> None:
@@ -123,29 +128,31 @@ class FromHuggingFace(SourceConverter):
     def write_module(self, s, writer, recipe):
         m = s.module
         if m.path in self.override:
-            q, scales, biases = self.override[m.path]
+            arrays = self.override[m.path]
         else:
             weight = self.float_weight(s, recipe)
             if s.quant is None:
                 writer.write(m.tensor, weight)
                 return weight
-            q, scales, biases = mx.quantize(weight, group_size=s.quant.group_size, bits=s.quant.bits)
-        for a, array in zip(spec.ARRAYS, (q, scales, biases)):
+            q = s.quant
+            arrays = mx.quantize(weight, group_size=q.group_size, bits=q.bits, mode=q.mode)
+        for a, array in zip(s.quant.arrays, arrays):
             writer.write(f"{m.path}.{a}", array)
-        return q, scales, biases
+        return arrays
 
-    def expert(self, layer, experts, e, recipe):
+    def expert(self, experts, e, recipe):
         # One expert at a time: groups lie within a row, so this equals
         # quantizing the stacked [E, out, in] tensor.
         out = []
-        for proj in spec.STOCK_PROJECTIONS:
-            s = experts[proj]
+        for proj, s in experts.items():
+            q = s.quant
             if s.module.path in self.override:
-                arrays = (a[e:e + 1] for a in self.override[s.module.path])
+                arrays = [a[e:e + 1] for a in self.override[s.module.path]]
             else:
-                weight = self.expert_float(layer, proj, e, recipe)
-                arrays = mx.quantize(weight[None], group_size=s.quant.group_size, bits=s.quant.bits)
-            out.append(QuantizedProjection(*arrays, s.quant.bits, s.quant.group_size))
+                weight = self.expert_float(s.module.layer, proj, e, recipe)
+                arrays = mx.quantize(weight[None], group_size=q.group_size, bits=q.bits, mode=q.mode)
+            biases = arrays[2] if q.mode == "affine" else None
+            out.append(QuantizedProjection(arrays[0], arrays[1], biases, q.bits, q.group_size, q.mode))
         return tuple(out)
 
     def _quantization(self, config, recipe):
@@ -158,9 +165,9 @@ class FromQuantized(SourceConverter):
     # The layout its experts are stored in: copied as they are into it.
     native = "stock"
 
-    def target(self, recipe, bits, group_size):
-        if recipe is not None or bits is not None:
-            flag = "--recipe" if recipe is not None else "--bits"
+    def target(self, recipe, bits, group_size, mode=None):
+        if recipe is not None or bits is not None or mode is not None:
+            flag = "--recipe" if recipe is not None else "--bits" if bits is not None else "--mode"
             raise ConversionError(
                 f"{self.checkpoint.path} is an mlx-lm quantized checkpoint: its experts are repacked "
                 f"losslessly, so {flag} does not apply"
@@ -168,21 +175,20 @@ class FromQuantized(SourceConverter):
         return None, self.checkpoint.stored
 
     def write_module(self, s, writer, recipe):
-        m = s.module
-        for name in ([m.tensor] if s.quant is None else [f"{m.path}.{a}" for a in spec.ARRAYS]):
-            writer.copy(name, self.checkpoint.tensors[name])
+        for t in stored_tensors(s):
+            writer.copy(t.name, self.checkpoint.tensors[t.name])
         return None
 
-    def expert(self, layer, experts, e, recipe):
-        return self.checkpoint.read_expert(layer, e)
+    def expert(self, experts, e, recipe):
+        return self.checkpoint.read_expert(stack_of(experts), e)
 
-    def native_expert_tensors(self, layer: int, experts: dict[str, Stored]) -> list[str]:
-        return [f"{s.module.path}.{a}" for s in experts.values() for a in spec.ARRAYS]
+    def native_expert_tensors(self, experts: dict[str, Stored]) -> list[str]:
+        return [t.name for s in experts.values() for t in stored_tensors(s)]
 
-    def write_experts(self, layer, experts, to, writer, recipe):
+    def write_experts(self, experts, to, writer, recipe):
         if to != self.native:
-            return super().write_experts(layer, experts, to, writer, recipe)
-        for name in self.native_expert_tensors(layer, experts):
+            return super().write_experts(experts, to, writer, recipe)
+        for name in self.native_expert_tensors(experts):
             writer.copy(name, self.checkpoint.tensors[name])
 
     def _quantization(self, config, recipe):
@@ -193,8 +199,8 @@ class FromPacked(FromQuantized):
     checkpoint: PackedCheckpoint
     native = "packed"
 
-    def native_expert_tensors(self, layer, experts):
-        return spec.tensor_names(block_path(layer))
+    def native_expert_tensors(self, experts):
+        return [t.name for t in packed_tensors(self.packed_path(experts), *first_and_down(experts))]
 
 
 CONVERTERS = {HFCheckpoint: FromHuggingFace, QuantizedCheckpoint: FromQuantized, PackedCheckpoint: FromPacked}

@@ -1,4 +1,4 @@
-"""`load`: open a MiniMax checkpoint, stock or packed, as a patched mlx-lm model."""
+"""`load`: open an mlx-lm MoE checkpoint, stock or packed, as a patched model."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from mlx.utils import tree_unflatten
 from mlx_lm import utils
+from mlx_lm.models import minimax
 
 from fused_moe.checkpoint.files import read_config
-from fused_moe.checkpoint.minimax import BLOCK_ATTR, block_path
+from fused_moe.checkpoint.minimax import MODEL_TYPES, block_path
 from fused_moe.checkpoint.safetensors import read_header
 from fused_moe.checkpoint.sources import HFCheckpoint, open_checkpoint
-from fused_moe.errors import CheckpointError
+from fused_moe.errors import CheckpointError, UnsupportedError
+from fused_moe.models.experts import FusedExperts
 from fused_moe.models.minimax_moe import MiniMaxMoE
-from fused_moe.models.patch import check_minimax, patch, swap_dense_layers
+from fused_moe.models.patch import EXPERT_CLASSES, patch, swap_dense_layers
 from fused_moe.models.tensor_parallel import check_split, read_own_experts, shard
 from fused_moe.packed import spec
 
@@ -58,7 +61,7 @@ def check_checkpoint(model_path: Path, where: str) -> None:
     before mlx-lm or MLX's own safetensors loader reads a byte: MLX's loader
     accepts negative and overflowing shapes. Raises a one-line
     CheckpointError naming the file and the tensor."""
-    spec.packed_layers(read_config(model_path), where)  # a newer format says so first
+    spec.packed_experts(read_config(model_path), where)  # a newer format says so first
     checkpoint = open_checkpoint(model_path)
     if isinstance(checkpoint, HFCheckpoint):
         raise CheckpointError(
@@ -71,27 +74,28 @@ def check_checkpoint(model_path: Path, where: str) -> None:
         read_header(file)
 
 
-def _packed_model_factory(model_class, layers: dict, where: str):
+def _packed_model_factory(model_class, packed: dict, where: str):
     """A model constructor for `mlx_lm.utils.load_model` that builds the stock
-    model, then puts a `MiniMaxMoE` with each layer's recorded bits where the
-    stock block was, so the packed tensors load by name."""
+    model, then puts an empty fused module of the recorded settings wherever
+    the packed checkpoint has experts (MiniMax's fused block at a
+    "fused_experts" path, a FusedExperts in place of a SwitchGLU/SwitchMLP
+    anywhere else), so the packed tensors load by name."""
 
     def build(args) -> nn.Module:
         model = model_class(args)
-        check_minimax(model, where)
-        for i, layer in enumerate(model.layers):
-            path = block_path(i)
-            if path not in layers:
-                raise ValueError(f"{where}: config.json has no {spec.CONFIG_KEY} entry for {path}")
-            gate_up, down = (layers[path][p] for p in spec.PROJECTIONS)
-            fused = MiniMaxMoE(
-                args,
-                bits=gate_up["bits"],
-                group_size=gate_up["group_size"],
-                down_bits=down["bits"],
-                down_group_size=down["group_size"],
-            )
-            layer.update_modules({BLOCK_ATTR: fused})
+        modules = dict(model.named_modules())
+        swaps = []
+        for path, specs in packed.items():
+            parent, _, name = path.rpartition(".")
+            if name == spec.MODULE_NAME and type(modules.get(parent)) is minimax.MiniMaxSparseMoeBlock:
+                swaps.append((parent, MiniMaxMoE(args, specs=specs)))
+            elif type(modules.get(path)) in EXPERT_CLASSES:
+                swaps.append((path, FusedExperts.placeholder(modules[path], specs, mx.float32)))
+            else:
+                found = type(modules[path]).__name__ if path in modules else "nothing"
+                raise CheckpointError(f"{where}: config.json describes packed experts at {path}, where the "
+                                      f"{type(model).__module__} model has {found}")
+        model.update_modules(tree_unflatten(swaps))
         return model
 
     return build
@@ -136,6 +140,9 @@ def _load_sharded(model_path: Path, config: dict, layers, group, where: str, kwa
     own slice of every expert tensor from the files."""
     if unsupported := sorted(set(kwargs) - set(SHARDED_LOAD_KWARGS)):
         raise TypeError(f"{where}: {unsupported} cannot be combined with tensor_group")
+    if config.get("model_type") not in MODEL_TYPES:
+        raise UnsupportedError(f"{where}: tensor parallelism takes MiniMax models ({', '.join(MODEL_TYPES)}), "
+                               f"not model_type {config.get('model_type')!r}")
     trust = kwargs.get("trust_remote_code", False)
     if layers is None:
         _stock_split_check(config, group.size(), where)
@@ -159,7 +166,8 @@ def _load_sharded(model_path: Path, config: dict, layers, group, where: str, kwa
 
 
 def load(path: str, *, tensor_group=None, **kwargs: Any):
-    """Loads a MiniMax checkpoint as an mlx-lm model with fused MoE layers.
+    """Loads an mlx-lm MoE checkpoint (any model type mlx-lm runs) as a model
+    with fused experts.
 
     * A stock mlx-lm checkpoint (quantized experts) is loaded by mlx-lm and
       then :func:`fused_moe.patch`-ed, layer by layer.
@@ -173,7 +181,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     ``model_config``, ``adapter_path``, ``lazy``, ``return_config``,
     ``revision``, ``trust_remote_code``), as for ``mlx_lm.load``.
 
-    With ``tensor_group`` (an ``mx.distributed.Group``), the model is sharded
+    With ``tensor_group`` (an ``mx.distributed.Group``; MiniMax only), the model is sharded
     over the group's ranks as :func:`fused_moe.shard` does (a stock checkpoint
     as mlx-lm's ``sharded_load`` does, then patched); each rank reads only its
     own slice of every expert tensor from the files. Only
@@ -193,7 +201,7 @@ def load(path: str, *, tensor_group=None, **kwargs: Any):
     check_checkpoint(Path(model_path), where)
     config = utils.load_config(Path(model_path))
     config.update(kwargs.get("model_config") or {})
-    layers = spec.packed_layers(config, where)
+    layers = spec.packed_experts(config, where)
 
     if tensor_group is not None:
         return _load_sharded(Path(model_path), config, layers, tensor_group, where, kwargs)

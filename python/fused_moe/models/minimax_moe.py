@@ -11,20 +11,9 @@ from mlx.nn.layers.distributed import sum_gradients
 from fused_moe.ops.experts import down_combine, gate_up_swiglu
 from fused_moe.ops.router import route
 from fused_moe.packed import spec
-from fused_moe.packed.experts import PackedExperts, QuantizedProjection, pack_experts
+from fused_moe.packed.experts import PackedExperts, empty_projection, pack_experts
+from fused_moe.packed.spec import ProjectionSpec
 from fused_moe.supported import width_unsupported
-
-
-def _placeholder_projection(experts: int, rows: int, cols: int, bits: int, group_size: int) -> QuantizedProjection:
-    # Lazy zeros with the exact shapes a checkpoint must supply; loading
-    # replaces them before anything evaluates them, so nothing is allocated.
-    return QuantizedProjection(
-        mx.zeros((experts, rows, cols * bits // 32), dtype=mx.uint32),
-        mx.zeros((experts, rows, cols // group_size)),
-        mx.zeros((experts, rows, cols // group_size)),
-        bits,
-        group_size,
-    )
 
 
 def _check_divisible(what: str, dims: int, bits: int, group_size: int) -> None:
@@ -47,8 +36,10 @@ class MiniMaxMoE(nn.Module):
 
     Args:
         args: mlx-lm's MiniMax ``ModelArgs``.
-        bits, group_size: quantization of the gate/up projections.
+        bits, group_size: affine quantization of the gate/up projections.
         down_bits, down_group_size: of the down projection (default: the same).
+        specs: instead, each projection's stored form ({"gate_up": ...,
+            "down": ...}, any mode), as a packed checkpoint records it.
     """
 
     def __init__(
@@ -59,16 +50,21 @@ class MiniMaxMoE(nn.Module):
         group_size: int = 64,
         down_bits: Optional[int] = None,
         down_group_size: Optional[int] = None,
+        specs: Optional[dict[str, ProjectionSpec]] = None,
     ):
         super().__init__()
-        down_bits = bits if down_bits is None else down_bits
-        down_group_size = group_size if down_group_size is None else down_group_size
+        if specs is None:
+            down_bits = bits if down_bits is None else down_bits
+            down_group_size = group_size if down_group_size is None else down_group_size
+            specs = {spec.GATE_UP: ProjectionSpec("affine", bits, group_size),
+                     spec.DOWN: ProjectionSpec("affine", down_bits, down_group_size)}
         D, H, E = args.hidden_size, args.intermediate_size, args.num_local_experts
-        _check_divisible("hidden_size", D, bits, group_size)
-        _check_divisible("intermediate_size", H, down_bits, down_group_size)
+        gate_up, down = specs[spec.GATE_UP], specs[spec.DOWN]
+        _check_divisible("hidden_size", D, gate_up.bits, gate_up.group_size)
+        _check_divisible("intermediate_size", H, down.bits, down.group_size)
         packed = PackedExperts(
-            _placeholder_projection(E, 2 * H, D, bits, group_size),
-            _placeholder_projection(E, D, H, down_bits, down_group_size),
+            empty_projection(E, 2 * H, D, gate_up, mx.float32),
+            empty_projection(E, D, H, down, mx.float32),
         )
         self._init_parts(
             nn.Linear(D, E, bias=False),
@@ -119,10 +115,12 @@ class MiniMaxMoE(nn.Module):
 
         inds, weights = self.route(x)
         experts = self.experts
-        # The kernels take activations in the dtype of the scales; the result
-        # has the dtype stock would give (x promoted with the scales).
-        out_dtype = mx.result_type(x.dtype, experts.dtype)
-        h = gate_up_swiglu(x.astype(experts.dtype), experts, inds)
+        # The kernels take activations in the dtype of the affine scales (any
+        # float dtype when there are none); the result has the dtype stock
+        # would give (x promoted with the scales).
+        dtype = experts.dtype or x.dtype
+        out_dtype = mx.result_type(x.dtype, dtype)
+        h = gate_up_swiglu(x.astype(dtype), experts, inds)
         y = down_combine(h, experts, inds, weights).astype(out_dtype)
 
         if self.sharding_group is not None:

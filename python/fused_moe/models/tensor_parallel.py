@@ -17,11 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from fused_moe.checkpoint.minimax import BLOCK_ATTR, block_path
-from fused_moe.checkpoint.safetensors import read_header, read_slice
+from fused_moe.checkpoint.safetensors import read_header, read_slice, read_tensor
 from fused_moe.models.minimax_moe import MiniMaxMoE
 from fused_moe.models.patch import check_minimax
 from fused_moe.packed import spec
-from fused_moe.packed.experts import PackedExperts, QuantizedProjection
+from fused_moe.packed.experts import PackedExperts
 
 
 def check_split(H: int, ranks: int, group_size: int, where: str) -> None:
@@ -35,39 +35,44 @@ def check_split(H: int, ranks: int, group_size: int, where: str) -> None:
         )
 
 
-def own_slice(proj: str, H: int, ranks: int, rank: int, bits: int, group_size: int) -> dict:
-    """{array: (axis, start, stop)}: rank `rank`'s part of one projection of
-    expert width H, packed ("gate_up", "down") or stock ("gate_proj",
-    "up_proj", "down_proj"): rows of gate/up (gate_up rows come in pairs),
-    whole groups of the columns of down."""
+def own_slice(proj: str, H: int, ranks: int, rank: int, bits: int, group_size: int,
+              arrays: tuple[str, ...] = spec.ARRAYS) -> dict:
+    """{array: (axis, start, stop) or None for whole}: rank `rank`'s part of
+    one projection of expert width H, packed ("gate_up", "down") or stock
+    ("gate_proj", "up_proj", "down_proj"): rows of gate/up (gate_up rows come
+    in pairs), whole groups of the columns of down; a per-expert tensor
+    scale is every rank's."""
     h = H // ranks
     a, b = rank * h, (rank + 1) * h
-    if proj in spec.STOCK_PROJECTIONS[:2]:
-        return {arr: (1, a, b) for arr in spec.ARRAYS}
-    if proj == "gate_up":
-        return {arr: (1, 2 * a, 2 * b) for arr in spec.ARRAYS}
-    return {
-        "weight": (2, a * bits // 32, b * bits // 32),
-        "scales": (2, a // group_size, b // group_size),
-        "biases": (2, a // group_size, b // group_size),
-    }
+    if proj == spec.DOWN or proj == "down_proj":
+        cols = {"weight": (2, a * bits // 32, b * bits // 32),
+                "scales": (2, a // group_size, b // group_size),
+                "biases": (2, a // group_size, b // group_size)}
+    else:
+        pair = 2 if proj == spec.GATE_UP else 1
+        cols = {arr: (1, pair * a, pair * b) for arr in ("weight", "scales", "biases", "bias")}
+    cols["global_scale"] = None
+    return {arr: cols[arr] for arr in arrays}
 
 
 def slice_experts(experts: PackedExperts, rank: int, ranks: int) -> PackedExperts:
     """Rank `rank`'s slice ``H[r·H/N : (r+1)·H/N]`` of the packed experts."""
     H = experts.intermediate_dims
     projections = []
-    for proj in spec.PROJECTIONS:
+    for proj in experts.projection_names:
         q = experts.projection(proj)
-        parts = own_slice(proj, H, ranks, rank, q.bits, q.group_size)
-        arrays = []
-        for arr, a in zip(spec.ARRAYS, q[:3]):
-            axis, start, stop = parts[arr]
+        parts = own_slice(proj, H, ranks, rank, q.bits, q.group_size, q.spec.arrays())
+
+        def take(name, a):
+            if parts[name] is None:
+                return a
+            axis, start, stop = parts[name]
             index = (slice(None),) * axis + (slice(start, stop),)
             # contiguous: the slice must not keep the whole array alive.
-            arrays.append(mx.contiguous(a[index]))
-        projections.append(QuantizedProjection(*arrays, q.bits, q.group_size))
-    return PackedExperts(*projections)
+            return mx.contiguous(a[index])
+
+        projections.append(q.map_arrays(take))
+    return PackedExperts(*projections, gated=experts.gated)
 
 
 def _checkpoint_index(model_path: Path) -> dict:
@@ -89,7 +94,7 @@ def read_own_experts(model: nn.Module, model_path: Path, group, H: int) -> None:
     def read(name: str, part) -> mx.array:
         if name not in index:
             raise ValueError(f"{model_path}: the checkpoint has no tensor {name}")
-        return read_slice(index[name], *part)
+        return read_tensor(index[name]) if part is None else read_slice(index[name], *part)
 
     for i, layer in enumerate(model.layers):
         block, path = getattr(layer, BLOCK_ATTR), block_path(i)
@@ -97,9 +102,9 @@ def read_own_experts(model: nn.Module, model_path: Path, group, H: int) -> None:
             projections = []
             for proj in spec.PROJECTIONS:
                 q = block.experts.projection(proj)
-                parts = own_slice(proj, H, ranks, rank, q.bits, q.group_size)
-                arrays = [read(f"{path}.{spec.MODULE_NAME}.{proj}.{arr}", parts[arr]) for arr in spec.ARRAYS]
-                projections.append(QuantizedProjection(*arrays, q.bits, q.group_size))
+                parts = own_slice(proj, H, ranks, rank, q.bits, q.group_size, q.spec.arrays())
+                projections.append(q.map_arrays(
+                    lambda arr, _: read(f"{path}.{spec.MODULE_NAME}.{proj}.{arr}", parts[arr])))
             setattr(block, spec.MODULE_NAME, PackedExperts(*projections))
         else:
             glu = block.switch_mlp
@@ -110,8 +115,9 @@ def read_own_experts(model: nn.Module, model_path: Path, group, H: int) -> None:
                         f"{model_path}: {path}: the experts are not quantized; "
                         f"fused_moe shards quantized experts only"
                     )
-                parts = own_slice(proj, H, ranks, rank, module.bits, module.group_size)
-                module.update({arr: read(f"{path}.switch_mlp.{proj}.{arr}", parts[arr]) for arr in spec.ARRAYS})
+                arrays = tuple(a for a in (*spec.ARRAYS, *spec.OPTIONAL_ARRAYS) if a in module)
+                parts = own_slice(proj, H, ranks, rank, module.bits, module.group_size, arrays)
+                module.update({arr: read(f"{path}.switch_mlp.{proj}.{arr}", parts[arr]) for arr in arrays})
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
 
@@ -147,8 +153,11 @@ def shard(model: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.
         if isinstance(getattr(layer, BLOCK_ATTR), MiniMaxMoE)
     ]
     for i, _, block in fused:
-        experts = block.experts
-        check_split(experts.intermediate_dims, ranks, experts.down_group_size, f"fused_moe.shard: {block_path(i)}")
+        down = block.experts.projection(spec.DOWN)
+        if down.bias is not None:
+            raise ValueError(f"fused_moe.shard: {block_path(i)}: the experts' down projection adds a bias, "
+                             f"which the ranks' sum would count N times")
+        check_split(block.experts.intermediate_dims, ranks, down.group_size, f"fused_moe.shard: {block_path(i)}")
     args = model.args
     for name in ("num_attention_heads", "num_key_value_heads"):
         if getattr(args, name) % ranks:

@@ -1,45 +1,67 @@
-"""Packing stock MLX quantized experts into the fused_moe layout, and back.
+"""Packing mlx-lm's quantized experts into the fused_moe layout, and back.
 
 The layout (docs/FORMAT.md, version spec.FORMAT_VERSION):
 
-* ``gate_up.weight`` ``[E, 2H, D*bits/32]`` uint32: gate row r at 2r, up row r
-  at 2r+1, each row in MLX's own bit packing. ``gate_up.scales`` and
-  ``gate_up.biases`` ``[E, 2H, D/group_size]`` follow the same row order.
-* ``down.weight`` ``[E, D, H*bits/32]`` and its scales and biases are MLX's
-  stock arrays, unchanged.
+* gated experts (mlx-lm's ``SwitchGLU``): ``gate_up.weight`` ``[E, 2H,
+  D*bits/32]`` uint32, gate row r at 2r, up row r at 2r+1, each row in MLX's
+  own packing; the scales (and the affine biases, the expert bias)
+  follow the same row order;
+* non-gated experts (``SwitchMLP``): ``up`` holds fc1's rows as they are;
+* ``down`` holds the down projection (fc2) as MLX stores it, unchanged.
 
 Packing only moves whole rows, so it is lossless, and a slice of rows
 ``[2a, 2b)`` of gate_up with columns ``[a*gsw, b*gsw)`` of down equals the
 packing of the stock arrays sliced to ``H[a:b]``.
 """
 
-from typing import NamedTuple
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from fused_moe.packed.spec import FORMAT_VERSION, check_format_version
-from fused_moe.supported import SUPPORTED_BITS, SUPPORTED_DTYPES, grid_unsupported, quantization_unsupported
+from fused_moe.packed import spec
+from fused_moe.packed.spec import DOWN, GATE_UP, UP, ProjectionSpec, check_format_version
+from fused_moe.supported import SUPPORTED_DTYPES, expert_quantization_unsupported, quantization_unsupported
 
 
 class QuantizedProjection(NamedTuple):
-    """One stacked projection in MLX's affine format: weight [E, out, in*bits/32]."""
+    """One stacked projection as MLX quantizes it: ``weight`` ``[E, out,
+    in*bits/32]`` uint32, ``scales`` ``[E, out, in/group_size]`` (the
+    activations' float dtype in the affine mode, uint8 in the fp modes),
+    ``biases`` like the scales (affine only, else None), an optional additive
+    ``bias`` ``[E, out]`` and, for nvfp4, an optional ``global_scale`` ``[E]``
+    float32."""
 
     weight: mx.array
     scales: mx.array
-    biases: mx.array
+    biases: Optional[mx.array]
     bits: int
     group_size: int
+    mode: str = "affine"
+    bias: Optional[mx.array] = None
+    global_scale: Optional[mx.array] = None
 
+    @property
+    def spec(self) -> ProjectionSpec:
+        return ProjectionSpec(self.mode, self.bits, self.group_size, self.bias is not None,
+                              self.global_scale is not None)
 
-def _check_grid(what: str, bits: int, group_size: int) -> None:
-    if reason := grid_unsupported(bits, group_size):
-        raise ValueError(f"{what}: {reason}")
+    def arrays(self) -> dict[str, mx.array]:
+        """Its arrays by name, those it has only (spec.arrays() order)."""
+        return {name: getattr(self, name) for name in self.spec.arrays()}
+
+    def map_arrays(self, f) -> "QuantizedProjection":
+        """The same projection with `f(name, array)` applied to each array."""
+        return self._replace(**{name: f(name, a) for name, a in self.arrays().items()})
 
 
 def _check_projection(what: str, p: QuantizedProjection) -> tuple[int, int, int]:
     """Checks one projection; returns (E, out, in)."""
-    _check_grid(what, p.bits, p.group_size)
+    if reason := expert_quantization_unsupported(p.mode, p.bits, p.group_size):
+        raise ValueError(f"{what}: {reason}")
     if p.weight.dtype != mx.uint32 or p.weight.ndim != 3:
         raise ValueError(
             f"{what}.weight must be a uint32 array [E, out, in*bits/32], got "
@@ -53,164 +75,241 @@ def _check_projection(what: str, p: QuantizedProjection) -> tuple[int, int, int]
         )
     cols = words * 32 // p.bits
     expected = (E, out, cols // p.group_size)
+    affine = p.mode == "affine"
+    if affine != (p.biases is not None):
+        raise ValueError(f"{what}.biases: the affine mode has them, {p.mode} has none; got "
+                         f"{'none' if p.biases is None else 'biases'} for mode {p.mode}")
     for name, a in (("scales", p.scales), ("biases", p.biases)):
         if a is None:
-            raise ValueError(f"{what}.{name} is missing: only affine quantization is supported")
+            continue
         if tuple(a.shape) != expected:
             raise ValueError(
                 f"{what}.{name} has shape {tuple(a.shape)}, expected {expected} "
                 f"for weight {tuple(p.weight.shape)} at {p.bits} bits, "
                 f"group_size={p.group_size}"
             )
-        if a.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{what}.{name} has dtype {a.dtype}; supported: float16, bfloat16, float32"
-            )
-    if p.scales.dtype != p.biases.dtype:
-        raise ValueError(
-            f"{what}.scales is {p.scales.dtype} but {what}.biases is {p.biases.dtype}"
-        )
+        if affine and a.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{what}.{name} has dtype {a.dtype}; supported: float16, bfloat16, float32")
+        if not affine and a.dtype != mx.uint8:
+            raise ValueError(f"{what}.{name} has dtype {a.dtype}; mode {p.mode} stores uint8 scales")
+    if affine and p.scales.dtype != p.biases.dtype:
+        raise ValueError(f"{what}.scales is {p.scales.dtype} but {what}.biases is {p.biases.dtype}")
+    if p.bias is not None and (tuple(p.bias.shape) != (E, out) or p.bias.dtype not in SUPPORTED_DTYPES):
+        raise ValueError(f"{what}.bias must be a float array [E, out] = [{E}, {out}], got "
+                         f"{p.bias.dtype} {tuple(p.bias.shape)}")
+    if p.global_scale is not None:
+        if p.mode != "nvfp4":
+            raise ValueError(f"{what}.global_scale: only nvfp4 has a tensor scale, not {p.mode}")
+        if tuple(p.global_scale.shape) != (E,) or p.global_scale.dtype != mx.float32:
+            raise ValueError(f"{what}.global_scale must be float32 [E] = [{E}], got "
+                             f"{p.global_scale.dtype} {tuple(p.global_scale.shape)}")
     return E, out, cols
 
 
 def _as_projection(what: str, obj) -> QuantizedProjection:
     if isinstance(obj, nn.Module):
         # QuantizedSwitchLinear from mlx_lm.models.switch_layers.
-        if reason := quantization_unsupported(obj, SUPPORTED_BITS, additive_bias=False):
+        if reason := quantization_unsupported(obj, experts=True):
             hint = "; quantize the experts first (e.g. mlx_lm.convert -q)" if "not quantized" in reason else ""
             raise ValueError(f"{what} cannot be packed: {reason}{hint}")
-        return QuantizedProjection(obj["weight"], obj["scales"], obj["biases"], obj.bits, obj.group_size)
+        return QuantizedProjection(
+            obj["weight"], obj["scales"], obj.get("biases"), obj.bits, obj.group_size,
+            getattr(obj, "mode", "affine"), obj.get("bias"), getattr(obj, "global_scale", None))
+    if isinstance(obj, QuantizedProjection):
+        return obj
     if isinstance(obj, tuple) and len(obj) == 5:
         return QuantizedProjection(*obj)
     raise TypeError(
-        f"{what} must be a QuantizedSwitchLinear or a tuple (weight, scales, "
-        f"biases, bits, group_size), got {type(obj).__name__}"
+        f"{what} must be a QuantizedSwitchLinear, a QuantizedProjection or a tuple "
+        f"(weight, scales, biases, bits, group_size), got {type(obj).__name__}"
     )
 
 
 class PackedExperts(nn.Module):
     """The expert weights of one MoE layer in the fused_moe layout.
 
-    Parameters: ``gate_up.{weight,scales,biases}`` and
-    ``down.{weight,scales,biases}`` (see docs/FORMAT.md). The integer
-    metadata is kept as plain attributes.
+    Parameters: ``gate_up`` (gated experts) or ``up`` (non-gated), and
+    ``down``, each a dict of its arrays (``weight``, ``scales``, and
+    ``biases``, ``bias``, ``global_scale`` where it has them; see
+    docs/FORMAT.md). The quantization settings are plain attributes.
     """
 
     def __init__(
         self,
-        gate_up: QuantizedProjection,
+        first: QuantizedProjection,
         down: QuantizedProjection,
         *,
-        format_version: int = FORMAT_VERSION,
+        gated: bool = True,
+        format_version: int = spec.FORMAT_VERSION,
     ):
         super().__init__()
         check_format_version(format_version, "PackedExperts")
-        E, two_h, D = _check_projection("gate_up", gate_up)
-        if two_h % 2:
+        name = GATE_UP if gated else UP
+        E, rows, D = _check_projection(name, first)
+        if gated and rows % 2:
+            raise ValueError(f"gate_up.weight has {rows} rows; interleaved gate/up rows must be even")
+        H = rows // 2 if gated else rows
+        E_d, D_d, H_d = _check_projection(DOWN, down)
+        if (E_d, D_d, H_d) != (E, D, H):
             raise ValueError(
-                f"gate_up.weight has {two_h} rows; interleaved gate/up rows must be even"
+                f"down.weight {tuple(down.weight.shape)} does not match {name} (E={E}, D={D}, H={H})"
             )
-        E_d, D_d, H = _check_projection("down", down)
-        if (E_d, D_d, H) != (E, D, two_h // 2):
-            raise ValueError(
-                f"down.weight {tuple(down.weight.shape)} does not match gate_up "
-                f"(E={E}, D={D}, H={two_h // 2})"
-            )
-        if gate_up.scales.dtype != down.scales.dtype:
-            raise ValueError(
-                f"gate_up scales are {gate_up.scales.dtype} but down scales are "
-                f"{down.scales.dtype}"
-            )
-        self.gate_up = {"weight": gate_up.weight, "scales": gate_up.scales, "biases": gate_up.biases}
-        self.down = {"weight": down.weight, "scales": down.scales, "biases": down.biases}
-        self.gate_up_bits, self.gate_up_group_size = gate_up.bits, gate_up.group_size
-        self.down_bits, self.down_group_size = down.bits, down.group_size
+        if first.mode == "affine" and down.mode == "affine" and first.scales.dtype != down.scales.dtype:
+            raise ValueError(f"{name} scales are {first.scales.dtype} but down scales are {down.scales.dtype}")
+        self.gated = gated
+        # The settings without the arrays (a mapping nn.Module keeps as a
+        # plain attribute, not as parameters).
+        self._settings = MappingProxyType({name: first._replace(**dict.fromkeys(first.arrays())),
+                                           DOWN: down._replace(**dict.fromkeys(down.arrays()))})
+        self[name] = first.arrays()
+        self[DOWN] = down.arrays()
         self.format_version = format_version
         self.freeze()
 
     @property
+    def projection_names(self) -> tuple[str, str]:
+        return (GATE_UP if self.gated else UP), DOWN
+
+    @property
     def num_experts(self) -> int:
-        return self.down["weight"].shape[0]
+        return self[DOWN]["weight"].shape[0]
 
     @property
     def hidden_dims(self) -> int:
         """D: the model width, input of gate/up and output of down."""
-        return self.down["weight"].shape[1]
+        return self[DOWN]["weight"].shape[1]
 
     @property
     def intermediate_dims(self) -> int:
         """H: the expert width."""
-        return self.gate_up["weight"].shape[1] // 2
+        rows = self[self.projection_names[0]]["weight"].shape[1]
+        return rows // 2 if self.gated else rows
 
     @property
-    def dtype(self) -> mx.Dtype:
-        """The activation dtype the kernels expect: that of the scales."""
-        return self.gate_up["scales"].dtype
+    def dtype(self) -> Optional[mx.Dtype]:
+        """The activation dtype the kernels expect: that of the affine scales
+        (of gate/up, else of down), or None when both are fp modes (any float
+        dtype then)."""
+        for name in self.projection_names:
+            if self._settings[name].mode == "affine":
+                return self[name]["scales"].dtype
+        return None
+
+    # The settings by projection, as attributes (docs/FORMAT.md).
+    @property
+    def gate_up_bits(self) -> int:
+        return self._settings[self.projection_names[0]].bits
+
+    @property
+    def gate_up_group_size(self) -> int:
+        return self._settings[self.projection_names[0]].group_size
+
+    @property
+    def down_bits(self) -> int:
+        return self._settings[DOWN].bits
+
+    @property
+    def down_group_size(self) -> int:
+        return self._settings[DOWN].group_size
 
     def projection(self, name: str) -> QuantizedProjection:
-        """The packed arrays of "gate_up" or "down" with their bits and group size."""
-        arrays = self[name]
-        bits = getattr(self, f"{name}_bits")
-        group_size = getattr(self, f"{name}_group_size")
-        return QuantizedProjection(arrays["weight"], arrays["scales"], arrays["biases"], bits, group_size)
+        """A projection ("gate_up", "up" or "down") with its settings."""
+        return self._settings[name]._replace(**self[name])
+
+    def specs(self) -> dict[str, ProjectionSpec]:
+        """Each projection's stored form, as a packed config records it."""
+        return {name: self._settings[name].spec for name in self.projection_names}
 
     def _extra_repr(self) -> str:
+        def describe(p: QuantizedProjection) -> str:
+            q = f"{p.bits}bit" if p.mode == "affine" else p.mode
+            return f"{q}/g{p.group_size}" + ("+bias" if p.bias is not None else "")
+
+        first, down = (self._settings[n] for n in self.projection_names)
         return (
             f"E={self.num_experts}, D={self.hidden_dims}, H={self.intermediate_dims}, "
-            f"gate_up={self.gate_up_bits}bit/g{self.gate_up_group_size}, "
-            f"down={self.down_bits}bit/g{self.down_group_size}, format_version={self.format_version}"
+            f"{self.projection_names[0]}={describe(first)}, down={describe(down)}, "
+            f"format_version={self.format_version}"
         )
+
+
+def empty_projection(E: int, rows: int, cols: int, s: ProjectionSpec, dtype: mx.Dtype) -> QuantizedProjection:
+    """Lazy zeros of the shapes a projection of `rows` x `cols` stored as `s`
+    has, with the affine scales (and the bias) in `dtype`: a placeholder that
+    loading a checkpoint replaces before anything evaluates it, so nothing is
+    allocated."""
+    scale_dtype = dtype if s.mode == "affine" else mx.uint8
+    groups = (E, rows, cols // s.group_size)
+    return QuantizedProjection(
+        mx.zeros((E, rows, cols * s.bits // 32), dtype=mx.uint32),
+        mx.zeros(groups, dtype=scale_dtype),
+        mx.zeros(groups, dtype=scale_dtype) if s.mode == "affine" else None,
+        s.bits, s.group_size, s.mode,
+        mx.zeros((E, rows), dtype=dtype) if s.bias else None,
+        mx.zeros((E,), dtype=mx.float32) if s.global_scale else None,
+    )
 
 
 def _interleave_rows(a: mx.array, b: mx.array) -> mx.array:
-    """[E, H, c] and [E, H, c] -> [E, 2H, c] with a's row r at 2r, b's at 2r+1."""
-    return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], a.shape[2])
+    """[E, H, ...] and [E, H, ...] -> [E, 2H, ...] with a's row r at 2r, b's at 2r+1."""
+    return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
 
 
-def pack_experts(gate, up=None, down=None) -> PackedExperts:
+def _gate_up(g: QuantizedProjection, u: QuantizedProjection) -> QuantizedProjection:
+    if g.spec != u.spec:
+        raise ValueError(f"gate ({g.spec}) and up ({u.spec}) must share their quantization to be packed")
+    if g.global_scale is not None and not mx.array_equal(g.global_scale, u.global_scale).item():
+        raise ValueError("gate and up have different nvfp4 tensor scales; the packed rows share one per "
+                         "expert, so they cannot be packed")
+    interleaved = {name: _interleave_rows(a, u.arrays()[name]) for name, a in g.arrays().items()
+                   if name != "global_scale"}
+    return g._replace(**interleaved)
+
+
+def pack_experts(*projections) -> PackedExperts:
     """Packs quantized expert projections into a :class:`PackedExperts`.
 
-    Accepts either one mlx-lm ``SwitchGLU`` with quantized projections, or
-    ``gate``, ``up`` and ``down`` each as a ``QuantizedSwitchLinear`` or a
-    tuple ``(weight, scales, biases, bits, group_size)``. Lossless:
-    :func:`unpack_experts` gives back bit-identical arrays.
+    Accepts one mlx-lm ``SwitchGLU`` (gated) or ``SwitchMLP`` (not gated)
+    with quantized projections, or the projections themselves, each a
+    ``QuantizedSwitchLinear``, a :class:`QuantizedProjection` or a tuple
+    ``(weight, scales, biases, bits, group_size)``: ``gate, up, down``
+    (gated) or ``fc1, fc2``. Lossless: :func:`unpack_experts` gives back
+    bit-identical arrays.
     """
-    if up is None and down is None and isinstance(gate, nn.Module) and "gate_proj" in gate:
-        gate, up, down = gate["gate_proj"], gate["up_proj"], gate["down_proj"]
-    if up is None or down is None:
-        raise TypeError("pack_experts takes a SwitchGLU, or gate, up and down")
-    g, u, d = (_as_projection(n, p) for n, p in (("gate", gate), ("up", up), ("down", down)))
-    shape_g = _check_projection("gate", g)
-    shape_u = _check_projection("up", u)
-    if (g.bits, g.group_size) != (u.bits, u.group_size):
-        raise ValueError(
-            f"gate ({g.bits}-bit, group_size={g.group_size}) and up ({u.bits}-bit, "
-            f"group_size={u.group_size}) must share bits and group size"
-        )
-    if shape_g != shape_u or g.scales.dtype != u.scales.dtype:
-        raise ValueError(
-            f"gate {tuple(g.weight.shape)} {g.scales.dtype} and up "
-            f"{tuple(u.weight.shape)} {u.scales.dtype} must match"
-        )
-    gate_up = QuantizedProjection(
-        _interleave_rows(g.weight, u.weight),
-        _interleave_rows(g.scales, u.scales),
-        _interleave_rows(g.biases, u.biases),
-        g.bits,
-        g.group_size,
-    )
-    return PackedExperts(gate_up, d)
+    if len(projections) == 1 and isinstance(projections[0], nn.Module):
+        module = projections[0]
+        names = spec.STOCK_PROJECTIONS if "gate_proj" in module else spec.STOCK_MLP_PROJECTIONS
+        if not all(n in module for n in names):
+            raise TypeError(f"pack_experts takes a SwitchGLU or SwitchMLP, got a {type(module).__name__}")
+        projections = tuple(module[n] for n in names)
+    if len(projections) == 2:
+        fc1, fc2 = (_as_projection(n, p) for n, p in zip(spec.STOCK_MLP_PROJECTIONS, projections))
+        return PackedExperts(fc1, fc2, gated=False)
+    if len(projections) != 3:
+        raise TypeError("pack_experts takes a SwitchGLU or SwitchMLP, or gate, up and down, or fc1 and fc2")
+    g, u, d = (_as_projection(n, p) for n, p in zip(("gate", "up", "down"), projections))
+    for name, p in (("gate", g), ("up", u)):
+        _check_projection(name, p)
+    if g.weight.shape != u.weight.shape:
+        raise ValueError(f"gate {tuple(g.weight.shape)} and up {tuple(u.weight.shape)} must match")
+    if g.mode == "affine" and g.scales.dtype != u.scales.dtype:
+        raise ValueError(f"gate scales {g.scales.dtype} and up scales {u.scales.dtype} must match")
+    return PackedExperts(_gate_up(g, u), d)
 
 
 def unpack_experts(packed: PackedExperts):
-    """Returns ``(gate, up, down)`` as :class:`QuantizedProjection` tuples,
-    bit-identical to what was packed."""
-    gu = packed.projection("gate_up")
+    """Returns ``(gate, up, down)`` (gated) or ``(fc1, fc2)`` as
+    :class:`QuantizedProjection` tuples, bit-identical to what was packed."""
+    if not packed.gated:
+        return packed.projection(UP), packed.projection(DOWN)
+    gu = packed.projection(GATE_UP)
 
-    def rows(a: mx.array, parity: int) -> mx.array:
-        E, two_h, c = a.shape
-        return a.reshape(E, two_h // 2, 2, c)[:, :, parity, :]
+    def rows(parity: int):
+        def take(name, a):
+            if name == "global_scale":
+                return a
+            E, two_h = a.shape[:2]
+            return a.reshape(E, two_h // 2, 2, *a.shape[2:])[:, :, parity]
+        return take
 
-    gate = QuantizedProjection(*(rows(a, 0) for a in gu[:3]), gu.bits, gu.group_size)
-    up = QuantizedProjection(*(rows(a, 1) for a in gu[:3]), gu.bits, gu.group_size)
-    return gate, up, packed.projection("down")
+    return gu.map_arrays(rows(0)), gu.map_arrays(rows(1)), packed.projection(DOWN)
