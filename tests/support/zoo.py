@@ -774,6 +774,9 @@ _CONFIGS: dict[str, dict] = {
         num_experts=E,
         num_experts_per_tok=K,
         norm_topk_prob=False,
+        # Released OLMoE has no expert biases; on here so one SwiGLU type
+        # runs SwitchGLU's bias path (gpt_oss's activation differs).
+        mlp_bias=True,
     ),
     "phimoe": dict(
         _ATTN,
