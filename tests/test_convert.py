@@ -45,9 +45,16 @@ def assert_same(a: mx.array, b: mx.array, name: str) -> None:
     assert np.array_equal(bits(a), bits(b)), name
 
 
+AFFINE = {spec.GATE_UP: spec.ProjectionSpec("affine", 3, 64), spec.DOWN: spec.ProjectionSpec("affine", 3, 64)}
+
+
+def packed_names(block: str) -> list[str]:
+    """The packed tensors of a MiniMax block's affine experts."""
+    return spec.tensor_names(f"{block}.{spec.MODULE_NAME}", AFFINE)
+
+
 def unpacked_experts(tensors: dict, block: str):
-    names = spec.tensor_names(block)
-    arrays = [tensors[n] for n in names]
+    arrays = [tensors[n] for n in packed_names(block)]
     gu_bits = 32 * arrays[0].shape[-1] // (arrays[3].shape[1])
     gu_gs = arrays[3].shape[1] // arrays[1].shape[-1]
     d_bits = 32 * arrays[3].shape[-1] // (arrays[0].shape[1] // 2)
@@ -128,8 +135,8 @@ def test_hf_source_matches_mlx_lm_bit_for_bit(fp8, hf_fp8, hf_bf16, tmp_path):
     want = mlx_lm_reference(src, SMALL_HF["num_hidden_layers"])
     expert_names = {k for k in want if ".switch_mlp." in k}
     # Every stock name but the experts, which became the packed tensors.
-    packed_names = {n for i in range(3) for n in spec.tensor_names(f"model.layers.{i}.block_sparse_moe")}
-    assert set(got) == (set(want) - expert_names) | packed_names
+    packed = {n for i in range(3) for n in packed_names(f"model.layers.{i}.block_sparse_moe")}
+    assert set(got) == (set(want) - expert_names) | packed
     for name in set(want) - expert_names:
         assert_same(got[name], want[name], name)
     for i in range(3):
@@ -158,9 +165,10 @@ def test_hf_output_config(hf_fp8, tmp_path):
     fused = config[spec.CONFIG_KEY]
     assert fused[spec.CONFIG_FORMAT_VERSION] == spec.FORMAT_VERSION
     assert fused[spec.CONFIG_RECIPE] == SEED
-    assert fused[spec.CONFIG_LAYERS]["model.layers.1.block_sparse_moe"] == {
-        "gate_up": {"bits": 3, "group_size": 64}, "down": {"bits": 3, "group_size": 64}}
-    assert fused[spec.CONFIG_LAYERS]["model.layers.2.block_sparse_moe"]["down"]["bits"] == 4
+    assert fused[spec.CONFIG_EXPERTS]["model.layers.1.block_sparse_moe.fused_experts"] == {
+        "gate_up": {"mode": "affine", "bits": 3, "group_size": 64},
+        "down": {"mode": "affine", "bits": 3, "group_size": 64}}
+    assert fused[spec.CONFIG_EXPERTS]["model.layers.2.block_sparse_moe.fused_experts"]["down"]["bits"] == 4
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (hf_fp8 / f).read_bytes()
 
@@ -198,8 +206,8 @@ def test_round_trip_stock_packed_stock_is_bit_identical(stock, tmp_path):
     packed = load_tensors(tmp_path / "packed")
     assert not any(".switch_mlp." in n for n in packed)
     config = json.loads((tmp_path / "packed" / "config.json").read_text())
-    layers = config[spec.CONFIG_KEY][spec.CONFIG_LAYERS]
-    assert [layers[f"model.layers.{i}.block_sparse_moe"]["gate_up"]["bits"] for i in range(3)] == [4, 3, 4]
+    experts = config[spec.CONFIG_KEY][spec.CONFIG_EXPERTS]
+    assert [experts[f"model.layers.{i}.block_sparse_moe.fused_experts"]["gate_up"]["bits"] for i in range(3)] == [4, 3, 4]
     assert config[spec.CONFIG_KEY][spec.CONFIG_RECIPE] is None
     # Packing the experts is lossless for the source too.
     src = load_tensors(stock)

@@ -102,7 +102,7 @@ def test_unsupported_grid_in_raw_op(ex, args):
     from fused_moe import _ext
 
     x, indices, _, _ = args
-    w, s, b, _, _ = ex.packed.projection("gate_up")
+    w, s, b, _, _ = ex.packed.projection("gate_up")[:5]
     with pytest.raises(ValueError, match=r"gate_up bits=2 is not supported; supported bits: \{3, 4\}"):
         _ext.gate_up_swiglu(x, w, s, b, indices, 2, 64)
     with pytest.raises(ValueError, match=r"gate_up group_size=16 is not supported; supported group sizes: \{32, 64, 128\}"):

@@ -286,6 +286,7 @@ def _fused(change):
 
 
 BLOCK1 = block_path(1)
+EXPERTS1 = f"{BLOCK1}.{spec.MODULE_NAME}"
 
 
 def format_version_a_string(src):
@@ -299,29 +300,30 @@ def format_version_true(src):
 
 
 def layers_claims_one_too_many(src):
-    _fused(lambda f: f[spec.CONFIG_LAYERS].__setitem__(block_path(3), f[spec.CONFIG_LAYERS][BLOCK1]))(src)
-    return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks of num_hidden_layers=3"
+    extra = f"{block_path(3)}.{spec.MODULE_NAME}"
+    _fused(lambda f: f[spec.CONFIG_EXPERTS].__setitem__(extra, f[spec.CONFIG_EXPERTS][EXPERTS1]))(src)
+    return r"config.json: fused_moe must describe exactly the 3 MoE blocks of num_hidden_layers=3"
 
 
 def layers_claims_one_too_few(src):
-    _fused(lambda f: f[spec.CONFIG_LAYERS].pop(block_path(2)))(src)
-    return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks"
+    _fused(lambda f: f[spec.CONFIG_EXPERTS].pop(f"{block_path(2)}.{spec.MODULE_NAME}"))(src)
+    return r"config.json: fused_moe must describe exactly the 3 MoE blocks"
 
 
 def layers_not_an_object(src):
-    _fused(lambda f: f.__setitem__(spec.CONFIG_LAYERS, [1]))(src)
-    return r"config.json: fused_moe.layers must name exactly the 3 MoE blocks of num_hidden_layers=3, got \[1\]"
+    _fused(lambda f: f.__setitem__(spec.CONFIG_EXPERTS, [1]))(src)
+    return r"config.json: fused_moe.experts must be an object, got \[1\]"
 
 
 def bits_the_tensors_contradict(src):
     # Layer 1 is 3-bit; the section claims 4.
-    _fused(lambda f: f[spec.CONFIG_LAYERS][BLOCK1]["gate_up"].__setitem__("bits", 4))(src)
-    return rf"tensor {BLOCK1}.fused_experts.gate_up.weight has shape \[8, 256, 12\], expected \[8, 256, 16\]"
+    _fused(lambda f: f[spec.CONFIG_EXPERTS][EXPERTS1]["gate_up"].__setitem__("bits", 4))(src)
+    return rf"tensor {EXPERTS1}.gate_up.weight has shape \[8, 256, 12\], expected \[8, 256, 16\]"
 
 
 def bits_not_a_number(src):
-    _fused(lambda f: f[spec.CONFIG_LAYERS][BLOCK1]["down"].__setitem__("bits", "3"))(src)
-    return rf"config.json: fused_moe.layers\['{BLOCK1}'\].down needs bits in"
+    _fused(lambda f: f[spec.CONFIG_EXPERTS][EXPERTS1]["down"].__setitem__("bits", "3"))(src)
+    return rf"config.json: fused_moe.experts\['{EXPERTS1}'\].down needs a mode \(string\), bits and group_size"
 
 
 EITHER = ("stock", "packed")

@@ -20,6 +20,7 @@ LAYERS = [
     {"fused_moe.quant"},
     {"fused_moe.models"},
     {"fused_moe.conversion"},
+    {"fused_moe.doctor", "fused_moe.demo"},
     {"fused_moe.cli"},
 ]
 

@@ -198,7 +198,7 @@ def test_bad_expert_ids_give_nan_rows_in_bounds(T, bad_index, idx_dtype, gpu_dev
 
 
 def raw_inputs(ex, x, indices, proj="gate_up"):
-    w, s, b, bits, gs = ex.packed.projection(proj)
+    w, s, b, bits, gs = ex.packed.projection(proj)[:5]
     inputs = _ext.gate_up_swiglu_metal_inputs(x, w, s, b, indices, bits, gs, stream=mx.cpu)
     mx.eval(inputs)
     return inputs, bits, gs

@@ -150,7 +150,7 @@ def test_constructor_has_the_packed_parameter_tree():
     args = minimax.ModelArgs.from_dict(SMALL)
     layer = fm.MiniMaxMoE(args, bits=3, group_size=64, down_bits=4, down_group_size=32)
     shapes = dict((k, v.shape) for k, v in tree_flatten(layer.parameters()))
-    expected = {n[len("B."):] for n in spec.tensor_names("B")}
+    expected = {n[len("B."):] for n in spec.tensor_names(f"B.{spec.MODULE_NAME}", layer.experts.specs())}
     assert {k for k in shapes if spec.MODULE_NAME in k} == expected
     D, H, E = SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["num_local_experts"]
     assert shapes[f"{spec.MODULE_NAME}.gate_up.weight"] == (E, 2 * H, D * 3 // 32)
@@ -281,7 +281,7 @@ def test_newer_format_version_is_refused(small_dir, tmp_path):
     fake = tmp_path / "packed"
     shutil.copytree(small_dir, fake)
     config = json.loads((fake / "config.json").read_text())
-    config[spec.CONFIG_KEY] = {spec.CONFIG_FORMAT_VERSION: spec.FORMAT_VERSION + 1, spec.CONFIG_LAYERS: {}}
+    config[spec.CONFIG_KEY] = {spec.CONFIG_FORMAT_VERSION: spec.FORMAT_VERSION + 1, spec.CONFIG_EXPERTS: {}}
     (fake / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="newer than this fused_moe"):
         fm.load(str(fake))

@@ -20,9 +20,11 @@ from fused_moe.errors import EXPECTED_ERRORS
 # name -> (module, one-line help). `extra` is the list of arguments the
 # subcommand did not declare; only subcommands listed in PASS_THROUGH get any.
 SUBCOMMANDS = {
-    "convert": ("fused_moe.cli.convert", "convert a MiniMax checkpoint to the packed format"),
-    "generate": ("fused_moe.cli.generate", "generate text with a patched MiniMax model"),
-    "server": ("fused_moe.cli.server", "serve a patched MiniMax model with mlx_lm.server"),
+    "convert": ("fused_moe.cli.convert", "convert a MoE checkpoint to the packed format (or back)"),
+    "generate": ("fused_moe.cli.generate", "generate text with a patched mlx-lm MoE model"),
+    "server": ("fused_moe.cli.server", "serve a patched mlx-lm MoE model with mlx_lm.server"),
+    "doctor": ("fused_moe.cli.doctor", "check this machine's kernels and speed, for a bug report"),
+    "demo": ("fused_moe.cli.demo", "convert, generate and serve a tiny synthetic model"),
 }
 PASS_THROUGH = {"server"}
 

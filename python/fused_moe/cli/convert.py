@@ -8,11 +8,12 @@ import sys
 from fused_moe.conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS
 from fused_moe.conversion.pipeline import convert
 from fused_moe.conversion.recipes import RECIPES
-from fused_moe.supported import AFFINE_GROUP_SIZES
+from fused_moe.supported import AFFINE_GROUP_SIZES, FP_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    parser.add_argument("src", metavar="SRC", help="source checkpoint directory (Hugging Face MiniMax, or mlx-lm "
+                        "quantized or packed of any MoE family)")
     parser.add_argument("dst", metavar="DST", help="destination directory (must not exist, unless --overwrite)")
     parser.add_argument(
         "--recipe",
@@ -23,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, help="quantize every weight but the router at B bits (Hugging Face source)")
     parser.add_argument(
         "--group-size", type=int, help=f"group size with --bits (default 64; one of {AFFINE_GROUP_SIZES})"
+    )
+    parser.add_argument(
+        "--mode", choices=("affine", *FP_MODES),
+        help="quantize every weight but the router in this MLX mode (Hugging Face source), like mlx-lm's "
+        "--q-mode; the fp modes have their own bits and group size",
     )
     parser.add_argument(
         "--to", choices=("packed", "stock"), default="packed",
@@ -44,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         convert(
-            args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size,
+            args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode,
             to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
             calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
         )

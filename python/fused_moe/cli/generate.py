@@ -1,4 +1,4 @@
-"""fused-moe generate: load and patch a MiniMax model, then run mlx-lm's
+"""fused-moe generate: load and patch an mlx-lm MoE model, then run mlx-lm's
 generation, which prints the text and mlx-lm's usual speed summary.
 
 Under mlx.launch (more than one rank) the model is sharded over the ranks

@@ -1,4 +1,4 @@
-"""fused-moe server: mlx-lm's HTTP server on a patched MiniMax model.
+"""fused-moe server: mlx-lm's HTTP server on a patched mlx-lm MoE model.
 
 Every option after --model is mlx_lm.server's own. The server loads its
 model through fused_moe.load, so a stock checkpoint is patched on load and a
@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from huggingface_hub.errors import CacheNotFound
 from mlx_lm import server as mlx_server
 
+from fused_moe.models.experts import FusedExperts
 from fused_moe.models.load import load
 from fused_moe.models.minimax_moe import MiniMaxMoE
 
@@ -36,7 +37,7 @@ def _refuse_distributed(*args, **kwargs):
 
 def _load_fused(*args, **kwargs):
     loaded = load(*args, **kwargs)
-    fused = sum(isinstance(m, MiniMaxMoE) for m in loaded[0].modules())
+    fused = sum(isinstance(m, (MiniMaxMoE, FusedExperts)) for m in loaded[0].modules())
     logging.info("fused_moe: %d MoE blocks run on the fused kernels", fused)
     return loaded
 

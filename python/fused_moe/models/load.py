@@ -61,7 +61,7 @@ def check_checkpoint(model_path: Path, where: str) -> None:
     before mlx-lm or MLX's own safetensors loader reads a byte: MLX's loader
     accepts negative and overflowing shapes. Raises a one-line
     CheckpointError naming the file and the tensor."""
-    spec.packed_experts(read_config(model_path), where)  # a newer format says so first
+    spec.packed_experts(read_config(model_path), str(model_path / "config.json"))  # a newer format says so first
     checkpoint = open_checkpoint(model_path)
     if isinstance(checkpoint, HFCheckpoint):
         raise CheckpointError(

@@ -214,7 +214,7 @@ class Emulator:
     # The ops, as fused_moe has them, on a PackedExperts.
 
     def gate_up_swiglu(self, x, packed, indices) -> Result:
-        w, s, b, bits, gs = packed.projection("gate_up")
+        w, s, b, bits, gs = packed.projection("gate_up")[:5]
         inputs = _ext.gate_up_swiglu_metal_inputs(x, w, s, b, indices, bits, gs, stream=mx.cpu)
         mx.eval(inputs)
         T, D = inputs[0].shape
@@ -227,7 +227,7 @@ class Emulator:
         return r
 
     def down_combine(self, h, packed, indices, weights) -> Result:
-        w, s, b, bits, gs = packed.projection("down")
+        w, s, b, bits, gs = packed.projection("down")[:5]
         inputs = _ext.down_combine_metal_inputs(h, w, s, b, indices, weights, bits, gs, stream=mx.cpu)
         mx.eval(inputs)
         T, k, H = inputs[0].shape
