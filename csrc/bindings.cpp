@@ -17,28 +17,118 @@
 #include "ops.h"
 
 namespace nb = nanobind;
+namespace fm = fused_moe;
+namespace mx = mlx::core;
 using namespace nb::literals;
+
+namespace {
+
+using OptArray = std::optional<mx::array>;
+
+fm::QuantSpec quant_spec(
+    const char* op,
+    const char* which,
+    const std::string& mode,
+    int bits,
+    int group_size) {
+  return {fm::parse_mode(op, which, mode), bits, group_size};
+}
+
+fm::Activation activation_kind(const std::string& name) {
+  for (const auto& a : fm::kActivations) {
+    if (name == a.name) {
+      return a.kind;
+    }
+  }
+  // make_activation words the error with the supported set.
+  return fm::make_activation("gate_up", name, {}, {}, {}, {}).kind;
+}
+
+} // namespace
 
 NB_MODULE(_ext, m) {
   m.doc() = "fused_moe native extension: fused low-bit MoE ops for MLX";
 
+  // The expert ops. `biases` is None for the fp modes (they have none);
+  // docs/kernel_contract.md gives the math and shapes of every setting.
+  m.def(
+      "gate_up",
+      [](const mx::array& x, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices, int bits,
+         int group_size, const std::string& mode, const std::string& activation,
+         std::optional<float> limit, std::optional<float> alpha,
+         std::optional<float> beta, std::optional<float> linear_beta,
+         const OptArray& bias, const OptArray& global_scale,
+         mx::StreamOrDevice s) {
+        return fm::gate_up(
+            x, w, scales, biases, indices,
+            quant_spec("gate_up", "gate_up", mode, bits, group_size),
+            fm::make_activation(
+                "gate_up", activation, limit, alpha, beta, linear_beta),
+            bias, global_scale, s);
+      },
+      "x"_a, "weight"_a, "scales"_a, "biases"_a.none(), "indices"_a, "bits"_a,
+      "group_size"_a, nb::kw_only(), "mode"_a = "affine",
+      "activation"_a = "swiglu", "limit"_a = nb::none(), "alpha"_a = nb::none(),
+      "beta"_a = nb::none(), "linear_beta"_a = nb::none(),
+      "bias"_a = nb::none(), "global_scale"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "h[..., j, :] = act(x_j·Gᵀ + b_g, x_j·Uᵀ + b_u) for the selected "
+      "experts (x_j: x shared [..., D] or per slot [..., k, D]; not gated: "
+      "act(x_j·Wᵀ + b)); see docs/kernel_contract.md.");
   m.def(
       "gate_up_swiglu",
-      &fused_moe::gate_up_swiglu,
-      "x"_a, "gate_up_weight"_a, "gate_up_scales"_a, "gate_up_biases"_a,
+      [](const mx::array& x, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices, int bits,
+         int group_size, const std::string& mode, const OptArray& bias,
+         const OptArray& global_scale, mx::StreamOrDevice s) {
+        return fm::gate_up(
+            x, w, scales, biases, indices,
+            quant_spec("gate_up", "gate_up", mode, bits, group_size),
+            fm::ActivationParams{}, bias, global_scale, s);
+      },
+      "x"_a, "gate_up_weight"_a, "gate_up_scales"_a, "gate_up_biases"_a.none(),
       "indices"_a, "bits"_a, "group_size"_a, nb::kw_only(),
-      "stream"_a = nb::none(),
-      "h = silu(x·Gᵀ) ⊙ (x·Uᵀ) for the selected experts; see "
-      "fused_moe.gate_up_swiglu.");
+      "mode"_a = "affine", "bias"_a = nb::none(),
+      "global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "h = silu(x·Gᵀ) ⊙ (x·Uᵀ) for the selected experts: gate_up with "
+      "activation='swiglu'; see fused_moe.gate_up_swiglu.");
 
   m.def(
       "down_combine",
-      &fused_moe::down_combine,
-      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a, "indices"_a,
-      "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
-      "stream"_a = nb::none(),
-      "y = Σ_j weights[..., j] · (h[..., j, :]·Dᵀ); see "
+      [](const mx::array& h, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices,
+         const mx::array& weights, int bits, int group_size,
+         const std::string& mode, const OptArray& bias,
+         const OptArray& global_scale, mx::StreamOrDevice s) {
+        return fm::down_combine(
+            h, w, scales, biases, indices, weights,
+            quant_spec("down_combine", "down", mode, bits, group_size), bias,
+            global_scale, s);
+      },
+      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a.none(),
+      "indices"_a, "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      "mode"_a = "affine", "bias"_a = nb::none(),
+      "global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "y = Σ_j weights[..., j] · (h[..., j, :]·Dᵀ + b); see "
       "fused_moe.down_combine.");
+  m.def(
+      "down_slots",
+      [](const mx::array& h, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices, int bits,
+         int group_size, const std::string& mode, const OptArray& bias,
+         const OptArray& global_scale, mx::StreamOrDevice s) {
+        return fm::down_slots(
+            h, w, scales, biases, indices,
+            quant_spec("down_slots", "down", mode, bits, group_size), bias,
+            global_scale, s);
+      },
+      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a.none(),
+      "indices"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      "mode"_a = "affine", "bias"_a = nb::none(),
+      "global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "y[..., j, :] = h[..., j, :]·Dᵀ + b per slot, no combine (mlx-lm's "
+      "SwitchGLU contract); returns [..., k, D] in the dtype of h.");
 
   m.def(
       "route",
@@ -116,19 +206,102 @@ NB_MODULE(_ext, m) {
   // The Metal launch plan and the Metal Primitive inputs, for the tests and
   // the Linux emulator (tests/tools/metal_emulator/).
   m.def(
+      "gate_up_metal_inputs",
+      [](const mx::array& x, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices, int bits,
+         int group_size, const std::string& mode, const std::string& activation,
+         std::optional<float> limit, std::optional<float> alpha,
+         std::optional<float> beta, std::optional<float> linear_beta,
+         const OptArray& bias, const OptArray& global_scale,
+         mx::StreamOrDevice s) {
+        return fm::gate_up_metal_inputs(
+            x, w, scales, biases, indices,
+            quant_spec("gate_up", "gate_up", mode, bits, group_size),
+            fm::make_activation(
+                "gate_up", activation, limit, alpha, beta, linear_beta),
+            bias, global_scale, s);
+      },
+      "x"_a, "weight"_a, "scales"_a, "biases"_a.none(), "indices"_a, "bits"_a,
+      "group_size"_a, nb::kw_only(), "mode"_a = "affine",
+      "activation"_a = "swiglu", "limit"_a = nb::none(), "alpha"_a = nb::none(),
+      "beta"_a = nb::none(), "linear_beta"_a = nb::none(),
+      "bias"_a = nb::none(), "global_scale"_a = nb::none(),
+      "stream"_a = nb::none(),
+      "The GateUp Primitive's inputs as a GPU stream gets them.");
+  m.def(
       "gate_up_swiglu_metal_inputs",
-      &fused_moe::gate_up_swiglu_metal_inputs,
-      "x"_a, "gate_up_weight"_a, "gate_up_scales"_a, "gate_up_biases"_a,
+      [](const mx::array& x, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices, int bits,
+         int group_size, mx::StreamOrDevice s) {
+        return fm::gate_up_metal_inputs(
+            x, w, scales, biases, indices,
+            quant_spec("gate_up", "gate_up", "affine", bits, group_size),
+            fm::ActivationParams{}, std::nullopt, std::nullopt, s);
+      },
+      "x"_a, "gate_up_weight"_a, "gate_up_scales"_a, "gate_up_biases"_a.none(),
       "indices"_a, "bits"_a, "group_size"_a, nb::kw_only(),
       "stream"_a = nb::none(),
-      "The GateUpSwiglu Primitive's inputs as a GPU stream gets them.");
+      "The GateUp Primitive's inputs (affine, swiglu) as a GPU stream gets "
+      "them.");
+  m.def(
+      "down_metal_inputs",
+      [](const mx::array& h, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices,
+         const OptArray& weights, int bits, int group_size,
+         const std::string& mode, const OptArray& bias,
+         const OptArray& global_scale, mx::StreamOrDevice s) {
+        return fm::down_metal_inputs(
+            h, w, scales, biases, indices, weights,
+            quant_spec(weights ? "down_combine" : "down_slots", "down", mode,
+                       bits, group_size),
+            bias, global_scale, s);
+      },
+      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a.none(),
+      "indices"_a, "weights"_a.none(), "bits"_a, "group_size"_a, nb::kw_only(),
+      "mode"_a = "affine", "bias"_a = nb::none(),
+      "global_scale"_a = nb::none(), "stream"_a = nb::none(),
+      "The Down Primitive's inputs as a GPU stream gets them; weights None: "
+      "down_slots.");
   m.def(
       "down_combine_metal_inputs",
-      &fused_moe::down_combine_metal_inputs,
-      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a, "indices"_a,
-      "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      [](const mx::array& h, const mx::array& w, const mx::array& scales,
+         const OptArray& biases, const mx::array& indices,
+         const mx::array& weights, int bits, int group_size,
+         mx::StreamOrDevice s) {
+        return fm::down_metal_inputs(
+            h, w, scales, biases, indices, weights,
+            quant_spec("down_combine", "down", "affine", bits, group_size),
+            std::nullopt, std::nullopt, s);
+      },
+      "h"_a, "down_weight"_a, "down_scales"_a, "down_biases"_a.none(),
+      "indices"_a, "weights"_a, "bits"_a, "group_size"_a, nb::kw_only(),
       "stream"_a = nb::none(),
-      "The DownCombine Primitive's inputs as a GPU stream gets them.");
+      "The DownCombine Primitive's inputs (affine) as a GPU stream gets "
+      "them.");
+  m.def(
+      "metal_has_expert_kernel",
+      [](const std::string& op, const std::string& mode, int bits,
+         int group_size, const std::string& activation, bool bias,
+         bool global_scale, bool x_per_slot, bool combine) {
+        if (op != "gate_up" && op != "down") {
+          throw std::invalid_argument(
+              "op must be 'gate_up' or 'down', got '" + op + "'");
+        }
+        fm::ExpertSettings st;
+        st.quant = quant_spec(op.c_str(), op.c_str(), mode, bits, group_size);
+        st.activation.kind = activation_kind(activation);
+        st.bias = bias;
+        st.global_scale = global_scale;
+        st.x_per_slot = x_per_slot;
+        st.combine = combine;
+        return fm::metal_has_kernel(op == "down", st);
+      },
+      "op"_a, "mode"_a, "bits"_a, "group_size"_a, nb::kw_only(),
+      "activation"_a = "swiglu", "bias"_a = false, "global_scale"_a = false,
+      "x_per_slot"_a = false, "combine"_a = true,
+      "Whether the Metal kernels cover this expert-op setting (op: 'gate_up' "
+      "or 'down'); a GPU stream raises 'no Metal kernel for ... yet' where "
+      "not.");
   m.def(
       "route_metal_inputs",
       &fused_moe::route_metal_inputs,
@@ -204,6 +377,55 @@ NB_MODULE(_ext, m) {
       nb::tuple(to_list(fused_moe::kSupportedRouterBits));
   m.attr("SUPPORTED_LINEAR_BITS") =
       nb::tuple(to_list(fused_moe::kSupportedLinearBits));
+  {
+    nb::list modes, activations, gated;
+    for (const char* n : fused_moe::kModeNames) modes.append(n);
+    for (const auto& a : fused_moe::kActivations) {
+      activations.append(a.name);
+      if (a.gated) gated.append(a.name);
+    }
+    m.attr("SUPPORTED_MODES") = nb::tuple(modes);
+    m.attr("SUPPORTED_ACTIVATIONS") = nb::tuple(activations);
+    m.attr("GATED_ACTIVATIONS") = nb::tuple(gated);
+    // name -> (required parameters, optional parameters)
+    nb::dict params;
+    for (const auto& a : fused_moe::kActivations) {
+      nb::list req, opt;
+      if (a.limit) req.append("limit");
+      if (a.alpha) req.append("alpha");
+      if (a.beta) req.append("beta");
+      if (a.linear_beta_optional) opt.append("linear_beta");
+      params[a.name] = nb::make_tuple(nb::tuple(req), nb::tuple(opt));
+    }
+    m.attr("ACTIVATION_PARAMETERS") = params;
+    // name -> the fp mode's layout, as MLX stores it.
+    nb::dict fp;
+    for (const auto& f : fused_moe::kFpModes) {
+      nb::dict d;
+      d["bits"] = f.bits;
+      d["group_size"] = f.group_size;
+      d["code_format"] = f.code_format;
+      d["scale_format"] = f.scale_format;
+      d["global_scale"] = f.global_scale;
+      fp[f.name] = d;
+    }
+    m.attr("FP_MODES") = fp;
+  }
+  m.def(
+      "supported_quantizations",
+      [] {
+        nb::list out;
+        for (int b : fused_moe::kSupportedBits) {
+          for (int g : fused_moe::kSupportedGroupSizes) {
+            out.append(nb::make_tuple("affine", b, g));
+          }
+        }
+        for (const auto& f : fused_moe::kFpModes) {
+          out.append(nb::make_tuple(f.name, f.bits, f.group_size));
+        }
+        return nb::tuple(out);
+      },
+      "Every (mode, bits, group_size) the expert ops take.");
   m.attr("MIN_TOP_K") = fused_moe::kMinTopK;
   m.attr("MAX_TOP_K") = fused_moe::kMaxTopK;
   m.attr("ATTENTION_HEAD_DIM_MULTIPLE") = fused_moe::kAttentionHeadDimMultiple;

@@ -6,8 +6,8 @@
 #pragma once
 
 #include "ops/attention.h"
-#include "ops/down_combine.h"
-#include "ops/gate_up_swiglu.h"
+#include "ops/down.h"
+#include "ops/gate_up.h"
 #include "ops/norm_rope.h"
 #include "ops/quantized_embedding.h"
 #include "ops/quantized_matmul.h"

@@ -52,7 +52,7 @@ def test_x_dtype_must_match_scales(ex, args):
 
 def test_x_width_must_match(ex, args):
     x, indices, _, _ = args
-    with pytest.raises(ValueError, match=r"gate_up_weight has shape \[6, 256, 24\] but 3-bit rows of 512 inputs need \[6, 256, 48\]"):
+    with pytest.raises(ValueError, match=r"gate_up_weight has shape \[6, 256, 24\] but 3-bit rows of D=512 inputs need \[6, 256, 48\]"):
         fm.gate_up_swiglu(mx.concatenate([x, x], axis=1), ex.packed, indices)
     with pytest.raises(ValueError, match=r"D \(x.shape\[-1\]\)=100 must be a positive multiple of 32"):
         fm.gate_up_swiglu(x[:, :100], ex.packed, indices)
@@ -103,8 +103,8 @@ def test_unsupported_grid_in_raw_op(ex, args):
 
     x, indices, _, _ = args
     w, s, b, _, _ = ex.packed.projection("gate_up")[:5]
-    with pytest.raises(ValueError, match=r"gate_up bits=2 is not supported; supported bits: \{3, 4\}"):
-        _ext.gate_up_swiglu(x, w, s, b, indices, 2, 64)
+    with pytest.raises(ValueError, match=r"gate_up bits=7 is not supported; supported bits: \{2, 3, 4, 5, 6, 8\}"):
+        _ext.gate_up_swiglu(x, w, s, b, indices, 7, 64)
     with pytest.raises(ValueError, match=r"gate_up group_size=16 is not supported; supported group sizes: \{32, 64, 128\}"):
         _ext.gate_up_swiglu(x, w, s, b, indices, 3, 16)
 
@@ -120,7 +120,7 @@ def test_set_num_threads_rejects_zero():
 )
 def test_non_metal_gpu_raises(ex, args):
     x, indices, weights, h = args
-    with pytest.raises(RuntimeError, match="GateUpSwiglu has no GPU implementation in this build"):
+    with pytest.raises(RuntimeError, match="GateUp has no GPU implementation in this build"):
         mx.eval(fm.gate_up_swiglu(x, ex.packed, indices, stream=mx.gpu))
     with pytest.raises(RuntimeError, match="DownCombine has no GPU implementation in this build"):
         mx.eval(fm.down_combine(h, ex.packed, indices, weights, stream=mx.gpu))

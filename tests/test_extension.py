@@ -38,7 +38,7 @@ def test_stream_argument(stream):
 
 
 def test_grid_constants():
-    assert fm.SUPPORTED_BITS == (3, 4)
+    assert fm.SUPPORTED_BITS == (2, 3, 4, 5, 6, 8)
     assert fm.SUPPORTED_GROUP_SIZES == (32, 64, 128)
     assert (fm.MIN_TOP_K, fm.MAX_TOP_K) == (1, 16)
     assert fm.SUPPORTED_ROUTER_BITS == (8,)

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cpu/thread_pool.h"
+#include "ops/common.h"
 
 namespace fused_moe::cpu {
 
@@ -83,11 +84,7 @@ Grouping::Grouping(const char* op, const mx::array& indices, int num_experts) {
   std::vector<int32_t> count(num_experts, 0);
   for (int64_t i = 0; i < n; ++i) {
     if (ids[i] < 0 || ids[i] >= num_experts) {
-      std::ostringstream msg;
-      msg << "fused_moe." << op << ": indices[" << i / k << ", " << i % k
-          << "] = " << ids[i] << " is out of range for " << num_experts
-          << " experts (valid: 0.." << num_experts - 1 << ")";
-      throw std::out_of_range(msg.str());
+      throw std::out_of_range(expert_id_error(op, i, k, ids[i], num_experts));
     }
     ++count[ids[i]];
   }

@@ -1,5 +1,9 @@
 #include "ops/common.h"
 
+#include "mlx/scheduler.h"
+
+#include <cmath>
+#include <iterator>
 #include <stdexcept>
 
 namespace fused_moe {
@@ -28,91 +32,132 @@ bool is_float(mx::Dtype t) {
   return t == mx::float16 || t == mx::bfloat16 || t == mx::float32;
 }
 
-int check_quant_matrix(
-    const char* op,
-    const char* name, // e.g. "gate_up" -> gate_up_weight, ...
-    const mx::array& weight,
-    const mx::array& scales,
-    const mx::array& biases,
-    int rows,
-    int cols,
-    int bits,
-    int group_size,
-    mx::Dtype act_dtype,
-    const char* act_name) {
-  const std::string n(name);
-  if (weight.dtype() != mx::uint32) {
-    fail(op, n + "_weight must be uint32, got " + dtype_str(weight.dtype()));
-  }
-  if (weight.ndim() != 3 || weight.shape(0) < 1) {
-    fail(op, n + "_weight must be [E, " + std::to_string(rows) + ", " +
-             std::to_string(cols * bits / 32) + "] with E >= 1, got " +
-             shape_str(weight.shape()));
-  }
-  const int E = weight.shape(0);
-  const mx::Shape w_shape = {E, rows, cols * bits / 32};
-  const mx::Shape s_shape = {E, rows, cols / group_size};
-  if (weight.shape() != w_shape) {
-    fail(op, n + "_weight has shape " + shape_str(weight.shape()) +
-             " but " + std::to_string(bits) + "-bit rows of " +
-             std::to_string(cols) + " inputs need " + shape_str(w_shape));
-  }
-  for (const auto* a : {&scales, &biases}) {
-    const std::string an = n + (a == &scales ? "_scales" : "_biases");
-    if (a->shape() != s_shape) {
-      fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
-               shape_str(s_shape) + " for group_size=" +
-               std::to_string(group_size));
-    }
-    if (a->dtype() != act_dtype) {
-      fail(op, an + " has dtype " + dtype_str(a->dtype()) + " but " +
-               act_name + " has dtype " + dtype_str(act_dtype) + "; " +
-               act_name + " must have the dtype of the packed scales and "
-               "biases");
+QuantMode parse_mode(const char* op, const char* which, const std::string& mode) {
+  for (size_t i = 0; i < kModeNames.size(); ++i) {
+    if (mode == kModeNames[i]) {
+      return static_cast<QuantMode>(i);
     }
   }
-  return E;
+  std::string known;
+  for (const char* n : kModeNames) {
+    known += (known.empty() ? "" : ", ") + std::string(n);
+  }
+  fail(op, std::string(which) + " mode='" + mode +
+           "' is not supported; supported modes: {" + known + "}");
 }
 
-int check_dense_quant_matrix(
+namespace {
+
+// "[E, 256, 48]": named dims where any size goes, numbers elsewhere.
+std::string lead_str(const std::vector<LeadDim>& lead, int last) {
+  std::ostringstream os;
+  os << "[";
+  for (const auto& d : lead) {
+    if (d.size < 0) {
+      os << d.name << ", ";
+    } else {
+      os << d.size << ", ";
+    }
+  }
+  os << last << "]";
+  return os.str();
+}
+
+std::string rows_of(const QuantSpec& q, int cols, const char* cols_name) {
+  const std::string width = q.mode == QuantMode::affine
+      ? std::to_string(q.bits) + "-bit"
+      : std::string(mode_name(q.mode));
+  return width + " rows of " + (cols_name ? std::string(cols_name) + "=" : "") +
+      std::to_string(cols) + " inputs";
+}
+
+} // namespace
+
+mx::Shape check_quantized_matrix(
     const char* op,
+    const QuantNames& names,
     const mx::array& weight,
     const mx::array& scales,
-    const mx::array& biases,
-    int K,
-    int bits,
-    int group_size,
-    mx::Dtype scale_dtype,
-    const char* dtype_owner) {
+    const std::optional<mx::array>& biases,
+    const std::vector<LeadDim>& lead,
+    int cols,
+    const char* cols_name,
+    const QuantSpec& q,
+    std::optional<DtypeOwner> dtype_owner) {
   if (weight.dtype() != mx::uint32) {
-    fail(op, "w must be uint32, got " + dtype_str(weight.dtype()));
+    fail(op, names.weight + " must be uint32, got " + dtype_str(weight.dtype()));
   }
-  if (weight.ndim() != 2) {
-    fail(op, "w must be [N, " + std::to_string(K) + "*bits/32], got " +
+  const int words = static_cast<int>(int64_t(cols) * q.bits / 32);
+  const int nd = static_cast<int>(lead.size());
+  bool any_empty = false;
+  for (int i = 0; i < nd && i < weight.ndim(); ++i) {
+    any_empty |= lead[i].size < 0 && weight.shape(i) < 1;
+  }
+  if (weight.ndim() != nd + 1 || any_empty) {
+    std::string need = lead_str(lead, words);
+    std::string any;
+    for (const auto& d : lead) {
+      if (d.size < 0) {
+        any += std::string(any.empty() ? " with " : " and ") + d.name + " >= 1";
+      }
+    }
+    fail(op, names.weight + " must be " + need + any + ", got " +
              shape_str(weight.shape()));
   }
-  const int N = weight.shape(0);
-  const mx::Shape w_shape = {N, K * bits / 32};
+  mx::Shape resolved;
+  for (int i = 0; i < nd; ++i) {
+    resolved.push_back(lead[i].size < 0 ? weight.shape(i) : lead[i].size);
+  }
+  mx::Shape w_shape = resolved, s_shape = resolved;
+  w_shape.push_back(words);
+  s_shape.push_back(cols / q.group_size);
   if (weight.shape() != w_shape) {
-    fail(op, "w has shape " + shape_str(weight.shape()) + " but " +
-             std::to_string(bits) + "-bit rows of K=" + std::to_string(K) +
-             " inputs need " + shape_str(w_shape));
+    fail(op, names.weight + " has shape " + shape_str(weight.shape()) +
+             " but " + rows_of(q, cols, cols_name) + " need " +
+             shape_str(w_shape));
   }
-  const mx::Shape s_shape = {N, K / group_size};
-  for (const auto* a : {&scales, &biases}) {
-    const std::string an = a == &scales ? "scales" : "biases";
-    if (a->shape() != s_shape) {
-      fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
-               shape_str(s_shape) + " for group_size=" +
-               std::to_string(group_size));
+  if (scales.shape() != s_shape) {
+    fail(op, names.scales + " has shape " + shape_str(scales.shape()) +
+             ", expected " + shape_str(s_shape) + " for group_size=" +
+             std::to_string(q.group_size));
+  }
+  if (q.mode != QuantMode::affine) {
+    const FpModeSpec& m = fp_mode_spec(q.mode);
+    if (scales.dtype() != mx::uint8) {
+      fail(op, names.scales + " must be uint8 (" + m.scale_format +
+               " scales) for mode " + m.name + ", got " +
+               dtype_str(scales.dtype()));
     }
-    if (a->dtype() != scale_dtype) {
+    if (biases.has_value()) {
+      fail(op, names.biases + " must be None for mode " + m.name +
+               ": it has no biases");
+    }
+    return resolved;
+  }
+  if (!biases.has_value()) {
+    fail(op, names.biases + " is missing: mode affine needs biases");
+  }
+  if (biases->shape() != s_shape) {
+    fail(op, names.biases + " has shape " + shape_str(biases->shape()) +
+             ", expected " + shape_str(s_shape) + " for group_size=" +
+             std::to_string(q.group_size));
+  }
+  if (!dtype_owner.has_value()) {
+    if (!is_float(scales.dtype())) {
+      fail(op, names.scales + " must be float16, bfloat16 or float32, got " +
+               dtype_str(scales.dtype()));
+    }
+    dtype_owner = DtypeOwner{scales.dtype(), names.scales.c_str()};
+  }
+  for (const auto* a : {&scales, &*biases}) {
+    const std::string& an = a == &scales ? names.scales : names.biases;
+    if (a->dtype() != dtype_owner->dtype && an != dtype_owner->name) {
       fail(op, an + " has dtype " + dtype_str(a->dtype()) + " but " +
-               dtype_owner + " has dtype " + dtype_str(scale_dtype) +
-               "; they must match");
+               dtype_owner->name + " has dtype " +
+               dtype_str(dtype_owner->dtype) + "; they must match");
     }
   }
-  return N;
+  return resolved;
 }
 
 void check_top_k(const char* op, int k) {
@@ -170,20 +215,183 @@ metal::Dtype metal_dtype(mx::Dtype t) {
   return t == mx::float16 ? metal::Dtype::float16 : metal::Dtype::bfloat16;
 }
 
+void raise_pending_error(const mx::Stream& s) {
+  if (s.device == mx::Device::cpu) {
+    mx::scheduler::check_error(s);
+  }
+}
+
 void no_gpu(const char* name) {
   throw std::runtime_error(
       std::string(name) + " has no GPU implementation in this build (the "
       "Metal kernels need MLX built with Metal, on macOS).");
 }
 
-mx::array pair_experts(const mx::array& indices, mx::StreamOrDevice s) {
-  return mx::astype(mx::reshape(indices, {-1}, s), mx::uint32, s);
-}
-
 // MLX calls this only after checking both are of the same type.
 bool QuantizedPrimitive::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QuantizedPrimitive&>(other);
   return bits_ == o.bits_ && group_size_ == o.group_size_;
+}
+
+// ---------------------------------------------------------------------------
+// Expert ops
+// ---------------------------------------------------------------------------
+
+ActivationParams make_activation(
+    const char* op,
+    const std::string& name,
+    std::optional<float> limit,
+    std::optional<float> alpha,
+    std::optional<float> beta,
+    std::optional<float> linear_beta) {
+  const ActivationSpec* spec = nullptr;
+  std::string known;
+  for (const auto& a : kActivations) {
+    known += (known.empty() ? "" : ", ") + std::string(a.name);
+    if (name == a.name) {
+      spec = &a;
+    }
+  }
+  if (!spec) {
+    fail(op, "activation='" + name + "' is not supported; supported "
+             "activations: {" + known + "}");
+  }
+  ActivationParams p;
+  p.kind = spec->kind;
+  auto take = [&](const char* pname, const std::optional<float>& v,
+                  bool takes, bool required, bool nonzero, float& out) {
+    if (!takes && v.has_value()) {
+      fail(op, std::string(pname) + " is not a parameter of activation '" +
+               spec->name + "'");
+    }
+    if (takes && required && !v.has_value()) {
+      fail(op, "activation '" + std::string(spec->name) + "' needs " + pname);
+    }
+    if (v.has_value()) {
+      if (!std::isfinite(*v) || (nonzero && *v == 0.0f)) {
+        fail(op, std::string(pname) + "=" + std::to_string(*v) +
+                 " must be finite" + (nonzero ? " and nonzero" : ""));
+      }
+      out = *v;
+    }
+  };
+  take("limit", limit, spec->limit, true, false, p.limit);
+  take("alpha", alpha, spec->alpha, true, false, p.alpha);
+  take("beta", beta, spec->beta, true, true, p.beta);
+  take("linear_beta", linear_beta, spec->linear_beta_optional, false, true,
+       p.linear_beta);
+  if ((p.kind == Activation::clamped_swiglu ||
+       p.kind == Activation::swiglu_oai) && !(p.limit > 0.0f)) {
+    fail(op, "limit=" + std::to_string(p.limit) + " of activation '" +
+             spec->name + "' must be > 0");
+  }
+  if (p.kind == Activation::deepseek_v41_swiglu && p.limit <= 0.0f) {
+    // mlx-lm's DeepseekV41SwiGLU applies no clamp then: plain SwiGLU.
+    p = ActivationParams{};
+  }
+  return p;
+}
+
+ExpertSlots expert_slots(const ExpertSettings& s, bool down) {
+  ExpertSlots slots;
+  int next = 3;
+  if (s.quant.mode == QuantMode::affine) {
+    slots.biases = next++;
+  }
+  slots.indices = next++;
+  if (down && s.combine) {
+    slots.weights = next++;
+  }
+  if (s.bias) {
+    slots.bias = next++;
+  }
+  if (s.global_scale) {
+    slots.global_scale = next++;
+  }
+  slots.count = next;
+  return slots;
+}
+
+// MLX calls this only after checking both are of the same type.
+bool ExpertPrimitive::is_equivalent(const mx::Primitive& other) const {
+  return settings_ == static_cast<const ExpertPrimitive&>(other).settings_;
+}
+
+namespace {
+
+// The affine bits and group sizes metal/allow_list.h instantiates.
+#define FM_LIST_ITEM(v, ...) v,
+constexpr int kMetalBits[] = {FM_FOR_EACH_BITS(FM_LIST_ITEM)};
+constexpr int kMetalGroupSizes[] = {FM_FOR_EACH_GROUP_SIZE(FM_LIST_ITEM)};
+#undef FM_LIST_ITEM
+
+template <size_t N>
+bool contains(const int (&values)[N], int v) {
+  return std::find(std::begin(values), std::end(values), v) != std::end(values);
+}
+
+} // namespace
+
+bool metal_has_kernel(bool down, const ExpertSettings& s) {
+  return s.quant.mode == QuantMode::affine && contains(kMetalBits, s.quant.bits) &&
+      contains(kMetalGroupSizes, s.quant.group_size) &&
+      (down || s.activation.kind == Activation::swiglu) && !s.bias &&
+      !s.global_scale && !s.x_per_slot && (!down || s.combine);
+}
+
+void check_metal_has_kernel(const char* op, bool down, const ExpertSettings& s) {
+  if (metal_has_kernel(down, s)) {
+    return;
+  }
+  std::string what;
+  const QuantSpec& q = s.quant;
+  if (q.mode != QuantMode::affine) {
+    what = std::string("mode ") + mode_name(q.mode);
+  } else if (!contains(kMetalBits, q.bits) ||
+             !contains(kMetalGroupSizes, q.group_size)) {
+    what = "affine bits=" + std::to_string(q.bits) +
+        " group_size=" + std::to_string(q.group_size);
+  } else if (!down && s.activation.kind != Activation::swiglu) {
+    what = std::string("activation ") + activation_spec(s.activation.kind).name;
+  } else if (s.bias) {
+    what = "expert biases";
+  } else if (s.x_per_slot) {
+    what = "x per slot ([..., k, D])";
+  } else {
+    what = "the per-slot down projection (down_slots)";
+  }
+  fail(op, "no Metal kernel for " + what + " yet");
+}
+
+std::string expert_id_error(
+    const char* op, int64_t pair, int k, int64_t id, int num_experts) {
+  std::ostringstream msg;
+  msg << "fused_moe." << op << ": indices[" << pair / k << ", " << pair % k
+      << "] = " << id << " is out of range for " << num_experts
+      << " experts (valid: 0.." << num_experts - 1 << ")";
+  return msg.str();
+}
+
+void check_expert_ids_now(
+    const char* op, const mx::array& indices, int num_experts, const mx::Stream& s) {
+  if (s.device != mx::Device::cpu || !indices.is_available() ||
+      !indices.flags().row_contiguous) {
+    return;
+  }
+  const int64_t n = indices.size();
+  const int k = indices.shape(-1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = indices.dtype() == mx::uint32
+        ? int64_t(indices.data<uint32_t>()[i])
+        : int64_t(indices.data<int32_t>()[i]);
+    if (id < 0 || id >= num_experts) {
+      throw std::runtime_error(expert_id_error(op, i, k, id, num_experts));
+    }
+  }
+}
+
+mx::array pair_experts(const mx::array& indices, mx::StreamOrDevice s) {
+  return mx::astype(mx::reshape(indices, {-1}, s), mx::uint32, s);
 }
 
 } // namespace fused_moe

@@ -23,10 +23,6 @@ mx::array quantized_embedding(
   if (!mx::issubdtype(ids.dtype(), mx::integer)) {
     fail(op, "ids must have an integer dtype, got " + dtype_str(ids.dtype()));
   }
-  if (!is_float(scales.dtype())) {
-    fail(op, "scales must be float16, bfloat16 or float32, got " +
-             dtype_str(scales.dtype()));
-  }
   if (w.ndim() != 2 || (int64_t(w.shape(1)) * 32) % bits != 0) {
     fail(op, "w must be [N, K*bits/32] uint32, got " + shape_str(w.shape()));
   }
@@ -36,8 +32,9 @@ mx::array quantized_embedding(
              std::to_string(bits) + "-bit codes, not a multiple of "
              "group_size=" + std::to_string(group_size));
   }
-  check_dense_quant_matrix(
-      op, w, scales, biases, K, bits, group_size, scales.dtype(), "scales");
+  check_quantized_matrix(
+      op, {"w", "scales", "biases"}, w, scales, biases, {{"N", -1}}, K, "K",
+      {QuantMode::affine, bits, group_size}, std::nullopt);
   auto stream = mx::to_stream(s);
   if (uses_metal(stream)) {
     // As mlx's QuantizedEmbedding does it, on the GPU.

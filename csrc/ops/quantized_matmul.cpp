@@ -32,8 +32,9 @@ mx::array quantized_matmul(
     fail(op, "K=" + std::to_string(K) + " (x.shape[-1]) must be a positive "
              "multiple of group_size=" + std::to_string(group_size));
   }
-  const int N = check_dense_quant_matrix(
-      op, w, scales, biases, K, bits, group_size, x.dtype(), "x");
+  const int N = check_quantized_matrix(
+      op, {"w", "scales", "biases"}, w, scales, biases, {{"N", -1}}, K, "K",
+      {QuantMode::affine, bits, group_size}, DtypeOwner{x.dtype(), "x"})[0];
   auto stream = mx::to_stream(s);
   if (uses_metal(stream)) {
     // MLX's own kernel on the GPU: the same computation, already fast there.

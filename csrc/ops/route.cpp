@@ -66,34 +66,10 @@ std::vector<mx::array> prepare_route(
       fail(op, "D=" + std::to_string(D) + " (x.shape[-1]) is not a multiple "
                "of the gate's group_size=" + std::to_string(*group_size));
     }
-    if (gate_weight.dtype() != mx::uint32) {
-      fail(op, "a quantized gate_weight must be uint32, got " +
-               dtype_str(gate_weight.dtype()));
-    }
-    const mx::Shape w_shape = {E, D * *bits / 32};
-    if (gate_weight.shape() != w_shape) {
-      fail(op, "gate_weight has shape " + shape_str(gate_weight.shape()) +
-               " but " + std::to_string(*bits) + "-bit rows of D=" +
-               std::to_string(D) + " inputs need " + shape_str(w_shape));
-    }
-    const mx::Shape s_shape = {E, D / *group_size};
-    for (const auto* a : {&*gate_scales, &*gate_biases}) {
-      const std::string an = a == &*gate_scales ? "gate_scales" : "gate_biases";
-      if (a->shape() != s_shape) {
-        fail(op, an + " has shape " + shape_str(a->shape()) + ", expected " +
-                 shape_str(s_shape) + " for group_size=" +
-                 std::to_string(*group_size));
-      }
-      if (!is_float(a->dtype())) {
-        fail(op, an + " must be float16, bfloat16 or float32, got " +
-                 dtype_str(a->dtype()));
-      }
-    }
-    if (gate_scales->dtype() != gate_biases->dtype()) {
-      fail(op, "gate_scales (" + dtype_str(gate_scales->dtype()) +
-               ") and gate_biases (" + dtype_str(gate_biases->dtype()) +
-               ") must have one dtype");
-    }
+    check_quantized_matrix(
+        op, QuantNames::prefixed("gate"), gate_weight, *gate_scales,
+        gate_biases, {{"E", -1}}, D, "D", {QuantMode::affine, *bits, *group_size},
+        std::nullopt);
   } else {
     if (!is_float(gate_weight.dtype())) {
       fail(op, "an unquantized gate_weight must be float16, bfloat16 or "
