@@ -20,7 +20,7 @@ from fused_moe.packed import spec
 from fused_moe.cli import main as cli_main
 from fused_moe.conversion import ConversionError, bits_per_weight_of, pipeline, recipes, sources
 from support.hf_checkpoints import SMALL_HF, write_hf_checkpoint
-from support.minimax_models import SMALL, make_checkpoint, seed_recipe
+from support.minimax_models import SMALL, build_model, make_checkpoint, save_checkpoint, seed_recipe
 
 SEED = "seed-3.7bit"
 
@@ -116,10 +116,10 @@ def test_reap_bits_per_weight_under_the_seed_recipe():
 
 def test_seed_recipe_table():
     r = recipes.RECIPES[SEED]
-    assert r.quant("experts", 0, 62) == (4, 64) and r.quant("experts", 61, 62) == (4, 64)
-    assert all(r.quant("experts", i, 62) == (3, 64) for i in range(1, 61))
+    assert r.quant("experts", 0, 62) == (4, 64, "affine") and r.quant("experts", 61, 62) == (4, 64, "affine")
+    assert all(r.quant("experts", i, 62) == (3, 64, "affine") for i in range(1, 61))
     for role in ("embed", "lm_head", "attention"):
-        assert r.quant(role, 5, 62) == (8, 64)
+        assert r.quant(role, 5, 62) == (8, 64, "affine")
     for role in ("router", "norm", "routing_bias"):
         assert r.quant(role, 5, 62) is None
 
@@ -289,14 +289,14 @@ def test_interruption_leaves_no_destination(stock, tmp_path, monkeypatch, capsys
 
 
 def test_failed_verify_leaves_no_destination(stock, tmp_path, monkeypatch):
-    def corrupting_pack(gate, up, down):
-        packed = fm.pack_experts(gate, up, down)
+    def corrupting_pack(*projections):
+        packed = fm.pack_experts(*projections)
         w = packed.gate_up["weight"]
         packed.gate_up["weight"] = w ^ mx.array(1, dtype=mx.uint32)
         return packed
 
     monkeypatch.setattr(sources, "pack_experts", corrupting_pack)
-    with pytest.raises(ConversionError, match=r"--verify: expert 0 of model.layers.0.block_sparse_moe gate_proj.weight differs"):
+    with pytest.raises(ConversionError, match=r"--verify: expert 0 of model.layers.0.block_sparse_moe.switch_mlp gate_proj.weight differs"):
         fm.convert(stock, tmp_path / "out", verify=True)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -441,7 +441,8 @@ def test_bad_source_is_one_line_without_traceback(case, hf_fp8, tmp_path, capsys
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--bits", "5"], "5-bit experts with group size 64 are not supported by the fused kernels"),
+        (["--mode", "mxfp4", "--group-size", "64"], "--group-size 64 does not fit --mode mxfp4, which is 4-bit with group size 32"),
+        (["--mode", "mxfp4", "--recipe", "seed-3.7bit"], "give either --recipe or --bits/--mode, not both"),
         (["--bits", "7"], "--bits 7 is not supported; supported bits: (2, 3, 4, 5, 6, 8)"),
         (["--bits", "3", "--group-size", "48"], "--group-size 48 is not supported"),
         ([], "choose --recipe"),
@@ -465,10 +466,9 @@ def test_config_that_disagrees_with_an_mlx_lm_source(stock, tmp_path):
         fm.convert(src, tmp_path / "out")
 
 
-def test_unsupported_expert_bits_of_an_mlx_lm_source(tmp_path):
-    from support.minimax_models import build_model, save_checkpoint
-
-    # mlx-lm quantizes 6-bit experts happily; the fused kernels do not read them.
+def test_mixed_expert_widths_of_an_mlx_lm_source(tmp_path):
+    # gate/up at 4 bits, down at 6 (a mixed recipe): packed with each
+    # projection's own width, verified, and back to stock bit for bit.
     model, config = build_model(dict(SMALL, num_hidden_layers=1))
     src = save_checkpoint(model, config, tmp_path / "src")
     c = json.loads((src / "config.json").read_text())
@@ -484,9 +484,15 @@ def test_unsupported_expert_bits_of_an_mlx_lm_source(tmp_path):
     mx.save_safetensors(str(src / "model.safetensors"), tensors, metadata={"format": "mlx"})
     c["quantization"][sw] = {"group_size": 64, "bits": 6, "mode": "affine"}
     (src / "config.json").write_text(json.dumps(c))
-    with pytest.raises(ConversionError, match=rf"{sw}: 6-bit experts with group size 64 are not supported"):
-        fm.convert(src, tmp_path / "out")
-    fm.convert(src, tmp_path / "stock", to="stock")  # a stock copy is fine
+    fm.convert(src, tmp_path / "packed", verify=True)
+    experts = json.loads((tmp_path / "packed" / "config.json").read_text())[spec.CONFIG_KEY][spec.CONFIG_EXPERTS]
+    entry = experts["model.layers.0.block_sparse_moe.fused_experts"]
+    assert (entry["gate_up"]["bits"], entry["down"]["bits"]) == (4, 6)
+    fm.convert(tmp_path / "packed", tmp_path / "stock", to="stock", verify=True)
+    back = load_tensors(tmp_path / "stock")
+    assert set(back) == set(tensors)
+    for name, a in tensors.items():
+        assert_same(back[name], a, name)
 
 
 # ---------------------------------------------------------------- command line

@@ -226,9 +226,10 @@ def test_patch_peak_memory_is_model_plus_one_layer():
 # ---------------------------------------------------------------------------
 
 
-def test_non_minimax_model_is_refused():
-    with pytest.raises(TypeError, match="expected an mlx-lm MiniMax model.*llama"):
-        fm.patch(tiny_llama())
+def test_a_model_without_experts_warns_and_replaces_nothing():
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=r"llama\.Model has no mlx-lm SwitchGLU/SwitchMLP experts"):
+        assert fm.patch(model, experts_only=True) == 0
 
 
 def _model_with_unquantized_experts(layers_quantized):
@@ -247,28 +248,31 @@ def _model_with_unquantized_experts(layers_quantized):
 
 def test_unquantized_experts_strict_raises_and_changes_nothing():
     model = _model_with_unquantized_experts({0, 2})
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.block_sparse_moe: switch_mlp\.gate_proj: not quantized"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.block_sparse_moe\.switch_mlp: gate_proj: not quantized"):
         fm.patch(model)
     assert not any(isinstance(l.block_sparse_moe, fm.MiniMaxMoE) for l in model.layers)
 
 
 def test_unquantized_experts_non_strict_warn_and_stay_stock():
     model = _model_with_unquantized_experts({0, 2})
-    with pytest.warns(UserWarning, match=r"model\.layers\.1\.block_sparse_moe stays stock"):
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.block_sparse_moe\.switch_mlp stays stock"):
         assert fm.patch(model, strict=False) == 2
     kinds = [type(l.block_sparse_moe).__name__ for l in model.layers]
     assert kinds == ["MiniMaxMoE", "MiniMaxSparseMoeBlock", "MiniMaxMoE"]
     model(mx.array([PROMPT]))  # still runs, mixed
 
 
-def test_unsupported_bits_are_refused():
+def test_gate_and_up_quantized_differently_are_refused():
     mx.random.seed(0)
     model = minimax.Model(minimax.ModelArgs.from_dict(SMALL))
+    # gate_proj at 3 bits, up_proj and down_proj at 4: gate/up rows are
+    # packed side by side, so they must share one setting.
     nn.quantize(
-        model, group_size=64, bits=2,
-        class_predicate=lambda p, m: hasattr(m, "to_quantized") and ".switch_mlp." in p,
+        model, group_size=64, bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and ".switch_mlp." in p
+        and ({"group_size": 64, "bits": 3} if p.endswith("gate_proj") else True),
     )
-    with pytest.raises(ValueError, match=r"2-bit with group size 64; supported: bits \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"switch_mlp: gate_proj and up_proj are quantized differently"):
         fm.patch(model)
 
 
@@ -341,14 +345,23 @@ def test_converted_hugging_face_checkpoint_matches_mlx_lm(fp8, tmp_path):
     assert greedy(fused, PROMPT, n=16) == greedy(stock, PROMPT, n=16)
 
 
-def test_a_router_the_fused_op_cannot_take_is_refused():
-    model, _ = build_model(SMALL, seed=8)
-    nn.quantize(
-        model, group_size=64, bits=4,
-        class_predicate=lambda p, m: p.endswith("block_sparse_moe.gate"),
-    )
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.block_sparse_moe: router: .*4-bit QuantizedLinear"):
-        fm.patch(model)
+def test_a_router_the_fused_op_cannot_take_keeps_its_block():
+    """A 4-bit router gate: the block stays mlx-lm's, routing as it does,
+    and its experts run fused under it (a warning names the router)."""
+
+    def model_with_4_bit_gate():
+        model, _ = build_model(SMALL, seed=8)
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: p.endswith("block_sparse_moe.gate"))
+        model.set_dtype(mx.float32)
+        return model
+
+    stock, fused = model_with_4_bit_gate(), model_with_4_bit_gate()
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.block_sparse_moe: router: .*4-bit QuantizedLinear"):
+        assert fm.patch(fused) == 3
+    assert all(type(l.block_sparse_moe).__name__ == "MiniMaxSparseMoeBlock" for l in fused.layers)
+    assert all(isinstance(l.block_sparse_moe.switch_mlp, fm.FusedExperts) for l in fused.layers)
+    tokens = mx.array([PROMPT])
+    assert_logits_match(fused(tokens), stock(tokens))
 
 
 def test_an_8_bit_router_as_mlx_lm_quantizes_it_by_default():

@@ -119,7 +119,7 @@ def packed_tensors(packed_path: str, first: Stored, down: Stored) -> list[OutTen
             "scales": (groups, stored.quant.scales_dtype or stored.dtype, 0),
             "biases": (groups, stored.dtype, 0),
             "bias": ((E, rows), stored.bias, 0),
-            "global_scale": ((E,), "F32", 0),
+            "global_scale": ((E, 2) if name == spec.GATE_UP else (E,), "F32", 0),
         }
         for arr in p.arrays():
             shape, dtype, params = shapes[arr]

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from fused_moe.ops.experts import Activation, down_slots, gate_up
 from fused_moe.packed.experts import PackedExperts, QuantizedProjection, empty_projection, pack_experts
+from fused_moe.packed import spec
 from fused_moe.packed.spec import DOWN, ProjectionSpec
 from fused_moe.supported import quantization_unsupported
 
@@ -110,7 +111,7 @@ class FusedExperts(PackedExperts):
         E, H, D = first_stock.num_experts, first_stock.output_dims, first_stock.input_dims
         first_name, = (n for n in specs if n != DOWN)
         shapes = {first_name: (2 * H if gated else H, D), DOWN: (D, H)}
-        projections = [empty_projection(E, *shapes[n], specs[n], dtype) for n in (first_name, DOWN)]
+        projections = [empty_projection(E, *shapes[n], specs[n], dtype, n == spec.GATE_UP) for n in (first_name, DOWN)]
         return cls(*projections, act, gated=gated)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:

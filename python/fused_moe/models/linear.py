@@ -11,12 +11,12 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from fused_moe.ops.linear import quantized_embedding, quantized_matmul
-from fused_moe.supported import SUPPORTED_LINEAR_BITS, quantization_unsupported
+from fused_moe.supported import quantization_unsupported
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why the fused ops cannot take this quantized layer, or None if they can."""
-    return quantization_unsupported(layer, SUPPORTED_LINEAR_BITS)
+    return quantization_unsupported(layer, experts=False)
 
 
 def _adopt(cls, layer: nn.Module) -> nn.Module:

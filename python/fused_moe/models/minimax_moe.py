@@ -63,7 +63,7 @@ class MiniMaxMoE(nn.Module):
         _check_divisible("hidden_size", D, gate_up.bits, gate_up.group_size)
         _check_divisible("intermediate_size", H, down.bits, down.group_size)
         packed = PackedExperts(
-            empty_projection(E, 2 * H, D, gate_up, mx.float32),
+            empty_projection(E, 2 * H, D, gate_up, mx.float32, rows_are_pairs=True),
             empty_projection(E, D, H, down, mx.float32),
         )
         self._init_parts(

@@ -49,6 +49,13 @@ class QuantizedProjection(NamedTuple):
         return ProjectionSpec(self.mode, self.bits, self.group_size, self.bias is not None,
                               self.global_scale is not None)
 
+    def describe(self) -> str:
+        """e.g. "3-bit, group_size=64" or "mxfp4, group_size=32, with bias"."""
+        q = f"{self.bits}-bit" if self.mode == "affine" else self.mode
+        extra = (", with bias" if self.bias is not None else "") + (
+            ", with global_scale" if self.global_scale is not None else "")
+        return f"{q}, group_size={self.group_size}{extra}"
+
     def arrays(self) -> dict[str, mx.array]:
         """Its arrays by name, those it has only (spec.arrays() order)."""
         return {name: getattr(self, name) for name in self.spec.arrays()}
@@ -100,8 +107,10 @@ def _check_projection(what: str, p: QuantizedProjection) -> tuple[int, int, int]
     if p.global_scale is not None:
         if p.mode != "nvfp4":
             raise ValueError(f"{what}.global_scale: only nvfp4 has a tensor scale, not {p.mode}")
-        if tuple(p.global_scale.shape) != (E,) or p.global_scale.dtype != mx.float32:
-            raise ValueError(f"{what}.global_scale must be float32 [E] = [{E}], got "
+        # gate_up keeps gate's and up's side by side: [E, 2].
+        shape = (E, 2) if what == GATE_UP else (E,)
+        if tuple(p.global_scale.shape) != shape or p.global_scale.dtype != mx.float32:
+            raise ValueError(f"{what}.global_scale must be float32 {list(shape)}, got "
                              f"{p.global_scale.dtype} {tuple(p.global_scale.shape)}")
     return E, out, cols
 
@@ -233,9 +242,11 @@ class PackedExperts(nn.Module):
         )
 
 
-def empty_projection(E: int, rows: int, cols: int, s: ProjectionSpec, dtype: mx.Dtype) -> QuantizedProjection:
+def empty_projection(E: int, rows: int, cols: int, s: ProjectionSpec, dtype: mx.Dtype,
+                     rows_are_pairs: bool = False) -> QuantizedProjection:
     """Lazy zeros of the shapes a projection of `rows` x `cols` stored as `s`
-    has, with the affine scales (and the bias) in `dtype`: a placeholder that
+    has (`rows_are_pairs`: gate/up's interleaved rows), with the affine
+    scales (and the bias) in `dtype`: a placeholder that
     loading a checkpoint replaces before anything evaluates it, so nothing is
     allocated."""
     scale_dtype = dtype if s.mode == "affine" else mx.uint8
@@ -246,7 +257,7 @@ def empty_projection(E: int, rows: int, cols: int, s: ProjectionSpec, dtype: mx.
         mx.zeros(groups, dtype=scale_dtype) if s.mode == "affine" else None,
         s.bits, s.group_size, s.mode,
         mx.zeros((E, rows), dtype=dtype) if s.bias else None,
-        mx.zeros((E,), dtype=mx.float32) if s.global_scale else None,
+        mx.zeros((E, 2) if rows_are_pairs else (E,), dtype=mx.float32) if s.global_scale else None,
     )
 
 
@@ -256,14 +267,10 @@ def _interleave_rows(a: mx.array, b: mx.array) -> mx.array:
 
 
 def _gate_up(g: QuantizedProjection, u: QuantizedProjection) -> QuantizedProjection:
-    if g.spec != u.spec:
-        raise ValueError(f"gate ({g.spec}) and up ({u.spec}) must share their quantization to be packed")
-    if g.global_scale is not None and not mx.array_equal(g.global_scale, u.global_scale).item():
-        raise ValueError("gate and up have different nvfp4 tensor scales; the packed rows share one per "
-                         "expert, so they cannot be packed")
-    interleaved = {name: _interleave_rows(a, u.arrays()[name]) for name, a in g.arrays().items()
-                   if name != "global_scale"}
-    return g._replace(**interleaved)
+    # Rows interleaved; nvfp4's tensor scales side by side, [E, 2].
+    packed = {name: mx.stack([a, u.global_scale], axis=1) if name == "global_scale"
+              else _interleave_rows(a, u.arrays()[name]) for name, a in g.arrays().items()}
+    return g._replace(**packed)
 
 
 def pack_experts(*projections) -> PackedExperts:
@@ -288,6 +295,9 @@ def pack_experts(*projections) -> PackedExperts:
     if len(projections) != 3:
         raise TypeError("pack_experts takes a SwitchGLU or SwitchMLP, or gate, up and down, or fc1 and fc2")
     g, u, d = (_as_projection(n, p) for n, p in zip(("gate", "up", "down"), projections))
+    if g.spec != u.spec:
+        raise ValueError(f"gate ({g.describe()}) and up ({u.describe()}) must share their quantization "
+                         f"to be packed")
     for name, p in (("gate", g), ("up", u)):
         _check_projection(name, p)
     if g.weight.shape != u.weight.shape:
@@ -307,7 +317,7 @@ def unpack_experts(packed: PackedExperts):
     def rows(parity: int):
         def take(name, a):
             if name == "global_scale":
-                return a
+                return a[:, parity]
             E, two_h = a.shape[:2]
             return a.reshape(E, two_h // 2, 2, *a.shape[2:])[:, :, parity]
         return take
