@@ -49,3 +49,28 @@ def test_fused_experts_match_stock(model_type, mode, bits):
     err = rel_err(got, want)
     assert np.all(np.isfinite(got)), f"{model_type}: fused logits have NaN/Inf"
     assert err <= slack(mx.float32), f"{model_type} {mode}{bits}: fused logits differ from stock: rel err {err:.3g}"
+
+
+def test_the_registry_is_the_zoo():
+    """Every MoE type of the installed mlx-lm is registered, the CPU-impossible
+    ones with their reason, and each registered activation is the one the
+    fused module takes from the built model."""
+    from fused_moe.models.experts import activation_of
+    from fused_moe.models.families import FAMILIES
+
+    assert set(FAMILIES) == set(zoo.MOE_MODEL_TYPES)
+    assert {t for t, f in FAMILIES.items() if f.cpu_impossible} == set(zoo.CPU_IMPOSSIBLE)
+    for model_type, family in FAMILIES.items():
+        model, _ = zoo.build(model_type, seed=0)
+        acts = {activation_of(m).name for _, m in zoo.expert_modules(model)}
+        assert acts == family.activations, (model_type, acts)
+
+
+def test_the_docs_table_is_the_registry():
+    from pathlib import Path
+
+    from fused_moe.models.families import markdown_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    table = doc.split("<!-- families:begin -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
+    assert table == markdown_table(), "docs/models.md is stale: python -m fused_moe.models.families"
