@@ -262,6 +262,17 @@ def test_unquantized_experts_non_strict_warn_and_stay_stock():
     model(mx.array([PROMPT]))  # still runs, mixed
 
 
+def test_unsupported_bits_are_refused():
+    mx.random.seed(0)
+    model = minimax.Model(minimax.ModelArgs.from_dict(SMALL))
+    nn.quantize(
+        model, group_size=64, bits=1,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and ".switch_mlp." in p,
+    )
+    with pytest.raises(ValueError, match=r"bits=1 is not supported; supported bits: \(2, 3, 4, 5, 6, 8\)"):
+        fm.patch(model)
+
+
 def test_gate_and_up_quantized_differently_are_refused():
     mx.random.seed(0)
     model = minimax.Model(minimax.ModelArgs.from_dict(SMALL))

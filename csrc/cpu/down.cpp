@@ -1,8 +1,7 @@
 // CPU evaluation of Down (down_combine, down_slots): group (token, slot)
-// pairs by expert, convert h and the router weights to fp32, and spread the
-// row-range kernel of the active instruction set over the thread pool.
+// pairs by expert, convert h (and the router weights) to fp32, and spread
+// the row-range kernel of the active instruction set over the thread pool.
 #include <algorithm>
-#include <stdexcept>
 #include <vector>
 
 #include "cpu/eval_common.h"
@@ -19,8 +18,8 @@ namespace {
 // MiniMax token), long enough that each task reads long contiguous runs of
 // weights.
 constexpr int kDownRowsPerTask = 64;
-// The AVX-512 kernel's tiles are four rows of D; with D a multiple of 32
-// this keeps every tile whole.
+// The kernels' tiles are four rows of D; with D a multiple of 32 this keeps
+// every tile whole.
 static_assert(kDownRowsPerTask % 4 == 0);
 
 } // namespace
@@ -28,20 +27,12 @@ static_assert(kDownRowsPerTask % 4 == 0);
 void Down::eval_cpu(
     const std::vector<mx::array>& inputs,
     mx::array& out) {
-  const ExpertSettings& st = settings_;
-  // Raised in the task, where MLX reports a kernel's errors.
-  const bool implemented =
-      st.quant.mode == QuantMode::affine && !st.bias && st.combine;
+  const ExpertSettings st = settings_;
   const ExpertSlots slots = expert_slots(st, /*down=*/true);
   cpu::dispatch(
       stream(), inputs, out,
-      [bits = st.quant.bits, group_size = st.quant.group_size, slots, implemented](
-          const std::vector<mx::array>& in, mx::array& y) {
-        if (!implemented) {
-          throw std::invalid_argument(
-              "fused_moe.down: the CPU kernels for this setting are not "
-              "implemented yet");
-        }
+      [st, slots](const std::vector<mx::array>& in, mx::array& y) {
+        const QuantSpec& q = st.quant;
         const auto& h = in[slots.x];
         const auto& indices = in[slots.indices];
         const auto& weight = in[slots.weight];
@@ -52,20 +43,33 @@ void Down::eval_cpu(
         if (T == 0) {
           return;
         }
-        const cpu::Grouping grouping("down_combine", indices, weight.shape(0));
+        const cpu::Grouping grouping(
+            st.combine ? "down_combine" : "down_slots", indices, weight.shape(0));
         const std::vector<float> h32 = cpu::to_fp32(h);
-        const std::vector<float> w32 = cpu::to_fp32(in[slots.weights]);
-        std::vector<float> y_acc(static_cast<size_t>(T) * D);
+        std::vector<float> w32, y_acc;
+        if (st.combine) {
+          w32 = cpu::to_fp32(in[slots.weights]);
+          y_acc.resize(static_cast<size_t>(T) * D);
+        }
         const auto& kernels = cpu::active_kernels();
         const cpu::ActPlanes hq(
-            kernels, h.dtype(), h32, int64_t(T) * k, H, bits, group_size);
+            kernels, h.dtype(), h32, int64_t(T) * k, H, q.mode, q.bits, q.group_size);
         const cpu::Int16Planes h16(
-            kernels, h.dtype(), h32, int64_t(T) * k, H, bits, group_size);
-        const cpu::DownArgs args = {
+            kernels, h.dtype(), h32, int64_t(T) * k, H, q.mode, q.bits,
+            q.group_size, /*allowed=*/!hq.used);
+        const mx::array* biases = slots.biases >= 0 ? &in[slots.biases] : nullptr;
+        const mx::array* global_scale =
+            slots.global_scale >= 0 ? &in[slots.global_scale] : nullptr;
+        cpu::DownArgs args = {
             cpu::quant_matrix(
-                weight, in[slots.scales], in[slots.biases], H, bits, group_size),
-            grouping.view(k), h32.data(), hq.get(), h16.get(), w32.data(), y_acc.data(),
+                weight, in[slots.scales], biases, H, q.mode, q.bits, q.group_size,
+                global_scale, 1),
+            grouping.view(k), h32.data(), hq.get(), h16.get(),
+            st.combine ? w32.data() : nullptr, st.combine ? y_acc.data() : nullptr,
             y.data<void>(), cpu::float_type(y.dtype()), T};
+        args.bias = slots.bias >= 0 ? in[slots.bias].data<void>() : nullptr;
+        args.bias_type = slots.bias >= 0 ? cpu::float_type(in[slots.bias].dtype())
+                                         : cpu::FloatType::f32;
         const int blocks = (D + kDownRowsPerTask - 1) / kDownRowsPerTask;
         cpu::parallel_for(blocks, [&](int task) {
           const int d0 = task * kDownRowsPerTask;

@@ -70,6 +70,26 @@ QuantMatrix quant_matrix(
       group_size};
 }
 
+QuantMatrix quant_matrix(
+    const mx::array& w,
+    const mx::array& s,
+    const mx::array* b,
+    int cols,
+    QuantMode mode,
+    int bits,
+    int group_size,
+    const mx::array* global_scale,
+    int global_scale_period) {
+  QuantMatrix m = {
+      w.data<uint8_t>(), s.data<void>(), b ? b->data<void>() : nullptr,
+      mode == QuantMode::affine ? float_type(s.dtype()) : FloatType::f32,
+      static_cast<int>(w.shape(w.ndim() - 2)), cols, bits, group_size};
+  m.mode = mode;
+  m.global_scale = global_scale ? global_scale->data<float>() : nullptr;
+  m.global_scale_period = global_scale_period;
+  return m;
+}
+
 Grouping::Grouping(const char* op, const mx::array& indices, int num_experts) {
   const int64_t n = indices.size();
   const int k = indices.shape(1);
@@ -109,11 +129,12 @@ ActPlanes::ActPlanes(
     const std::vector<float>& x,
     int64_t rows,
     int cols,
+    QuantMode mode,
     int bits,
     int group_size,
     bool allowed) {
   if (!allowed || !kernels.quantize_acts || dtype == mx::float32 ||
-      cols % 64 != 0 || !integer_path_bits(bits)) {
+      cols % 64 != 0 || !vnni_path(mode, bits)) {
     return;
   }
   const int64_t groups = rows * (cols / group_size);
@@ -133,9 +154,12 @@ Int16Planes::Int16Planes(
     const std::vector<float>& x,
     int64_t rows,
     int cols,
+    QuantMode mode,
     int bits,
-    int group_size) {
-  if (!kernels.quantize_acts16 || dtype == mx::float32 || !integer_path_bits(bits)) {
+    int group_size,
+    bool allowed) {
+  if (!allowed || !kernels.quantize_acts16 || dtype == mx::float32 ||
+      !int16_path(mode, bits)) {
     return;
   }
   const int64_t groups = rows * (cols / group_size);

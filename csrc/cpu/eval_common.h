@@ -21,7 +21,7 @@ FloatType float_type(mx::Dtype t);
 std::vector<float> to_fp32(const mx::array& a);
 
 // The kernels' view of one quantized matrix, stacked [E, rows, cols] or
-// dense [rows, cols] (E = 1): its weight, scales and biases arrays.
+// dense [rows, cols] (E = 1): its weight, scales and biases arrays (affine).
 QuantMatrix quant_matrix(
     const mx::array& w,
     const mx::array& s,
@@ -29,6 +29,19 @@ QuantMatrix quant_matrix(
     int cols,
     int bits,
     int group_size);
+
+// The same in any mode: `b` null for the fp modes, `global_scale` (nvfp4)
+// null or float32 [E, period].
+QuantMatrix quant_matrix(
+    const mx::array& w,
+    const mx::array& s,
+    const mx::array* b,
+    int cols,
+    QuantMode mode,
+    int bits,
+    int group_size,
+    const mx::array* global_scale = nullptr,
+    int global_scale_period = 1);
 
 // (token, slot) pairs grouped by expert: a counting sort, with the range
 // check that keeps every weight access in bounds (an id outside [0, E)
@@ -44,10 +57,10 @@ struct Grouping {
   }
 };
 
-// Integer-ready copy of activation rows, for kernel builds that have an
-// integer path. float32 inputs always take the exact fp32 path, and so do
-// rows whose width is not a whole number of 64-code blocks and weights of
-// bits the integer path has no unpacking for (integer_path_bits).
+// Integer-ready copy of activation rows, for kernel builds that have the
+// VNNI integer path. float32 inputs always take the exact fp32 path, and so
+// do rows whose width is not a whole number of 64-code blocks and settings
+// the VNNI path has no unpacking for (vnni_path).
 struct ActPlanes {
   std::vector<int8_t> hi, lo;
   std::vector<float> scale, sum;
@@ -56,25 +69,26 @@ struct ActPlanes {
 
   // `allowed`: the caller's own condition for the integer path.
   ActPlanes(const KernelTable& kernels, mx::Dtype dtype,
-            const std::vector<float>& x, int64_t rows, int cols, int bits,
-            int group_size, bool allowed = true);
+            const std::vector<float>& x, int64_t rows, int cols,
+            QuantMode mode, int bits, int group_size, bool allowed = true);
 
   const QuantizedActs* get() const {
     return used ? &view : nullptr;
   }
 };
 
-// int16 copy of activation rows for the AVX2 build's 8-bit linears (half
-// precision only; float32 inputs keep the exact fp32 path).
+// int16 copy of activation rows for the int16 integer path (half precision
+// only; float32 inputs keep the exact fp32 path), for settings of int16_path.
 struct Int16Planes {
   std::vector<int16_t> q;
   std::vector<float> scale, sum;
   Int16Acts view{};
   bool used = false;
 
+  // `allowed`: the caller's own condition (false where VNNI planes are used).
   Int16Planes(const KernelTable& kernels, mx::Dtype dtype,
-              const std::vector<float>& x, int64_t rows, int cols, int bits,
-              int group_size);
+              const std::vector<float>& x, int64_t rows, int cols,
+              QuantMode mode, int bits, int group_size, bool allowed = true);
 
   const Int16Acts* get() const {
     return used ? &view : nullptr;

@@ -5,20 +5,39 @@
 
 #include <cstdint>
 
+#include "supported.h"
+
 namespace fused_moe::cpu {
 
 enum class FloatType { f32, f16, bf16 };
 
-// One stacked affine-quantized matrix [E, rows, cols] in MLX's packing.
+// One stacked quantized matrix [E, rows, cols] in MLX's packing, in any mode
+// of the grid (docs/kernel_contract.md).
 struct QuantMatrix {
   const uint8_t* weight; // [E, rows, cols*bits/8] bytes
-  const void* scales; // [E, rows, cols/group_size], `scale_type`
-  const void* biases; // same shape and type as scales
+  const void* scales; // [E, rows, cols/group_size]: affine `scale_type`,
+                      // the fp modes uint8 (e8m0 or e4m3)
+  const void* biases; // affine: as scales; the fp modes: null
   FloatType scale_type;
   int rows;
   int cols;
   int bits;
   int group_size;
+  QuantMode mode = QuantMode::affine;
+  // nvfp4's float32 tensor scales [E, global_scale_period], or null: row r
+  // of expert e takes global_scale[e * period + r % period] (gate/up rows
+  // alternate, so a gated gate/up matrix has period 2).
+  const float* global_scale = nullptr;
+  int global_scale_period = 1;
+};
+
+// The activation of kernel A and its run-time parameters (supported.h).
+struct ActivationArgs {
+  Activation kind = Activation::swiglu;
+  float limit = 0.0f;
+  float alpha = 0.0f;
+  float beta = 0.0f;
+  float linear_beta = 0.0f; // 0: none
 };
 
 // (token, slot) pairs grouped by expert. Pair p = t*k + j. Experts appear in
@@ -44,8 +63,8 @@ struct QuantizedActs {
   int bits;
 };
 
-// Activation rows quantized to int16 for the AVX2 build's integer path (the
-// 8-bit linears and the 3/4-bit experts): per group of `group_size` values,
+// Activation rows quantized to int16 for the int16 integer path (AVX2, and
+// on AVX-512 for what VNNI does not take): per group of `group_size` values,
 // x ≈ scale·q.
 struct Int16Acts {
   int16_t* q; // [rows, cols]
@@ -55,29 +74,39 @@ struct Int16Acts {
   int group_size;
 };
 
-// Kernel A: packed gate/up rows 2r and 2r+1 give h[p, r].
+// Kernel A: h[p, r] = act(gate, up) of packed rows 2r and 2r+1 (gated), or
+// act(row r) (not gated), each row's dot product plus its expert bias.
 struct GateUpArgs {
-  QuantMatrix w; // rows = 2H, cols = D
+  QuantMatrix w; // rows = 2H (gated) or H, cols = D
   ExpertGroups groups;
-  const float* x; // [T, D] fp32 copy of the activations
+  const float* x; // [T, D] (or [T*k, D] per slot) fp32 activations
   const QuantizedActs* xq; // the same, quantized; null for the float path
-  const Int16Acts* x16; // the same as int16 (AVX2 build), or null
+  const Int16Acts* x16; // the same as int16, or null
   void* h; // [T*k, H] output
   FloatType h_type;
+  ActivationArgs act;
+  bool gated;
+  bool x_per_slot; // x row of pair p: p (per slot) or p / k (shared)
+  const void* bias; // [E, rows] expert bias of `bias_type`, or null
+  FloatType bias_type;
 };
 
-// Kernel B: y[t, d] = Σ over pairs of token t of weight[p] · (h[p] · D_e[d]).
+// Kernel B: o[p, d] = h[p] · D_e[d] + bias[e, d]; with the combine
+// y[t, d] = Σ over pairs of token t of weight[p] · o[p, d], else y[p, d] =
+// o[p, d].
 struct DownArgs {
   QuantMatrix w; // rows = D, cols = H
   ExpertGroups groups;
   const float* h; // [T*k, H] fp32 copy of h
   const QuantizedActs* hq; // the same, quantized; null for the float path
-  const Int16Acts* h16; // the same as int16 (AVX2 build), or null
-  const float* pair_weights; // [T*k] fp32 router weights
-  float* y_acc; // [T, D] fp32 accumulator, owned per row range
-  void* y; // [T, D] output
+  const Int16Acts* h16; // the same as int16, or null
+  const float* pair_weights; // [T*k] fp32 router weights; null: per slot
+  float* y_acc; // [T, D] fp32 accumulator, owned per row range (combine)
+  void* y; // [T, D] (combine) or [T*k, D] output
   FloatType y_type;
   int T;
+  const void* bias; // [E, D] expert bias of `bias_type`, or null
+  FloatType bias_type;
 };
 
 
@@ -136,10 +165,18 @@ struct NormRopeArgs {
   bool traditional; // rotate pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
 };
 
-// Weight bits the integer paths (AVX-512 VNNI; AVX2 int16) have code
-// unpacking for; other bits take the fp32 path on every level.
-constexpr bool integer_path_bits(int bits) {
-  return bits == 3 || bits == 4 || bits == 8;
+// The settings the AVX-512 VNNI path has code unpacking for (affine 3, 4
+// and 8 bits); the others take the int16 path or the fp32 path.
+constexpr bool vnni_path(QuantMode mode, int bits) {
+  return mode == QuantMode::affine && (bits == 3 || bits == 4 || bits == 8);
+}
+
+// The settings the int16 path takes: every affine width, and the fp4 modes,
+// whose e2m1 values times 2 are the integers -12..12 (the ½ goes into the
+// group's fp32 scale). mxfp8's e4m3 values are not small integers: fp32.
+constexpr bool int16_path(QuantMode mode, int bits) {
+  (void)bits;
+  return mode != QuantMode::mxfp8;
 }
 
 // The router's gate [E, D], either in a float dtype or as 8-bit affine codes
@@ -179,7 +216,7 @@ struct KernelTable {
   void (*route_logits)(
       const RouteArgs&, int e_begin, int e_end, int t_begin, int t_end);
   // Fills row `row` of `q` from x [rows, q.cols]. Null where this build has
-  // no int16 path (all but AVX2); weights of integer_path_bits only.
+  // no int16 path (generic); weights of int16_path only.
   void (*quantize_acts16)(const float* x, int64_t row, const Int16Acts& q);
   // y rows [n_begin, n_end) of tokens [t_begin, t_end). With `xq`, n_begin
   // and n_end are multiples of 4 (whole integer tiles).

@@ -250,8 +250,150 @@ static void dequant_rows(
   }
 }
 
-// The allow-list of bits (kSupportedLinearBits; the experts use 3 and 4).
+// ---------------------------------------------------------------------------
+// The fp modes (mxfp4, mxfp8, nvfp4): codes and scales as MLX decodes them
+// ---------------------------------------------------------------------------
+
+// e8m0 scale: 2^(s-127) (s = 0: 2^-127, a subnormal; s = 255: +inf).
+static inline float e8m0(uint8_t s) {
+  const uint32_t bits = s == 0 ? 0x00400000u : uint32_t(s) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// e4m3 as MLX's from_fp8: E = bits 6..3, M = bits 2..0; E = 0: M·2^-9,
+// else (8 + M)·2^(E-10); 0x7F and 0xFF are NaN; no infinities.
+struct E4m3Table {
+  float v[256];
+  E4m3Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int E = (b >> 3) & 15, M = b & 7;
+      float mag = E == 0 ? M * 0x1p-9f : std::ldexp(float(8 + M), E - 10);
+      if ((b & 0x7F) == 0x7F) mag = NAN;
+      v[b] = (b & 0x80) ? -mag : mag;
+    }
+  }
+};
+static inline const float* e4m3_table() {
+  static const E4m3Table t;
+  return t.v;
+}
+
+// e2m1: 0, ½, 1, 1½, 2, 3, 4, 6 and their negatives (code 8 is -0).
+alignas(64) inline constexpr float kE2m1[16] = {
+    0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+    -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// nvfp4: the row's global-scale factor global_scale/2688 (MLX's
+// F8E4M3_MAX·F4E2M1_MAX), or 1 without a global scale.
+static inline float nvfp4_row_factor(const QuantMatrix& m, int64_t row_id) {
+  if (!m.global_scale) {
+    return 1.0f;
+  }
+  const int64_t e = row_id / m.rows, r = row_id % m.rows;
+  return m.global_scale[e * m.global_scale_period + r % m.global_scale_period] /
+      2688.0f;
+}
+
+// The fp32 scale of group g of row `row_id` in an fp mode; `factor` is
+// nvfp4_row_factor (ignored by the mx modes).
+static inline float fp_group_scale(
+    const QuantMatrix& m, int64_t row_id, int g, float factor) {
+  const uint8_t s =
+      static_cast<const uint8_t*>(m.scales)[row_id * (m.cols / m.group_size) + g];
+  return m.mode == QuantMode::nvfp4 ? e4m3_table()[s] * factor : e8m0(s);
+}
+
+// Writes out[i] = e2m1(q_i)·scale for `n` codes (a multiple of 16) from `q`.
+static inline void dequant_fp4(const uint8_t* q, float scale, int n, float* out) {
+#if defined(__AVX512F__)
+  // The whole table in one register: the nibble indexes it directly.
+  const __m512 lut = _mm512_load_ps(kE2m1);
+  const __m512i shifts =
+      _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; i += 16, q += 8, out += 16) {
+    __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(load_le(q, 4)))),
+        _mm256_set1_epi32(static_cast<int>(load_le(q + 4, 4))), 1);
+    v = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(15));
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), vs));
+  }
+#elif defined(__AVX2__)
+  // Magnitudes from the low 3 bits, the sign from bit 3.
+  const __m256 lut = _mm256_load_ps(kE2m1);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int i = 0; i < n; i += 8, q += 4, out += 8) {
+    const __m256i v = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load_le(q, 4))), shifts),
+        _mm256_set1_epi32(15));
+    const __m256 mag = _mm256_permutevar8x32_ps(lut, v);
+    const __m256 val = _mm256_xor_ps(
+        mag, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 28), sign)));
+    _mm256_storeu_ps(out, _mm256_mul_ps(val, vs));
+  }
+#else
+  for (int i = 0; i < n; i += 2, ++q) {
+    out[i] = kE2m1[*q & 15] * scale;
+    out[i + 1] = kE2m1[*q >> 4] * scale;
+  }
+#endif
+}
+
+// Writes out[i] = e4m3(q_i)·scale for `n` codes (a multiple of 16) from `q`.
+static inline void dequant_fp8(const uint8_t* q, float scale, int n, float* out) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // An e4m3 code, sign apart, is a float16 with the exponent 8 lower:
+  // converted exactly by vcvtph2ps, then times 256. 0x7F/0xFF become NaN.
+  const __m128i mag = _mm_set1_epi16(0x7F), sgn = _mm_set1_epi16(0x80);
+  for (int i = 0; i < n; i += 8, q += 8, out += 8) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m128i m = _mm_and_si128(b, mag);
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(m, 7), _mm_slli_epi16(_mm_and_si128(b, sgn), 8));
+    const __m128i nan16 = _mm_cmpeq_epi16(m, mag);
+    __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    v = _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16)));
+    _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_set1_ps(scale)));
+  }
+#else
+  const float* t = e4m3_table();
+  for (int i = 0; i < n; ++i) {
+    out[i] = t[q[i]] * scale;
+  }
+#endif
+}
+
+// Dequantizes `n_rows` rows from `row` of expert `e` of a matrix in an fp
+// mode.
+static void dequant_rows_fp(
+    const QuantMatrix& m, int e, int row, int n_rows, float* out) {
+  const int64_t row_bytes = static_cast<int64_t>(m.cols) * m.bits / 8;
+  const int groups = m.cols / m.group_size;
+  const int group_bytes = m.group_size * m.bits / 8;
+  for (int r = 0; r < n_rows; ++r) {
+    const int64_t row_id = static_cast<int64_t>(e) * m.rows + row + r;
+    const uint8_t* q = m.weight + row_id * row_bytes;
+    const float factor = nvfp4_row_factor(m, row_id);
+    float* o = out + static_cast<int64_t>(r) * m.cols;
+    for (int g = 0; g < groups; ++g) {
+      const float scale = fp_group_scale(m, row_id, g, factor);
+      if (m.bits == 4) {
+        dequant_fp4(q + g * group_bytes, scale, m.group_size, o + g * m.group_size);
+      } else {
+        dequant_fp8(q + g * group_bytes, scale, m.group_size, o + g * m.group_size);
+      }
+    }
+  }
+}
+
+// Dequantizes `n` rows from `row` of expert `e`, any setting of the grid.
 static void dequant(const QuantMatrix& m, int e, int row, int n, float* out) {
+  if (m.mode != QuantMode::affine) {
+    return dequant_rows_fp(m, e, row, n, out);
+  }
   switch (m.bits) {
     case 2: return dequant_rows<2>(m, e, row, n, out);
     case 3: return dequant_rows<3>(m, e, row, n, out);
@@ -347,8 +489,9 @@ namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 #define FUSED_MOE_INT_PATH 0
 #endif
 
-// The int16 path for 8-bit linears with half-precision activations (AVX2).
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// The int16 path for half-precision activations (AVX2; on AVX-512 for the
+// settings the VNNI path does not take: kernels.h, int16_path).
+#if defined(__AVX2__)
 #define FUSED_MOE_INT16_PATH 1
 }  // namespace fused_moe::cpu::FUSED_MOE_ISA_NS
 #include "cpu/kernels_int16_avx2.h"
@@ -358,7 +501,7 @@ namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 #endif
 
 // ---------------------------------------------------------------------------
-// Kernel A: gate_up_swiglu
+// Kernel A: gate_up (the projections, then the activation in the epilogue)
 // ---------------------------------------------------------------------------
 
 // One expert's pairs, [count] starting at `pairs`.
@@ -372,105 +515,246 @@ static ExpertSlice expert_slice(const ExpertGroups& g, int u) {
   return {g.experts[u], g.pairs + g.offsets[u], g.offsets[u + 1] - g.offsets[u]};
 }
 
+static inline float sigmoid(float z) {
+  return 1.0f / (1.0f + std::exp(-z));
+}
+
+// clip(u, ±limit); NaN stays NaN.
+static inline float clip(float u, float limit) {
+  return std::min(std::max(u, -limit), limit);
+}
+
+static inline float gelu_approx(float z) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * z * (1.0f + std::tanh(kSqrt2OverPi * (z + 0.044715f * z * z * z)));
+}
+
+// The activations of supported.h, in fp32, written as mlx-lm writes them
+// (docs/kernel_contract.md): gated ones of (g, u), the others of a.
+template <Activation A>
+static inline float activate(float g, float u, const ActivationArgs& p) {
+  if constexpr (A == Activation::swiglu) {
+    return silu(g) * u;
+  } else if constexpr (A == Activation::clamped_swiglu) {
+    return std::min(silu(g), p.limit) * clip(u, p.limit);
+  } else if constexpr (A == Activation::deepseek_v41_swiglu) {
+    return silu(std::min(g, p.limit)) * clip(u, p.limit);
+  } else if constexpr (A == Activation::swiglu_oai) {
+    const float gc = std::min(g, p.limit);
+    return (clip(u, p.limit) + 1.0f) * (gc * sigmoid(p.alpha * gc));
+  } else if constexpr (A == Activation::geglu) {
+    return gelu_approx(g) * u;
+  } else if constexpr (A == Activation::situ) {
+    const float a = p.beta * std::tanh(g / p.beta) * sigmoid(g);
+    return a * (p.linear_beta != 0.0f ? p.linear_beta * std::tanh(u / p.linear_beta) : u);
+  } else if constexpr (A == Activation::gelu_approx) {
+    return gelu_approx(g);
+  } else {
+    static_assert(A == Activation::relu2);
+    const float r = std::max(g, 0.0f);
+    return r * r;
+  }
+}
+
+// Stores h for one tile of 4 packed rows from `row` (of the expert) against
+// every pair of `ex`: raw[q * count + i] is row row+q against pair i. Gated:
+// rows (gate r, up r, gate r+1, up r+1) give h rows r = row/2 and r+1;
+// otherwise rows row..row+3 give h rows row..row+3. Expert biases are added
+// to each row's dot product first.
+template <Activation A>
+static void gate_up_epilogue(
+    const GateUpArgs& a, const ExpertSlice& ex, int row, const float* raw) {
+  const int rows = a.w.rows;
+  const int H = a.gated ? rows / 2 : rows;
+  const int n = ex.count;
+  float b[kTileRows] = {};
+  if (a.bias) {
+    for (int q = 0; q < kTileRows; ++q) {
+      b[q] = to_float(a.bias, a.bias_type, static_cast<int64_t>(ex.expert) * rows + row + q);
+    }
+  }
+  // Without expert biases the dot products are taken as they are (adding 0
+  // would turn a -0 into +0).
+  const bool with_bias = a.bias != nullptr;
+  auto v = [&](int q, int i) { return with_bias ? raw[q * n + i] + b[q] : raw[q * n + i]; };
+  for (int i = 0; i < n; ++i) {
+    const int64_t base = static_cast<int64_t>(ex.pairs[i]) * H;
+    if (a.gated) {
+      const int r = row / 2;
+      store_as(a.h, a.h_type, base + r, activate<A>(v(0, i), v(1, i), a.act));
+      store_as(a.h, a.h_type, base + r + 1, activate<A>(v(2, i), v(3, i), a.act));
+    } else {
+      for (int q = 0; q < kTileRows; ++q) {
+        store_as(a.h, a.h_type, base + row + q, activate<A>(v(q, i), 0.0f, a.act));
+      }
+    }
+  }
+}
+
+using GateUpEpilogue = void (*)(const GateUpArgs&, const ExpertSlice&, int, const float*);
+
+static GateUpEpilogue gate_up_epilogue_for(Activation kind) {
+  switch (kind) {
+    case Activation::swiglu: return &gate_up_epilogue<Activation::swiglu>;
+    case Activation::clamped_swiglu: return &gate_up_epilogue<Activation::clamped_swiglu>;
+    case Activation::deepseek_v41_swiglu: return &gate_up_epilogue<Activation::deepseek_v41_swiglu>;
+    case Activation::swiglu_oai: return &gate_up_epilogue<Activation::swiglu_oai>;
+    case Activation::geglu: return &gate_up_epilogue<Activation::geglu>;
+    case Activation::situ: return &gate_up_epilogue<Activation::situ>;
+    case Activation::gelu_approx: return &gate_up_epilogue<Activation::gelu_approx>;
+    case Activation::relu2: return &gate_up_epilogue<Activation::relu2>;
+  }
+  return &gate_up_epilogue<Activation::swiglu>;
+}
+
+// The activation row of every pair of `ex` into `rows` [count].
+static inline void act_rows_of(
+    const GateUpArgs& a, const ExpertSlice& ex, int64_t* rows) {
+  for (int i = 0; i < ex.count; ++i) {
+    rows[i] = a.x_per_slot ? ex.pairs[i] : ex.pairs[i] / a.groups.k;
+  }
+}
+
+// raw[q * count + i] = row (row + q) of expert e · acts[act_rows[i]] for a
+// 4-row tile, dequantized to fp32 first: the fp32 path of every setting.
+static void tile_float(
+    const QuantMatrix& m, int e, int row, const float* acts,
+    const int64_t* act_rows, int count, float* raw) {
+  const int n = m.cols;
+  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * n);
+  dequant(m, e, row, kTileRows, tile);
+  float out[kTileRows][kTileTokens];
+  const float* x[kTileTokens];
+  int i = 0;
+  for (; i + kTileTokens <= count; i += kTileTokens) {
+    for (int t = 0; t < kTileTokens; ++t) {
+      x[t] = acts + act_rows[i + t] * n;
+    }
+    tile_dot<kTileTokens>(tile, x, n, out);
+    for (int q = 0; q < kTileRows; ++q) {
+      for (int t = 0; t < kTileTokens; ++t) raw[q * count + i + t] = out[q][t];
+    }
+  }
+  // Each (row, token) accumulator sees the same operations in the same order
+  // in tile_dot<1> and tile_dot<kTileTokens>, so tiling never changes bits.
+  for (; i < count; ++i) {
+    x[0] = acts + act_rows[i] * n;
+    tile_dot<1>(tile, x, n, out);
+    for (int q = 0; q < kTileRows; ++q) raw[q * count + i] = out[q][0];
+  }
+}
+
+// Packed rows [w_begin, w_end) of expert slot `u`, four at a time, each tile
+// finished by the activation's epilogue.
 static void gate_up_rows_float(
-    const GateUpArgs& a, ExpertSlice ex, int r_begin, int r_end) {
-  const int D = a.w.cols;
-  const int H = a.w.rows / 2;
-  const int k = a.groups.k;
-  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * D);
-  auto row_of = [&](int32_t p) {
-    return a.x + static_cast<int64_t>(p / k) * D;
-  };
-  // Tile rows: gate r, up r, gate r+1, up r+1 (packed rows 2r .. 2r+3).
-  for (int r = r_begin; r < r_end; r += 2) {
-    dequant(a.w, ex.expert, 2 * r, kTileRows, tile);
-    for_each_token_tile(
-        tile, D, ex.pairs, ex.count, row_of,
-        [&](int first, int n, float out[kTileRows][kTileTokens]) {
-          for (int t = 0; t < n; ++t) {
-            const int64_t base = static_cast<int64_t>(ex.pairs[first + t]) * H;
-            store_as(a.h, a.h_type, base + r, silu(out[0][t]) * out[1][t]);
-            store_as(
-                a.h, a.h_type, base + r + 1, silu(out[2][t]) * out[3][t]);
-          }
-        });
+    const GateUpArgs& a, const ExpertSlice& ex, int w_begin, int w_end, GateUpEpilogue epi) {
+  int64_t* act_rows = scratch<int64_t>(ex.count);
+  float* raw = scratch<float, 6>(kTileRows * static_cast<size_t>(ex.count));
+  act_rows_of(a, ex, act_rows);
+  for (int row = w_begin; row < w_end; row += kTileRows) {
+    tile_float(a.w, ex.expert, row, a.x, act_rows, ex.count, raw);
+    epi(a, ex, row, raw);
   }
 }
 
 #if FUSED_MOE_INT_PATH
 static void gate_up_rows_int(
-    const GateUpArgs& a, ExpertSlice ex, int r_begin, int r_end) {
-  const int H = a.w.rows / 2;
-  const int k = a.groups.k;
+    const GateUpArgs& a, const ExpertSlice& ex, int w_begin, int w_end, GateUpEpilogue epi) {
   float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
-  // [4][count]: gate r, up r, gate r+1, up r+1 for every pair.
-  float* out = scratch<float, 1>(4 * static_cast<size_t>(ex.count));
+  // [4][count]: rows row .. row+3 for every pair.
+  float* raw = scratch<float, 1>(kTileRows * static_cast<size_t>(ex.count));
   int64_t* act_rows = scratch<int64_t>(ex.count);
-  for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i] / k;
+  act_rows_of(a, ex, act_rows);
   const int64_t first = static_cast<int64_t>(ex.expert) * a.w.rows;
-  auto emit = [&](int r, const float* gate, const float* up) {
-    for (int i = 0; i < ex.count; ++i) {
-      store_as(a.h, a.h_type, static_cast<int64_t>(ex.pairs[i]) * H + r,
-               silu(gate[i]) * up[i]);
-    }
-  };
-  // Two (gate, up) row pairs at a time: packed rows 2r .. 2r+3. The ops
-  // keep H a multiple of 32 and tasks start at multiples of 32 pairs, so
-  // every range holds whole tiles. The next tile is fetched while it stays
-  // inside this expert (and so is used).
-  for (int r = r_begin; r < r_end; r += 2) {
-    const int64_t next = r + 4 <= H ? first + 2 * (r + 2) : -1;
-    dot_rows_of(a.w, first + 2 * r, *a.xq, act_rows, ex.count, next, buf, out);
-    emit(r, out, out + ex.count);
-    emit(r + 1, out + 2 * ex.count, out + 3 * ex.count);
+  // The ops keep H a multiple of 32 and tasks start at multiples of 32 h
+  // rows, so every range holds whole tiles. The next tile is fetched while
+  // it stays inside this expert (and so is used).
+  for (int row = w_begin; row < w_end; row += kTileRows) {
+    const int64_t next = row + 2 * kTileRows <= a.w.rows ? first + row + kTileRows : -1;
+    dot_rows_of(a.w, first + row, *a.xq, act_rows, ex.count, next, buf, raw);
+    epi(a, ex, row, raw);
   }
 }
 #endif
 
 static void gate_up_rows(const GateUpArgs& a, int u, int r_begin, int r_end) {
   const ExpertSlice ex = expert_slice(a.groups, u);
+  const GateUpEpilogue epi = gate_up_epilogue_for(a.act.kind);
+  // h rows [r_begin, r_end) are packed rows [2 r_begin, 2 r_end) when gated.
+  const int w_begin = a.gated ? 2 * r_begin : r_begin;
+  const int w_end = a.gated ? 2 * r_end : r_end;
 #if FUSED_MOE_INT_PATH
   if (a.xq) {
-    return gate_up_rows_int(a, ex, r_begin, r_end);
+    return gate_up_rows_int(a, ex, w_begin, w_end, epi);
   }
 #endif
 #if FUSED_MOE_INT16_PATH
   if (a.x16) {
-    return gate_up_rows_int16(a, ex.expert, ex.pairs, ex.count, r_begin, r_end);
+    int64_t* act_rows = scratch<int64_t>(ex.count);
+    act_rows_of(a, ex, act_rows);
+    float* raw = scratch<float, 6>(kTileRows * static_cast<size_t>(ex.count));
+    const int64_t first = static_cast<int64_t>(ex.expert) * a.w.rows;
+    for (int row = w_begin; row < w_end; row += kTileRows) {
+      tile_int16(a.w, first + row, *a.x16, act_rows, ex.count, raw);
+      epi(a, ex, row, raw);
+    }
+    return;
   }
 #endif
-  gate_up_rows_float(a, ex, r_begin, r_end);
+  gate_up_rows_float(a, ex, w_begin, w_end, epi);
 }
 
 // ---------------------------------------------------------------------------
-// Kernel B: down_combine
+// Kernel B: down (with the combine, or per slot)
 // ---------------------------------------------------------------------------
 
-// Both paths visit experts in increasing id order and each expert's pairs in
-// increasing order: the sum for every y[t, d] is taken in one fixed order.
+// Every path visits experts in increasing id order and each expert's pairs
+// in increasing order: the sum for every y[t, d] is taken in one fixed order.
+
+// Takes one tile's results, raw[q * count + i] = row d + q of expert ex
+// against pair i, into y: plus the expert bias, then weighted into y_acc
+// (the combine) or stored per slot.
+static void down_epilogue(const DownArgs& a, const ExpertSlice& ex, int d, const float* raw) {
+  const int D = a.w.rows;
+  const int n = ex.count;
+  float b[kTileRows] = {};
+  if (a.bias) {
+    for (int q = 0; q < kTileRows; ++q) {
+      b[q] = to_float(a.bias, a.bias_type, static_cast<int64_t>(ex.expert) * D + d + q);
+    }
+  }
+  if (!a.pair_weights) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t base = static_cast<int64_t>(ex.pairs[i]) * D + d;
+      for (int q = 0; q < kTileRows; ++q) {
+        store_as(a.y, a.y_type, base + q, a.bias ? raw[q * n + i] + b[q] : raw[q * n + i]);
+      }
+    }
+    return;
+  }
+  const int k = a.groups.k;
+  for (int i = 0; i < n; ++i) {
+    const int32_t p = ex.pairs[i];
+    const float wp = a.pair_weights[p];
+    float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
+    if (a.bias) {
+      for (int q = 0; q < kTileRows; ++q) y[q] += wp * (raw[q * n + i] + b[q]);
+    } else {
+      for (int q = 0; q < kTileRows; ++q) y[q] += wp * raw[q * n + i];
+    }
+  }
+}
 
 static void down_rows_float(const DownArgs& a, int d_begin, int d_end) {
-  const int D = a.w.rows;
-  const int H = a.w.cols;
-  const int k = a.groups.k;
-  float* tile = scratch<float>(static_cast<size_t>(kTileRows) * H);
-  auto row_of = [&](int32_t p) { return a.h + static_cast<int64_t>(p) * H; };
+  const int total_pairs = a.groups.offsets[a.groups.n_used];
+  int64_t* act_rows = scratch<int64_t>(total_pairs);
+  float* raw = scratch<float, 6>(kTileRows * static_cast<size_t>(total_pairs));
   for (int u = 0; u < a.groups.n_used; ++u) {
     const ExpertSlice ex = expert_slice(a.groups, u);
+    for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
     for (int d = d_begin; d < d_end; d += kTileRows) {
-      dequant(a.w, ex.expert, d, kTileRows, tile);
-      for_each_token_tile(
-          tile, H, ex.pairs, ex.count, row_of,
-          [&](int first, int n, float out[kTileRows][kTileTokens]) {
-            for (int t = 0; t < n; ++t) {
-              const int32_t p = ex.pairs[first + t];
-              const float wp = a.pair_weights[p];
-              float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
-              for (int r = 0; r < kTileRows; ++r) {
-                y[r] += wp * out[r][t];
-              }
-            }
-          });
+      tile_float(a.w, ex.expert, d, a.h, act_rows, ex.count, raw);
+      down_epilogue(a, ex, d, raw);
     }
   }
 }
@@ -479,10 +763,9 @@ static void down_rows_float(const DownArgs& a, int d_begin, int d_end) {
 constexpr int kDownPrefetchTiles = 2;
 static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
-  const int k = a.groups.k;
   const int total_pairs = a.groups.offsets[a.groups.n_used];
   float* buf = scratch<float, 0>(dot_rows_scratch(a.w));
-  float* out = scratch<float, 1>(4 * static_cast<size_t>(total_pairs));
+  float* raw = scratch<float, 1>(kTileRows * static_cast<size_t>(total_pairs));
   int64_t* act_rows = scratch<int64_t>(total_pairs);
   // The task's tiles in order: 4 rows of d for each expert in turn (the ops
   // keep D a multiple of 32 and tasks start at multiples of 32 rows, so the
@@ -496,27 +779,32 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
   auto prefetch_row = [&](int64_t s) -> int64_t {
     return s / tiles < a.groups.n_used ? tile_row(s) : -1;
   };
-  // Per pair of the expert: where its token's y row starts, and its weight.
-  int64_t* y_at = scratch<int64_t, 1>(total_pairs);
-  float* weight = scratch<float, 2>(total_pairs);
   for (int u = 0; u < a.groups.n_used; ++u) {
     const ExpertSlice ex = expert_slice(a.groups, u);
-    for (int i = 0; i < ex.count; ++i) {
-      act_rows[i] = ex.pairs[i];
-      y_at[i] = static_cast<int64_t>(ex.pairs[i] / k) * D;
-      weight[i] = a.pair_weights[ex.pairs[i]];
-    }
+    for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
     for (int j = 0; j < tiles; ++j) {
       const int d = d_begin + 4 * j;
       const int64_t s = static_cast<int64_t>(u) * tiles + j;
       dot_rows_of(a.w, tile_row(s), *a.hq, act_rows, ex.count,
-                  prefetch_row(s + kDownPrefetchTiles), buf, out);
-      // out[r * count + i]: row d + r against pair i.
-      for (int r = 0; r < kTileRows; ++r) {
-        for (int i = 0; i < ex.count; ++i) {
-          a.y_acc[y_at[i] + d + r] += weight[i] * out[r * ex.count + i];
-        }
-      }
+                  prefetch_row(s + kDownPrefetchTiles), buf, raw);
+      down_epilogue(a, ex, d, raw);
+    }
+  }
+}
+#endif
+
+#if FUSED_MOE_INT16_PATH
+static void down_rows_int16(const DownArgs& a, int d_begin, int d_end) {
+  const int D = a.w.rows;
+  const int total_pairs = a.groups.offsets[a.groups.n_used];
+  int64_t* act_rows = scratch<int64_t>(total_pairs);
+  float* raw = scratch<float, 6>(kTileRows * static_cast<size_t>(total_pairs));
+  for (int u = 0; u < a.groups.n_used; ++u) {
+    const ExpertSlice ex = expert_slice(a.groups, u);
+    for (int i = 0; i < ex.count; ++i) act_rows[i] = ex.pairs[i];
+    for (int d = d_begin; d < d_end; d += kTileRows) {
+      tile_int16(a.w, static_cast<int64_t>(ex.expert) * D + d, *a.h16, act_rows, ex.count, raw);
+      down_epilogue(a, ex, d, raw);
     }
   }
 }
@@ -524,9 +812,12 @@ static void down_rows_int(const DownArgs& a, int d_begin, int d_end) {
 
 static void down_rows(const DownArgs& a, int d_begin, int d_end) {
   const int D = a.w.rows;
-  for (int t = 0; t < a.T; ++t) {
-    float* y = a.y_acc + static_cast<int64_t>(t) * D;
-    std::fill(y + d_begin, y + d_end, 0.0f);
+  const bool combine = a.pair_weights != nullptr;
+  if (combine) {
+    for (int t = 0; t < a.T; ++t) {
+      float* y = a.y_acc + static_cast<int64_t>(t) * D;
+      std::fill(y + d_begin, y + d_end, 0.0f);
+    }
   }
 #if FUSED_MOE_INT_PATH
   if (a.hq) {
@@ -541,10 +832,12 @@ static void down_rows(const DownArgs& a, int d_begin, int d_end) {
   {
     down_rows_float(a, d_begin, d_end);
   }
-  for (int t = 0; t < a.T; ++t) {
-    const float* y = a.y_acc + static_cast<int64_t>(t) * D;
-    for (int d = d_begin; d < d_end; ++d) {
-      store_as(a.y, a.y_type, static_cast<int64_t>(t) * D + d, y[d]);
+  if (combine) {
+    for (int t = 0; t < a.T; ++t) {
+      const float* y = a.y_acc + static_cast<int64_t>(t) * D;
+      for (int d = d_begin; d < d_end; ++d) {
+        store_as(a.y, a.y_type, static_cast<int64_t>(t) * D + d, y[d]);
+      }
     }
   }
 }

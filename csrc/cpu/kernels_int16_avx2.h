@@ -1,17 +1,20 @@
-// The AVX2 build's integer path for half-precision activations: int16
-// activations against 3-, 4- and 8-bit codes widened to int16, by vpmaddwd.
+// The int16 integer path for half-precision activations: int16 activations
+// against codes widened to int16, by vpmaddwd.
 //
-// Included by kernels_impl.h in the AVX2 build only. float16 and bfloat16
-// activations are quantized per weight group to int16 (x ≈ scale·xq, |xq| <=
-// 32767: finer than the inputs' own 8- or 11-bit mantissas); the codes are
-// widened to int16 and vpmaddwd multiplies 16 of them per instruction, where
-// an fp32 FMA takes 8 dequantized weights. float32 activations never come
-// here. Per row and token:
+// Included by kernels_impl.h in the AVX2 and AVX-512 builds (the latter
+// for the settings its VNNI path does not take; kernels.h, int16_path).
+// float16 and bfloat16 activations are quantized per weight group to int16
+// (x ≈ scale·xq, |xq| <= 32767: finer than the inputs' own 8- or 11-bit
+// mantissas); the codes are widened to int16 and vpmaddwd multiplies 16 of
+// them per instruction, where an fp32 FMA takes 8 dequantized weights.
+// float32 activations never come here. Per row and token:
 //
 //   row·x = Σ_g s_g·sx_g·Σ_{i∈g} q_i·xq_i + b_g·Σ_{i∈g} x_i
 //
 // with the integer sums exact (at most 128·255·32767 < 2^31) and the rest in
-// fp32, in one fixed order per row and token. Since the integer sums are
+// fp32, in one fixed order per row and token. Affine codes of any width are
+// the unsigned q; mxfp4 and nvfp4 codes become q = 2·e2m1 in -12..12, with
+// s_g half the group's scale and no bias term. Since the integer sums are
 // exact, widening the codes once per tile (many tokens) or per token (one)
 // gives the same bits: a token's result never depends on its batch.
 #pragma once
@@ -19,13 +22,15 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 namespace fused_moe::cpu::FUSED_MOE_ISA_NS {
 
 constexpr float kAct16Levels = 32767.0f;
 
 // Fills row `row` of `q` from x [rows, q.cols]. Group sizes are multiples
-// of 32.
+// of 16.
 static void quantize_acts16(const float* x, int64_t row, const Int16Acts& q) {
   const int cols = q.cols, gs = q.group_size, groups = cols / gs;
   int16_t* out = q.q + row * cols;
@@ -80,7 +85,8 @@ static inline float hsum8(__m256 v) {
 // The per-lane shuffle control and multipliers of unpack16 for BITS: code c
 // (of 16) starts at bit BITS·c of the 2·BITS bytes, byte b = that / 8 and
 // offset o = that % 8; lane c gets bytes b and b+1, times 2^(16-BITS-o).
-// Both 128-bit lanes hold the same bytes, so b indexes either.
+// Both 128-bit lanes hold the same bytes, so b indexes either. o + BITS <=
+// 15 for every width up to 8, so each code lies within its two bytes.
 struct Unpack16Tables {
   alignas(32) int8_t shuffle[32];
   alignas(32) int16_t mul[16];
@@ -91,7 +97,8 @@ constexpr Unpack16Tables make_unpack16_tables() {
   for (int c = 0; c < 16; ++c) {
     const int bit = BITS * c, b = bit / 8, o = bit % 8;
     t.shuffle[2 * c] = static_cast<int8_t>(b);
-    t.shuffle[2 * c + 1] = static_cast<int8_t>(b + 1);
+    // A byte past the 2·BITS loaded ones is never needed: zero it.
+    t.shuffle[2 * c + 1] = static_cast<int8_t>(b + 1 < 2 * BITS ? b + 1 : 0x80);
     t.mul[c] = static_cast<int16_t>(1 << (16 - BITS - o));
   }
   return t;
@@ -99,42 +106,62 @@ constexpr Unpack16Tables make_unpack16_tables() {
 template <int BITS>
 inline constexpr Unpack16Tables kUnpack16 = make_unpack16_tables<BITS>();
 
+// 2·e2m1 of each nibble, as int8: -12..12 (the shuffle's table).
+alignas(32) inline constexpr int8_t kTwiceE2m1[32] = {
+    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// How a matrix's codes become the int16 q of the dot product.
+enum class Codes16 { affine, fp4 };
+
 // 16 codes of a packed row, from code i (a multiple of 16), widened to int16.
 // MLX packs a row's codes as one little-endian bit stream, so 16 codes fill
-// 2·BITS bytes: 3 and 4 bits are placed by a byte shuffle, shifted to the
+// 2·BITS bytes: widths below 8 are placed by a byte shuffle, shifted to the
 // top of their 16-bit lane by a multiply and brought down by a shift.
-// `tail`: the row's last 16 codes, read without passing its last byte.
-template <int BITS>
+// `tail`: the row's last 16 codes, read without passing its last byte. FP4:
+// the nibbles mapped to 2·e2m1.
+template <int BITS, Codes16 KIND = Codes16::affine>
 static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
   const uint8_t* p = row + static_cast<int64_t>(i) * BITS / 8;
   if constexpr (BITS == 8) {
     return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else {
-    static_assert(BITS == 3 || BITS == 4, "int16 unpacking for 3, 4 and 8 bits");
     __m128i bytes;
-    if (BITS == 3 && tail) {
-      uint64_t w = 0;
-      std::memcpy(&w, p, 2 * BITS);
-      bytes = _mm_cvtsi64_si128(static_cast<long long>(w));
-    } else {
+    // Loads that may pass the 2·BITS bytes stay inside the row unless
+    // these are its last codes, which are copied instead.
+    if (BITS <= 4 && (!tail || BITS == 4)) {
       bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); // 8 bytes
+    } else if (tail) {
+      alignas(16) uint8_t buf[16] = {};
+      std::memcpy(buf, p, 2 * BITS);
+      bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+    } else {
+      bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); // 16 bytes
     }
     const auto& t = kUnpack16<BITS>;
     __m256i v = _mm256_broadcastsi128_si256(bytes);
     v = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.shuffle)));
     v = _mm256_mullo_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.mul)));
-    return _mm256_srli_epi16(v, 16 - BITS);
+    v = _mm256_srli_epi16(v, 16 - BITS);
+    if constexpr (KIND == Codes16::fp4) {
+      // Nibble -> 2·e2m1 in the low byte (the high byte is 0 and indexes
+      // entry 0, which is 0), then sign-extended to 16 bits.
+      static_assert(BITS == 4);
+      v = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTwiceE2m1)), v);
+      v = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+    }
+    return v;
   }
 }
 
 // Where a tile's codes come from: packed rows, widened as they are read, or
 // rows already widened into int16 scratch.
-template <int BITS>
+template <int BITS, Codes16 KIND>
 struct PackedCodes {
   const uint8_t* row[4];
   int cols;
   __m256i at(int r, int i) const {
-    return unpack16<BITS>(row[r], i, i + 16 == cols);
+    return unpack16<BITS, KIND>(row[r], i, i + 16 == cols);
   }
 };
 struct WidenedCodes {
@@ -145,9 +172,10 @@ struct WidenedCodes {
 };
 
 // A tile's scales and biases as fp32, converted once for all its tokens.
+// fp modes: half each group's scale (the codes are doubled), no biases.
 struct TileScales {
   const float* scale[4]; // [groups] each
-  const float* bias[4];
+  const float* bias[4]; // null for the fp modes
 };
 
 // Rows [row0, row0 + rows) of m's scales and biases into `buf` [2][4][groups].
@@ -157,20 +185,29 @@ static TileScales tile_scales(const QuantMatrix& m, int64_t row0, int rows, floa
   for (int r = 0; r < rows; ++r) {
     float* s = buf + static_cast<int64_t>(r) * groups;
     float* b = buf + static_cast<int64_t>(4 + r) * groups;
-    for (int g = 0; g < groups; ++g) {
-      s[g] = to_float(m.scales, m.scale_type, (row0 + r) * groups + g);
-      b[g] = to_float(m.biases, m.scale_type, (row0 + r) * groups + g);
+    if (m.mode == QuantMode::affine) {
+      for (int g = 0; g < groups; ++g) {
+        s[g] = to_float(m.scales, m.scale_type, (row0 + r) * groups + g);
+        b[g] = to_float(m.biases, m.scale_type, (row0 + r) * groups + g);
+      }
+      t.bias[r] = b;
+    } else {
+      const float factor = nvfp4_row_factor(m, row0 + r);
+      for (int g = 0; g < groups; ++g) {
+        s[g] = 0.5f * fp_group_scale(m, row0 + r, g, factor);
+      }
+      t.bias[r] = nullptr;
     }
     t.scale[r] = s;
-    t.bias[r] = b;
   }
   return t;
 }
 
 // out[r] = row r · x for the ROWS rows of a tile (codes and their fp32
 // scales), against int16 activation row `t` of `x`. Each row's result
-// depends only on its own codes and the token, in one order.
-template <int ROWS, typename Codes>
+// depends only on its own codes and the token, in one order. BIAS: the
+// affine bias term (the fp modes have none).
+template <int ROWS, bool BIAS, typename Codes>
 static inline void dot_rows_int16(
     const QuantMatrix& m, const Codes& codes, const TileScales& sb, const Int16Acts& x,
     int64_t t, float* out) {
@@ -196,15 +233,19 @@ static inline void dot_rows_int16(
     for (int r = 0; r < ROWS; ++r) {
       acc[r] = _mm256_fmadd_ps(
           _mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(sb.scale[r][g] * sx[g]), acc[r]);
-      bias_acc[r] += sb.bias[r][g] * xs[g];
+      if constexpr (BIAS) {
+        bias_acc[r] += sb.bias[r][g] * xs[g];
+      }
     }
   }
-  for (int r = 0; r < ROWS; ++r) out[r] = hsum8(acc[r]) + bias_acc[r];
+  for (int r = 0; r < ROWS; ++r) {
+    out[r] = BIAS ? hsum8(acc[r]) + bias_acc[r] : hsum8(acc[r]);
+  }
 }
 
-template <int BITS>
-static PackedCodes<BITS> packed_rows(const QuantMatrix& m, int64_t row0, int rows) {
-  PackedCodes<BITS> c{};
+template <int BITS, Codes16 KIND>
+static PackedCodes<BITS, KIND> packed_rows(const QuantMatrix& m, int64_t row0, int rows) {
+  PackedCodes<BITS, KIND> c{};
   const int64_t row_bytes = static_cast<int64_t>(m.cols) * BITS / 8;
   for (int r = 0; r < rows; ++r) c.row[r] = m.weight + (row0 + r) * row_bytes;
   c.cols = m.cols;
@@ -212,9 +253,9 @@ static PackedCodes<BITS> packed_rows(const QuantMatrix& m, int64_t row0, int row
 }
 
 // The 4 rows from `row0` widened into `buf` [4][cols].
-template <int BITS>
+template <int BITS, Codes16 KIND>
 static WidenedCodes widen_rows(const QuantMatrix& m, int64_t row0, int16_t* buf) {
-  const PackedCodes<BITS> packed = packed_rows<BITS>(m, row0, 4);
+  const PackedCodes<BITS, KIND> packed = packed_rows<BITS, KIND>(m, row0, 4);
   WidenedCodes w{};
   for (int r = 0; r < 4; ++r) {
     int16_t* dst = buf + static_cast<int64_t>(r) * m.cols;
@@ -232,126 +273,93 @@ constexpr int kWidenAbovePairs = 2;
 
 // Calls dot(codes) for a 4-row tile from `row0`, with the codes packed or
 // widened according to `pairs`.
-template <int BITS, typename Dot>
+template <int BITS, Codes16 KIND, typename Dot>
 static inline void with_tile_codes(const QuantMatrix& m, int64_t row0, int pairs, Dot dot) {
   if (pairs > kWidenAbovePairs) {
     int16_t* buf = scratch<int16_t, 4>(4 * static_cast<size_t>(m.cols));
-    dot(widen_rows<BITS>(m, row0, buf));
+    dot(widen_rows<BITS, KIND>(m, row0, buf));
   } else {
-    dot(packed_rows<BITS>(m, row0, 4));
+    dot(packed_rows<BITS, KIND>(m, row0, 4));
   }
 }
 
-template <int BITS>
-static void linear_rows_int16_of(
-    const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
-  const int64_t N = a.w.rows;
-  const int64_t row_bytes = static_cast<int64_t>(a.w.cols) * BITS / 8;
-  float out[4];
-  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
-  for (int n = n_begin; n < n_end; n += 4) {
-    const int rows = std::min(4, n_end - n);
-    // The next rows are fetched into L2 while these are computed.
-    if (n + 4 < N) {
-      for (int64_t off = 0; off < 4 * row_bytes && n + 4 + off / row_bytes < N; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(
-                         a.w.weight + (n + 4) * row_bytes + off),
-                     _MM_HINT_T1);
-      }
-    }
-    const auto codes = packed_rows<BITS>(a.w, n, rows);
-    const TileScales sb = tile_scales(a.w, n, rows, sb_buf);
-    for (int t = t_begin; t < t_end; ++t) {
-      if (rows == 4) {
-        dot_rows_int16<4>(a.w, codes, sb, *a.x16, t, out);
-      } else {
-        for (int r = 0; r < rows; ++r) {
-          const TileScales one = {{sb.scale[r]}, {sb.bias[r]}};
-          dot_rows_int16<1>(a.w, packed_rows<BITS>(a.w, n + r, 1), one, *a.x16, t, out + r);
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        store_as(a.y, a.y_type, t * N + n + r, out[r]);
-      }
-    }
+// Calls fn(bits, kind) with the setting's compile-time code width and kind:
+// the allow-list of the int16 path (int16_path).
+template <typename Fn>
+static inline void with_codes16(const QuantMatrix& m, Fn fn) {
+  using A = std::integral_constant<Codes16, Codes16::affine>;
+  using F = std::integral_constant<Codes16, Codes16::fp4>;
+  if (m.mode != QuantMode::affine) {
+    return fn(std::integral_constant<int, 4>{}, F{});
+  }
+  switch (m.bits) {
+    case 2: return fn(std::integral_constant<int, 2>{}, A{});
+    case 3: return fn(std::integral_constant<int, 3>{}, A{});
+    case 4: return fn(std::integral_constant<int, 4>{}, A{});
+    case 5: return fn(std::integral_constant<int, 5>{}, A{});
+    case 6: return fn(std::integral_constant<int, 6>{}, A{});
+    case 8: return fn(std::integral_constant<int, 8>{}, A{});
   }
 }
 
 static void linear_rows_int16(
     const LinearArgs& a, int n_begin, int n_end, int t_begin, int t_end) {
-  switch (a.w.bits) {
-    case 3: return linear_rows_int16_of<3>(a, n_begin, n_end, t_begin, t_end);
-    case 4: return linear_rows_int16_of<4>(a, n_begin, n_end, t_begin, t_end);
-    case 8: return linear_rows_int16_of<8>(a, n_begin, n_end, t_begin, t_end);
-  }
+  with_codes16(a.w, [&](auto bits, auto kind) {
+    constexpr int BITS = decltype(bits)::value;
+    constexpr Codes16 KIND = decltype(kind)::value;
+    constexpr bool kBias = KIND == Codes16::affine;
+    const int64_t N = a.w.rows;
+    const int64_t row_bytes = static_cast<int64_t>(a.w.cols) * BITS / 8;
+    float out[4];
+    float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
+    for (int n = n_begin; n < n_end; n += 4) {
+      const int rows = std::min(4, n_end - n);
+      // The next rows are fetched into L2 while these are computed.
+      if (n + 4 < N) {
+        for (int64_t off = 0; off < 4 * row_bytes && n + 4 + off / row_bytes < N; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(
+                           a.w.weight + (n + 4) * row_bytes + off),
+                       _MM_HINT_T1);
+        }
+      }
+      const auto codes = packed_rows<BITS, KIND>(a.w, n, rows);
+      const TileScales sb = tile_scales(a.w, n, rows, sb_buf);
+      for (int t = t_begin; t < t_end; ++t) {
+        if (rows == 4) {
+          dot_rows_int16<4, kBias>(a.w, codes, sb, *a.x16, t, out);
+        } else {
+          for (int r = 0; r < rows; ++r) {
+            const TileScales one = {{sb.scale[r]}, {sb.bias[r]}};
+            dot_rows_int16<1, kBias>(
+                a.w, packed_rows<BITS, KIND>(a.w, n + r, 1), one, *a.x16, t, out + r);
+          }
+        }
+        for (int r = 0; r < rows; ++r) {
+          store_as(a.y, a.y_type, t * N + n + r, out[r]);
+        }
+      }
+    }
+  });
 }
 
-// Kernel A on the int16 path: packed rows 2r .. 2r+3 (gate r, up r, gate
-// r+1, up r+1) against every pair of the expert.
-template <int BITS>
-static void gate_up_rows_int16_of(
-    const GateUpArgs& a, int expert, const int32_t* pairs, int count, int r_begin, int r_end) {
-  const int H = a.w.rows / 2;
-  const int k = a.groups.k;
-  const int64_t first = static_cast<int64_t>(expert) * a.w.rows;
-  float out[4];
-  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
-  for (int r = r_begin; r < r_end; r += 2) {
-    const TileScales sb = tile_scales(a.w, first + 2 * r, 4, sb_buf);
-    with_tile_codes<BITS>(a.w, first + 2 * r, count, [&](const auto& codes) {
+// raw[q * count + i] = row (row_id + q) · act(act_rows[i]) for a 4-row tile
+// of the expert kernels, on the int16 path.
+static void tile_int16(
+    const QuantMatrix& m, int64_t row_id, const Int16Acts& x, const int64_t* act_rows,
+    int count, float* raw) {
+  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(m.cols / m.group_size));
+  const TileScales sb = tile_scales(m, row_id, 4, sb_buf);
+  with_codes16(m, [&](auto bits, auto kind) {
+    constexpr int BITS = decltype(bits)::value;
+    constexpr Codes16 KIND = decltype(kind)::value;
+    with_tile_codes<BITS, KIND>(m, row_id, count, [&](const auto& codes) {
+      float out[4];
       for (int i = 0; i < count; ++i) {
-        dot_rows_int16<4>(a.w, codes, sb, *a.x16, pairs[i] / k, out);
-        const int64_t base = static_cast<int64_t>(pairs[i]) * H;
-        store_as(a.h, a.h_type, base + r, silu(out[0]) * out[1]);
-        store_as(a.h, a.h_type, base + r + 1, silu(out[2]) * out[3]);
+        dot_rows_int16<4, KIND == Codes16::affine>(m, codes, sb, x, act_rows[i], out);
+        for (int q = 0; q < 4; ++q) raw[q * count + i] = out[q];
       }
     });
-  }
-}
-
-static void gate_up_rows_int16(
-    const GateUpArgs& a, int expert, const int32_t* pairs, int count, int r_begin, int r_end) {
-  switch (a.w.bits) {
-    case 3: return gate_up_rows_int16_of<3>(a, expert, pairs, count, r_begin, r_end);
-    case 4: return gate_up_rows_int16_of<4>(a, expert, pairs, count, r_begin, r_end);
-    case 8: return gate_up_rows_int16_of<8>(a, expert, pairs, count, r_begin, r_end);
-  }
-}
-
-// Kernel B on the int16 path: rows [d_begin, d_end) of every used expert, in
-// increasing expert order, accumulated into y_acc.
-template <int BITS>
-static void down_rows_int16_of(const DownArgs& a, int d_begin, int d_end) {
-  const int D = a.w.rows;
-  const int k = a.groups.k;
-  float out[4];
-  float* sb_buf = scratch<float, 5>(8 * static_cast<size_t>(a.w.cols / a.w.group_size));
-  for (int u = 0; u < a.groups.n_used; ++u) {
-    const int expert = a.groups.experts[u];
-    const int32_t* pairs = a.groups.pairs + a.groups.offsets[u];
-    const int count = a.groups.offsets[u + 1] - a.groups.offsets[u];
-    for (int d = d_begin; d < d_end; d += 4) {
-      const int64_t row0 = static_cast<int64_t>(expert) * D + d;
-      const TileScales sb = tile_scales(a.w, row0, 4, sb_buf);
-      with_tile_codes<BITS>(a.w, row0, count, [&](const auto& codes) {
-        for (int i = 0; i < count; ++i) {
-          const int32_t p = pairs[i];
-          dot_rows_int16<4>(a.w, codes, sb, *a.h16, p, out);
-          const float wp = a.pair_weights[p];
-          float* y = a.y_acc + static_cast<int64_t>(p / k) * D + d;
-          for (int r = 0; r < 4; ++r) y[r] += wp * out[r];
-        }
-      });
-    }
-  }
-}
-
-static void down_rows_int16(const DownArgs& a, int d_begin, int d_end) {
-  switch (a.w.bits) {
-    case 3: return down_rows_int16_of<3>(a, d_begin, d_end);
-    case 4: return down_rows_int16_of<4>(a, d_begin, d_end);
-    case 8: return down_rows_int16_of<8>(a, d_begin, d_end);
-  }
+  });
 }
 
 } // namespace fused_moe::cpu::FUSED_MOE_ISA_NS

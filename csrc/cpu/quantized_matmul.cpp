@@ -46,9 +46,11 @@ void QuantizedMatmul::eval_cpu(
         const auto& kernels = cpu::active_kernels();
         // The integer tiles are 4 rows: other N take the fp32 path.
         const cpu::ActPlanes xq(
-            kernels, x.dtype(), x32, T, K, bits, group_size,
+            kernels, x.dtype(), x32, T, K, QuantMode::affine, bits, group_size,
             /*allowed=*/N % 4 == 0);
-        const cpu::Int16Planes x16(kernels, x.dtype(), x32, T, K, bits, group_size);
+        const cpu::Int16Planes x16(
+            kernels, x.dtype(), x32, T, K, QuantMode::affine, bits, group_size,
+            /*allowed=*/!xq.used);
         const cpu::LinearArgs args = {
             cpu::quant_matrix(in[1], in[2], in[3], K, bits, group_size),
             x32.data(), xq.get(), x16.get(), y.data<void>(),
