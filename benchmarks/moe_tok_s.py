@@ -9,9 +9,11 @@ rotated through, one per call, so the weights do not stay in the caches.
 
 For each token count T it times the median of at least ``--repeats`` calls
 (``mx.eval`` between ``time.perf_counter`` reads) of the ops below. The
-fused and router ops are timed first, in FUSED_ROUNDS passes over the token
-counts whose samples are pooled, for at least SAMPLE_MIN_S per op and T; the
-stock ops follow, one T at a time:
+fused and router ops are timed first, in ``Plan.fused_rounds`` passes over
+the token counts whose samples are pooled, for at least ``Plan.sample_min_s``
+per op and T; the stock ops follow, one T at a time, and each T's row is
+printed as soon as its stock ops are done (a progress line on stderr says
+what runs meanwhile):
 
 * stock: ``SwitchGLU(x, indices)`` then ``(y * weights[..., None]).sum(-2)``;
 * fused: ``fm.down_combine(fm.gate_up_swiglu(x, ...), ...)`` (A+B);
@@ -23,35 +25,26 @@ stock ops follow, one T at a time:
   (bfloat16 by default, as in MiniMax) and a float32 score bias: fused =
   ``fm.route``, stock = mlx-lm's chain (gate on fp32 x, sigmoid, bias,
   argpartition, take_along_axis, renormalisation). Its calls draw only a
-  fresh x, and it takes at least ROUTER_MIN_REPEATS samples, being short;
-  stock gets at most ROUTER_STOCK_SECONDS of calls per T, and runs at every
-  T (no extrapolation).
+  fresh x, and it takes at least ``Plan.router_min_repeats`` samples, being
+  short; stock gets at most ``Plan.router_stock_seconds`` of calls per T.
 
-The stock path is very slow on CPU, so it gets at most STOCK_SECONDS_PER_OP
-seconds of calls per op and T (at least one call; a warm-up call longer than
-WARMUP_IS_SAMPLE_S counts as a sample), and for T above
-``--stock-max-tokens`` it is not run: its times are extrapolated linearly
-per token from the largest measured T and marked with ``*``.
+The stock path is very slow on CPU, so it gets at most
+``Plan.stock_seconds_per_op`` seconds of calls per op and T (at least one
+call; a warm-up call longer than WARMUP_IS_SAMPLE_S counts as a sample), and
+for T above ``--stock-max-tokens`` it is not run: in the full run its times
+are extrapolated linearly per token from the largest measured T and marked
+with ``*``. ``--quick`` (about a minute) times fewer token counts for less
+time and runs stock at T=1 only (``QUICK``).
 
-Reading a result line:
-
-* ``stock ms`` / ``fused ms``: one layer's routed experts for T tokens;
-* ``speedup``: stock ms / fused ms;
-* ``tok/s``: T / fused time, i.e. tokens per second through one layer;
-* ``GB/s``: the bytes of weights, scales and biases of the distinct experts
-  the call selected (all three projections), averaged over the calls, over
-  the fused time: how close the fused path gets to memory bandwidth;
-* ``%BW``: that bandwidth as a share of the read probe (probes.py);
-* ``GFLOP/s``: 2·k·3·D·H flops per token over the fused time, and ``%fp32``
-  its share of numpy's fp32 matmul probe;
-* ``A``, ``B``, ``stock A``, ``stock B``: the per-op breakdown in ms;
-* ``router``, ``stock router``: the router alone in ms.
-
-Probe samples are taken before and after each fused measurement; the end
-of the run checks the project's CPU targets against their medians.
-``--e2e N`` adds a synthetic full-width MiniMax through mlx-lm's generation
-(e2e.py), ``--e2e-profile`` one decode step of it timed piece by piece
-(decode_profile.py); ``--json`` and ``--plot`` write the results out.
+A legend before the table says what each column means (``LEGEND``). Probe
+samples are taken before and after each fused measurement; the end of the
+run checks the project's CPU targets against their medians, unless the
+probes look throttled (a wide spread between their samples, or a load
+average above the number of CPUs: ``Probes.warnings``), when it prints the
+values without verdicts. ``--e2e N`` adds a synthetic full-width MiniMax
+through mlx-lm's generation (e2e.py), ``--e2e-profile`` one decode step of
+it timed piece by piece (decode_profile.py); ``--json`` and ``--plot`` write
+the results out.
 
 It only measures and reports; it exits 0 however slow either path is.
 """
@@ -62,7 +55,9 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -82,23 +77,51 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # Routed-expert shapes of MiniMax-M2.5-REAP: D, H, E, k.
 MINIMAX_M25_REAP = (3072, 1536, 154, 8)
 
-# Most seconds of stock calls per op and token count (at least one call).
-STOCK_SECONDS_PER_OP = 20.0
 # A warm-up call at least this long is kept as a sample: its one-time costs
 # are noise at that length, and repeating it would only cost time.
 WARMUP_IS_SAMPLE_S = 1.0
-# Fused and router ops run this long before their samples are taken.
-WARMUP_MIN_S = 0.3
-# ... and are sampled for at least this long per T (and --repeats calls),
-# spread over FUSED_ROUNDS passes over the token counts whose samples are
-# pooled: samples taken in one stretch can fall entirely inside a slow spell
-# of the host, which once took a decode median from 1.8 to 2.9 ms.
-SAMPLE_MIN_S = 1.0
-FUSED_ROUNDS = 3
-# The router takes well under a millisecond at decode: more samples than
-# --repeats make its median stable, and its stock path gets a small budget.
-ROUTER_MIN_REPEATS = 25
-ROUTER_STOCK_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the run measures: which token counts, how many layers, and
+    how long each op is sampled. Options given on the command line override
+    the plan's token counts, layers, repeats and --stock-max-tokens."""
+
+    name: str
+    tokens: tuple[int, ...]
+    layers: int
+    repeats: int
+    # Largest T the stock path runs at; above it, it is extrapolated per
+    # token from the largest measured T when `extrapolate_stock`.
+    stock_max_tokens: int
+    extrapolate_stock: bool
+    # Most seconds of stock calls per op and token count (at least one call).
+    stock_seconds_per_op: float
+    # Fused and router ops run this long before their samples are taken...
+    warmup_min_s: float
+    # ... and are sampled for at least this long per T (and --repeats calls),
+    # spread over `fused_rounds` passes over the token counts whose samples
+    # are pooled: samples taken in one stretch can fall entirely inside a
+    # slow spell of the host, which once took a decode median from 1.8 to
+    # 2.9 ms.
+    sample_min_s: float
+    fused_rounds: int
+    # The router takes well under a millisecond at decode: more samples than
+    # --repeats make its median stable, and its stock path gets a small budget.
+    router_min_repeats: int
+    router_stock_seconds: float
+
+
+FULL = Plan("full", tokens=(1, 8, 64, 512), layers=3, repeats=5, stock_max_tokens=64,
+            extrapolate_stock=True, stock_seconds_per_op=20.0, warmup_min_s=0.3,
+            sample_min_s=1.0, fused_rounds=3, router_min_repeats=25, router_stock_seconds=2.0)
+# About a minute on 2 cores: no T=512 (a fused call there takes about a
+# second on the CPU), two layers (setting up a layer and its stock copy takes
+# seconds), short sampling, and stock at T=1 only, where it is fastest.
+QUICK = Plan("quick", tokens=(1, 8, 64), layers=2, repeats=3, stock_max_tokens=1,
+             extrapolate_stock=False, stock_seconds_per_op=3.0, warmup_min_s=0.1,
+             sample_min_s=0.3, fused_rounds=2, router_min_repeats=10, router_stock_seconds=0.5)
 
 
 @dataclass
@@ -283,16 +306,61 @@ def stock_router(layer: Layer, inp: Inputs) -> tuple[mx.array, mx.array]:
 ROUTER_OPS = (fused_router, stock_router)
 
 
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """A line on stderr saying what runs now, so minutes of stock calls do
+    not look like a hang. On a terminal it is rewritten in place and cleared
+    before each result line; elsewhere (a log) each step is one line and the
+    per-call details are left out."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.shown = False
+
+    def step(self, text: str) -> None:
+        if self.tty:
+            self.detail(text)
+        else:
+            print(f"... {text}", file=self.stream, flush=True)
+
+    def detail(self, text: str) -> None:
+        if self.tty:
+            # A line wider than the terminal wraps, and "\r" would then
+            # rewrite only its last row.
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write(("\r\x1b[K... " + text)[: 4 + width])
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def out(text: str = "", progress: Optional[Progress] = None) -> None:
+    """Prints a result line at once, after clearing the progress line."""
+    if progress is not None:
+        progress.clear()
+    print(text, flush=True)
+
+
 # ---------------------------------------------------------------- timing
 
 
 class Bench:
     """Runs ops on fresh inputs, one layer per call, round robin."""
 
-    def __init__(self, shapes: Shapes, layers: list[Layer]):
+    def __init__(self, shapes: Shapes, layers: list[Layer], plan: Plan, progress: Progress):
         self.shapes = shapes
         self.layers = itertools.cycle(layers)
         self.expert_bytes = bytes_per_expert(layers[0])
+        self.plan = plan
+        self.progress = progress
 
     def call(self, op: Op, T: int) -> tuple[float, int]:
         """One timed call: (seconds, bytes of the distinct experts selected)."""
@@ -304,9 +372,9 @@ class Bench:
 
     def samples(self, op: Op, T: int, repeats: int, min_s: float) -> list[tuple[float, int]]:
         """Timed calls of a fast op: at least `repeats` of them, for at least
-        `min_s`, after warming up for WARMUP_MIN_S (a core that idled
+        `min_s`, after warming up for Plan.warmup_min_s (a core that idled
         through the probe's pause runs the first calls slowly)."""
-        warm_until = time.perf_counter() + WARMUP_MIN_S
+        warm_until = time.perf_counter() + self.plan.warmup_min_s
         self.call(op, T)
         while time.perf_counter() < warm_until:
             self.call(op, T)
@@ -316,15 +384,18 @@ class Bench:
             samples.append(self.call(op, T))
         return samples
 
-    def median_s(self, op: Op, T: int, repeats: int, budget_s: float) -> tuple[float, float]:
+    def median_s(self, op: Op, T: int, repeats: int, budget_s: float, label: str) -> tuple[float, float]:
         """(median seconds, mean bytes touched) of a slow op (the stock path)
         over at most `repeats` calls after a warm-up call: calls stop once the
         next one would exceed `budget_s`, and a warm-up of WARMUP_IS_SAMPLE_S
-        or more counts as a sample."""
+        or more counts as a sample. `label` names the op on the progress line."""
+        self.progress.step(f"T={T}: {label} (at most {budget_s:g} s of calls)")
         warmup = self.call(op, T)
         samples = [warmup] if warmup[0] >= WARMUP_IS_SAMPLE_S else []
         spent = warmup[0]
         while len(samples) < repeats and not (samples and spent + warmup[0] > budget_s):
+            self.progress.detail(f"T={T}: {label}, call {len(samples) + 1} of at most {repeats}, "
+                                 f"{spent:.1f} s of at most {budget_s:g} s")
             samples.append(self.call(op, T))
             spent += samples[-1][0]
         return median(samples)
@@ -351,23 +422,32 @@ class Row:
     router: Optional[float] = None
     stock_router: Optional[Timing] = None
 
+    @property
+    def floor(self) -> float:
+        """ms to read the selected experts' bytes once at the read probe's rate."""
+        return self.fused * self.gb_s / self.probe_gb_s
+
 
 FUSED_OPS = (fused_ab, fused_a, fused_b, fused_router)
 
 
 def measure_fused(bench: Bench, probes: Probes, tokens: list[int], repeats: int) -> dict[int, Row]:
-    """The fused ops at every T, in FUSED_ROUNDS passes over the token counts
-    with a probe sample before each T; each op's samples are pooled over the
-    passes. Between them the passes take --repeats calls (the router at least
-    ROUTER_MIN_REPEATS) and SAMPLE_MIN_S of each op at each T."""
+    """The fused ops at every T, in Plan.fused_rounds passes over the token
+    counts with a probe sample before each T; each op's samples are pooled
+    over the passes. Between them the passes take --repeats calls (the
+    router at least Plan.router_min_repeats) and Plan.sample_min_s of each
+    op at each T."""
+    plan = bench.plan
     pooled = {(T, op): [] for T in tokens for op in FUSED_OPS}
-    for _ in range(FUSED_ROUNDS):
+    for round_ in range(plan.fused_rounds):
         for T in tokens:
+            bench.progress.step(f"fused kernels and router, pass {round_ + 1} of {plan.fused_rounds}, "
+                                f"T={T}")
             probes.sample()
             for op in FUSED_OPS:
-                n = max(repeats, ROUTER_MIN_REPEATS) if op is fused_router else repeats
+                n = max(repeats, plan.router_min_repeats) if op is fused_router else repeats
                 pooled[T, op] += bench.samples(
-                    op, T, -(-n // FUSED_ROUNDS), SAMPLE_MIN_S / FUSED_ROUNDS
+                    op, T, -(-n // plan.fused_rounds), plan.sample_min_s / plan.fused_rounds
                 )
     probes.sample()
     s = bench.shapes
@@ -382,17 +462,20 @@ def measure_fused(bench: Bench, probes: Probes, tokens: list[int], repeats: int)
 
 
 def measure_stock_router(bench: Bench, row: Row, repeats: int) -> None:
-    seconds, _ = bench.median_s(
-        stock_router, row.T, max(repeats, ROUTER_MIN_REPEATS), ROUTER_STOCK_SECONDS
-    )
+    plan = bench.plan
+    seconds, _ = bench.median_s(stock_router, row.T, max(repeats, plan.router_min_repeats),
+                                plan.router_stock_seconds, "stock router")
     row.stock_router = Timing(1e3 * seconds)
 
 
 def measure_stock(bench: Bench, row: Row, repeats: int) -> None:
-    def ms(op: Op) -> Timing:
-        return Timing(1e3 * bench.median_s(op, row.T, repeats, STOCK_SECONDS_PER_OP)[0])
+    def ms(op: Op, label: str) -> Timing:
+        seconds = bench.median_s(op, row.T, repeats, bench.plan.stock_seconds_per_op, label)[0]
+        return Timing(1e3 * seconds)
 
-    row.stock, row.stock_a, row.stock_b = ms(stock_ab), ms(stock_a), ms(stock_b)
+    row.stock = ms(stock_ab, "stock A+B (SwitchGLU and the weighted sum)")
+    row.stock_a = ms(stock_a, "stock A (gate and up gather_qmm, SiLU)")
+    row.stock_b = ms(stock_b, "stock B (down gather_qmm, weighted sum)")
 
 
 def extrapolate_stock(row: Row, ref: Row) -> None:
@@ -406,11 +489,36 @@ def extrapolate_stock(row: Row, ref: Row) -> None:
 
 # ---------------------------------------------------------------- output
 
+# What the table's words mean, printed before it: a reader should not need
+# the source to read a row.
+LEGEND = (
+    "legend:",
+    "  stock    mlx-lm as it runs MoE layers today: SwitchGLU, three gather_qmm calls (the gate,",
+    "           up and down projections of each token's k experts), then the weighted sum of",
+    "           the k outputs",
+    "  fused    fused_moe's two kernels: A = gate_up_swiglu (gate and up projections with the",
+    "           SwiGLU activation in one pass), then B = down_combine (down projection and the",
+    "           weighted sum in one pass); the parts table times A and B alone, and stock's",
+    "           same two halves",
+    "  floor    the time to read the weights a call selects (codes, scales and biases of the",
+    "           distinct experts) once at the read probe's bandwidth: a call whose weights come",
+    "           from memory cannot be faster",
+    "  probes   this machine's limits, measured in this run between the kernel runs: 'read'",
+    "           streams 512 MB on every CPU thread (GB/s); 'fp32' is numpy's 2048x2048 float32",
+    "           matmul (GFLOP/s)",
+    "  columns  stock/fused ms: one layer's routed experts for T tokens; speedup: stock/fused;",
+    "           tok/s: T / fused time; floor ms: see floor; GB/s: selected weight bytes / fused",
+    "           time; %BW: of the read probe (100% = at the floor); GFLOP/s: 2*k*3*D*H per",
+    "           token / fused time; %fp32: of the fp32 probe",
+)
+
 COLUMNS = (
-    f"{'tokens':>6}  {'stock ms':>10}  {'fused ms':>9}  {'speedup':>8}  "
-    f"{'tok/s':>9}  {'GB/s':>6}  {'%BW':>5}  {'GFLOP/s':>7}  {'%fp32':>5}  |  "
-    f"{'A ms':>8}  {'B ms':>8}  "
-    f"{'stock A ms':>10}  {'stock B ms':>10}  |  {'router ms':>9}  {'stock router ms':>15}"
+    f"{'tokens':>6}  {'stock ms':>10}  {'fused ms':>9}  {'speedup':>8}  {'tok/s':>9}  "
+    f"{'floor ms':>8}  {'GB/s':>6}  {'%BW':>5}  {'GFLOP/s':>7}  {'%fp32':>5}"
+)
+PART_COLUMNS = (
+    f"{'tokens':>6}  {'A ms':>8}  {'B ms':>8}  {'stock A ms':>10}  {'stock B ms':>10}  "
+    f"{'router ms':>9}  {'stock router ms':>15}"
 )
 
 
@@ -424,20 +532,24 @@ def fmt_router(t: Optional[Timing], width: int) -> str:
     return f"{'-':>{width}}" if t is None else f"{t.ms:>{width}.3f}"
 
 
-
 def format_row(r: Row) -> str:
     speedup = f"{r.stock.ms / r.fused:>7.1f}x" if r.stock else f"{'-':>8}"
     return (
         f"{r.T:>6}  {fmt_stock(r.stock, 10)}  {r.fused:>9.2f}  {speedup}  "
-        f"{r.T / r.fused * 1e3:>9.1f}  {r.gb_s:>6.2f}  {100 * r.gb_s / r.probe_gb_s:>5.1f}  "
-        f"{r.gflop_s:>7.1f}  {100 * r.gflop_s / r.probe_gflop_s:>5.1f}  |  {r.a:>8.2f}  {r.b:>8.2f}  "
-        f"{fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  |  "
+        f"{r.T / r.fused * 1e3:>9.1f}  {r.floor:>8.2f}  {r.gb_s:>6.2f}  "
+        f"{100 * r.gb_s / r.probe_gb_s:>5.1f}  {r.gflop_s:>7.1f}  {100 * r.gflop_s / r.probe_gflop_s:>5.1f}"
+    ).rstrip()
+
+
+def format_parts(r: Row) -> str:
+    return (
+        f"{r.T:>6}  {r.a:>8.2f}  {r.b:>8.2f}  {fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  "
         f"{r.router:>9.3f}  {fmt_router(r.stock_router, 15)}"
     ).rstrip()
 
 
-def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> list[str]:
-    return [
+def header(args, plan: Plan, s: Shapes, device: str) -> list[str]:
+    lines = [
         "fused_moe routed-expert benchmark (one MoE layer, random weights and routing)",
         f"device:    {device}",
         f"cpu:       {cpu_model()} ({os.cpu_count()} logical CPUs), "
@@ -446,11 +558,33 @@ def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> l
         f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, group size "
         f"{s.group_size}, {args.dtype}",
         f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}",
-        f"weights:   {args.layers} layers x {layer_gb:.2f} GB packed"
+    ]
+    if args.no_stock:
+        stock = "stock not run (--no-stock)"
+    elif plan.extrapolate_stock:
+        stock = f"stock up to T={args.stock_max_tokens}, extrapolated above"
+    else:
+        stock = f"stock up to T={args.stock_max_tokens} only"
+    tokens = ", ".join(map(str, args.tokens))
+    if plan is QUICK:
+        lines.append(f"run:       quick (about a minute): T={tokens}; {stock}; shorter sampling. "
+                     f"The full run (no --quick) samples longer and adds T=512")
+    else:
+        lines.append(f"run:       {plan.name}: T={tokens}; {stock}")
+    return lines
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def weights_line(args, plan: Plan, layer_gb: float, expert_mb: float) -> str:
+    return (
+        f"weights:   {plural(args.layers, 'layer')} x {layer_gb:.2f} GB packed"
         f"{' (+ as much stock)' if not args.no_stock else ''}, "
         f"{expert_mb:.2f} MB per expert; medians of >= {args.repeats} calls "
-        f"(fused: and >= {SAMPLE_MIN_S:g} s, over {FUSED_ROUNDS} passes)",
-    ]
+        f"(fused: and >= {plan.sample_min_s:g} s, over {plan.fused_rounds} passes)"
+    )
 
 
 # ------------------------------------------------------------------ main
@@ -466,18 +600,27 @@ def positive(text: str) -> int:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     D, H, E, k = MINIMAX_M25_REAP
+    p.add_argument("--quick", action="store_true",
+                   help=f"about a minute: T={', '.join(map(str, QUICK.tokens))}, {QUICK.layers} layers, "
+                        f"short sampling, stock at T=1 only (the options below still override it)")
     p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, default=3)
     p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--tokens", type=positive, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--tokens", type=positive, nargs="+",
+                   help=f"token counts T (default {' '.join(map(str, FULL.tokens))}; "
+                        f"--quick: {' '.join(map(str, QUICK.tokens))})")
     p.add_argument("--experts", type=positive, default=E, help=f"experts per layer E (default {E})")
     p.add_argument("--top-k", type=positive, default=k, help=f"experts per token k (default {k})")
-    p.add_argument("--layers", type=positive, default=3,
-                   help="distinct layers rotated through, one per call (default 3)")
+    p.add_argument("--layers", type=positive,
+                   help=f"distinct layers rotated through, one per call (default {FULL.layers}; "
+                        f"--quick: {QUICK.layers})")
     p.add_argument("--threads", type=positive, help="fused_moe CPU threads (default: its own)")
-    p.add_argument("--stock-max-tokens", type=int, default=64,
-                   help="largest T the stock path runs at; above it, it is extrapolated")
-    p.add_argument("--repeats", type=positive, default=5)
+    p.add_argument("--stock-max-tokens", type=int,
+                   help=f"largest T the stock path runs at; above it, it is extrapolated "
+                        f"(default {FULL.stock_max_tokens}; --quick: {QUICK.stock_max_tokens}, "
+                        f"not extrapolated)")
+    p.add_argument("--repeats", type=positive,
+                   help=f"calls per median at least (default {FULL.repeats}; --quick: {QUICK.repeats})")
     p.add_argument("--no-stock", action="store_true", help="time the fused path only")
     p.add_argument("--e2e", type=positive, metavar="N",
                    help="also run a synthetic full-width MiniMax with N layers through "
@@ -511,13 +654,29 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def resolve_plan(args: argparse.Namespace) -> Plan:
+    """The run's plan; fills the options left out from it."""
+    plan = QUICK if args.quick else FULL
+    for name in ("tokens", "layers", "repeats", "stock_max_tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(plan, name))
+    args.tokens = sorted(set(args.tokens))
+    return plan
+
+
+def shapes_from_args(args: argparse.Namespace) -> Shapes:
+    """The one place the benchmark's layer shapes are decided."""
+    D, H, _, _ = MINIMAX_M25_REAP
+    return Shapes(D, H, args.experts, args.top_k, args.bits, args.group_size, DTYPES[args.dtype])
+
+
 def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[Row]:
     """Measures the fused ops at every token count (measure_fused), then
-    stock and prints one row per token count, smallest first."""
-    tokens = sorted(set(args.tokens))
-    fused = measure_fused(bench, probes, tokens, args.repeats)
+    stock, and prints each token count's row as soon as it is done,
+    smallest T first."""
+    fused = measure_fused(bench, probes, args.tokens, args.repeats)
     rows, ref = [], None  # ref: the row of the largest T stock ran at
-    for T in tokens:
+    for T in args.tokens:
         row = fused[T]
         row.probe_gb_s, row.probe_gflop_s = probes.gb_s, probes.gflop_s
         if not args.no_stock:
@@ -525,14 +684,15 @@ def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[
         if not args.no_stock and T <= args.stock_max_tokens:
             measure_stock(bench, row, args.repeats)
             ref = row
-        elif not args.no_stock and ref is not None:
+        elif not args.no_stock and ref is not None and bench.plan.extrapolate_stock:
             extrapolate_stock(row, ref)
-        print(format_row(row), flush=True)
+        probes.note_load()
+        out(format_row(row), bench.progress)
         rows.append(row)
     return rows
 
 
-# Issue 6's targets for kernels A+B on the development machine:
+# The project's targets for kernels A+B on the CPU of the development machine:
 # (T, what is compared, target, how a row's value is computed).
 TARGETS = (
     (1, "fused time / bandwidth floor", "<= 1.4", lambda r, p: p.gb_s / r.gb_s, lambda v: v <= 1.4),
@@ -541,34 +701,53 @@ TARGETS = (
 )
 
 
-def targets(rows: list[Row], probes: Probes) -> list[dict]:
+def targets(rows: list[Row], probes: Probes, reliable: bool) -> list[dict]:
     by_t = {r.T: r for r in rows}
     out = []
     for T, what, target, value, met in TARGETS:
         if T in by_t:
             v = value(by_t[T], probes)
-            out.append({"T": T, "what": what, "target": target, "value": v, "met": met(v)})
+            out.append({"T": T, "what": what, "target": target, "value": v, "met": met(v),
+                        "reliable": reliable})
     return out
 
 
-def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace) -> list[str]:
+def format_targets(results: list[dict], warnings: list[str]) -> list[str]:
+    if not results:
+        return []
+    if warnings:
+        lines = ["targets (fused kernels A+B): not judged, since the probes look throttled (see the",
+                 "warning above) and a verdict would say more about the host than the kernels; the",
+                 "values, for the record:"]
+    else:
+        lines = ["targets (fused kernels A+B):"]
+    for t in results:
+        verdict = "" if warnings else f": {'met' if t['met'] else 'MISSED'}"
+        lines.append(f"  T={t['T']:<4} {t['what']}: {t['value']:.2f} (target {t['target']}){verdict}")
+    return lines
+
+
+def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace, plan: Plan) -> list[str]:
     notes = [
         f"probes (medians of {len(probes.read_gb_s)} samples taken between the kernel runs): "
         f"read {probes.gb_s:.1f} GB/s on {os.cpu_count()} threads; "
         f"fp32 matmul {probes.gflop_s:.1f} GFLOP/s (numpy {np.__version__} BLAS)",
-        "tok/s: tokens per second through one layer (fused); GB/s: bytes of the "
-        "distinct experts selected / fused time; %BW: of the read probe; "
-        "GFLOP/s: 2*k*3*D*H per token / fused time; %fp32: of the matmul probe",
         f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
-        f">= {ROUTER_MIN_REPEATS} calls (stock: at most {ROUTER_STOCK_SECONDS:g} s of calls)",
+        f">= {plan.router_min_repeats} calls (stock: at most {plan.router_stock_seconds:g} s of calls)",
     ]
     measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
     if any(r.stock and r.stock.extrapolated for r in rows):
         notes.append(f"* extrapolated linearly per token from stock at T={max(measured)} "
                      f"(--stock-max-tokens {args.stock_max_tokens})")
     if not args.no_stock and any(r.stock is None for r in rows):
-        notes.append(f"-: stock not run above --stock-max-tokens {args.stock_max_tokens}, "
-                     f"and no smaller T to extrapolate from")
+        if not plan.extrapolate_stock:
+            why = (f"the quick mode runs stock only at T<={args.stock_max_tokens} and does not "
+                   f"extrapolate (the full run does)")
+        else:
+            why = "there is no smaller T to extrapolate from"
+        notes.append(f"-: stock not run above --stock-max-tokens {args.stock_max_tokens}: {why}")
+    if args.no_stock:
+        notes.append("stock not run (--no-stock)")
     return notes
 
 
@@ -598,61 +777,93 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+
+
 def main() -> None:
     args = parse_args()
+    plan = resolve_plan(args)
+    progress = Progress()
     device = pick_device()
     if args.threads:
         fm.set_num_threads(args.threads)
-    D, H, _, _ = MINIMAX_M25_REAP
-    s = Shapes(D, H, args.experts, args.top_k, args.bits, args.group_size, DTYPES[args.dtype])
-    layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
-    bench = Bench(s, layers)
+    s = shapes_from_args(args)
+    lines = header(args, plan, s, device)
+    out("\n".join(lines))
+    progress.step("probing the machine (read bandwidth, fp32 matmul)")
     probes = Probes()
     for _ in range(2):
         probes.sample()
+    if probes.warnings():
+        # Said now, so a user can stop and rerun on a quieter machine.
+        out("warning: the machine looks busy before the run starts:", progress)
+        out("\n".join(f"  - {w}" for w in probes.warnings()))
+    progress.step(f"setting up {plural(args.layers, 'layer')} of random weights"
+                  f"{'' if args.no_stock else ' (packed and stock)'}")
+    layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
+    bench = Bench(s, layers, plan, progress)
     layer_gb = bench.expert_bytes * s.E / 1e9
-    lines = header(args, s, device, layer_gb, bench.expert_bytes / 1e6)
-    print("\n".join(lines))
-    print()
-    print(COLUMNS, flush=True)
+    lines.append(weights_line(args, plan, layer_gb, bench.expert_bytes / 1e6))
+    out(lines[-1], progress)
+    out()
+    out("\n".join(LEGEND))
+    out()
+    out(COLUMNS)
     rows = measure_all(bench, probes, args)
-    print()
-    print("\n".join(footnotes(rows, probes, args)))
-    results = targets(rows, probes)
+    out()
+    out("parts: A and B alone, stock's same halves, and the router")
+    out(PART_COLUMNS)
+    for r in rows:
+        out(format_parts(r))
+    out()
+    out("\n".join(footnotes(rows, probes, args, plan)))
+    warnings = probes.warnings()
+    if warnings:
+        out()
+        out("warning: the probes look throttled, so the machine was not steady during this run:")
+        out("\n".join(f"  - {w}" for w in warnings))
+    results = targets(rows, probes, reliable=not warnings)
     if results:
-        print()
-        print("targets (kernels A+B, issue 6):")
-        for t in results:
-            print(f"  T={t['T']:<4} {t['what']}: {t['value']:.2f} (target {t['target']}): "
-                  f"{'met' if t['met'] else 'MISSED'}")
+        out()
+        out("\n".join(format_targets(results, warnings)))
     if args.linear:
-        print(flush=True)
-        print("\n".join(linear.run(s.dtype, probes, stock=not args.no_stock)), flush=True)
+        out()
+        progress.step("quantized_matmul against mx.quantized_matmul (--linear)")
+        out("\n".join(linear.run(s.dtype, probes, stock=not args.no_stock)), progress)
     e2e_result = None
     if args.e2e:
         del layers, bench  # the end-to-end model needs the memory
-        print(flush=True)
+        out()
+        progress.step(f"end to end, {args.e2e} layers, stock then fused (--e2e)")
         e2e_result = e2e.run(s, args.e2e, args.e2e_prompt, args.e2e_decode, random_projection, args.e2e_vocab,
                              args.e2e_context, probes)
-        print("\n".join(e2e.format_result(e2e_result)), flush=True)
+        out("\n".join(e2e.format_result(e2e_result)), progress)
     profile_result = None
     if args.e2e_profile:
-        print(flush=True)
+        out()
+        progress.step("one decode step piece by piece (--e2e-profile)")
         profile_result = decode_profile.run(s, args.e2e, random_projection, args.e2e_vocab)
-        print("\n".join(decode_profile.format_result(profile_result, args.e2e, args.e2e_vocab)))
+        out("\n".join(decode_profile.format_result(profile_result, args.e2e, args.e2e_vocab)), progress)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {
                     "header": lines,
+                    "legend": list(LEGEND),
+                    "plan": dataclasses.asdict(plan),
                     "device": device,
                     "threads": fm.get_num_threads(),
                     "isa": fm.cpu_isa(),
                     "mlx": mx.__version__,
                     "shapes": {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
                                "dtype": args.dtype},
-                    "probes": {"read_gb_s": probes.read_gb_s, "matmul_gflop_s": probes.matmul_gflop_s},
-                    "rows": [dataclasses.asdict(r) for r in rows],
+                    "tokens": args.tokens,
+                    "layers": args.layers,
+                    "repeats": args.repeats,
+                    "stock_max_tokens": None if args.no_stock else args.stock_max_tokens,
+                    "probes": {"read_gb_s": probes.read_gb_s, "matmul_gflop_s": probes.matmul_gflop_s,
+                               "load_1m": probes.load_1m},
+                    "warnings": warnings,
+                    "rows": [{**dataclasses.asdict(r), "floor": r.floor} for r in rows],
                     "targets": results,
                     "e2e": dataclasses.asdict(e2e_result) if e2e_result else None,
                     "decode_profile": {f"{label} {ctx}": parts for (label, ctx), parts in profile_result.items()}
@@ -661,10 +872,10 @@ def main() -> None:
                 f,
                 indent=2,
             )
-        print(f"\nwrote {args.json}")
+        out(f"\nwrote {args.json}")
     if args.plot:
         plot(rows, args.plot, f"D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, {args.dtype}, {device}")
-        print(f"wrote {args.plot}")
+        out(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
