@@ -15,8 +15,9 @@ from support import zoo
 from support.tolerance import rel_err, slack
 
 RUNNABLE = [t for t in zoo.MOE_MODEL_TYPES if t not in zoo.CPU_IMPOSSIBLE]
-# (mode, bits) of the experts, group size 64 where the mode lets one choose.
-SETTINGS = [("affine", 3), ("affine", 4)]
+# (mode, bits) of the experts: every affine width at group size 64, and
+# MLX's fp modes at their own bits and group size.
+SETTINGS = [("affine", b) for b in (2, 3, 4, 5, 6, 8)] + [(m, FP_MODES[m]["bits"]) for m in ("mxfp4", "mxfp8", "nvfp4")]
 
 
 def _logits(pair) -> np.ndarray:
@@ -74,3 +75,82 @@ def test_the_docs_table_is_the_registry():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     table = doc.split("<!-- families:begin -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
     assert table == markdown_table(), "docs/models.md is stale: python -m fused_moe.models.families"
+
+
+# ---------------------------------------------------------------- mixed settings, through the converter
+
+# A family of each kind: SwiGLU, gpt-oss's activation with expert biases, a
+# non-gated SwitchMLP, group-limited routing, MiniMax's fused block, GeGLU
+# under a wrapper's prefix, top-1 with the score on the input, and a
+# SwitchMLP with biases.
+MIXED_TYPES = ["qwen3_moe", "gpt_oss", "nemotron_h", "deepseek_v3", "minimax", "gemma4", "llama4", "phixtral"]
+
+
+def _quantize_mixed(model) -> dict:
+    """Even expert stacks: gate/up affine 4-bit g64, down 6-bit g32; odd ones:
+    gate/up mxfp4, down mxfp8. Returns {projection path: its setting}."""
+    from mlx.nn import quantize
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    settings = {}
+    for i, (path, experts) in enumerate(zoo.expert_modules(model)):
+        first = {"group_size": 64, "bits": 4, "mode": "affine"} if i % 2 == 0 else \
+            {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        down = {"group_size": 32, "bits": 6, "mode": "affine"} if i % 2 == 0 else \
+            {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+        for name, child in experts.children().items():
+            if isinstance(child, SwitchLinear):
+                settings[f"{path}.{name}"] = down if name in ("down_proj", "fc2") else first
+    quantize(model, class_predicate=lambda p, m: settings.get(p, False))
+    return settings
+
+
+def _mixed_model(model_type: str):
+    model, _ = zoo.build(model_type, seed=0)
+    return model, _quantize_mixed(model)
+
+
+@pytest.mark.parametrize("model_type", MIXED_TYPES)
+def test_mixed_widths_and_modes_within_and_across_layers(model_type):
+    (stock, settings), (fused, _) = _mixed_model(model_type), _mixed_model(model_type)
+    stacks = len(zoo.expert_modules(stock))
+    # gate/up and down differ in every stack, and the stacks alternate.
+    assert len({tuple(s.values()) for s in settings.values()}) == 2 * min(stacks, 2)
+    assert fm.patch(fused) >= 1 and zoo.expert_modules(fused) == []
+    err = rel_err(_logits(zoo.run(fused)), _logits(zoo.run(stock)))
+    assert err <= slack(mx.float32), f"{model_type}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("model_type", MIXED_TYPES)
+def test_any_family_converts_losslessly_and_loads(model_type, tmp_path):
+    """An mlx-lm quantized checkpoint of the family (mixed settings) repacked
+    by `fused-moe convert` (verified), opened by `fm.load` with the packed
+    experts in place: the same logits as the stock model; and back to stock
+    bit for bit."""
+    import json
+
+    from mlx_lm.utils import save_config, save_model
+
+    from support.minimax_models import build_tokenizer
+
+    stock, settings = _mixed_model(model_type)
+    src = tmp_path / "stock"
+    save_model(src, stock)
+    config = dict(zoo.tiny_config(model_type), quantization={"group_size": 64, "bits": 4, "mode": "affine",
+                                                             **settings})
+    save_config(config, src / "config.json")
+    build_tokenizer(320).save_pretrained(src)  # the tokenizer is only copied and loaded
+    fm.convert(src, tmp_path / "packed", verify=True)
+    packed_config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert len(packed_config["fused_moe"]["experts"]) == len(zoo.expert_modules(stock))
+    loaded, _ = fm.load(str(tmp_path / "packed"))
+    assert zoo.expert_modules(loaded) == []
+    err = rel_err(_logits(zoo.run(loaded)), _logits(zoo.run(stock)))
+    assert err <= slack(mx.float32), f"{model_type}: loaded packed checkpoint, rel err {err:.3g}"
+    fm.convert(tmp_path / "packed", tmp_path / "back", to="stock", verify=True)
+    a, b = mx.load(str(src / "model.safetensors")), {}
+    for f in (tmp_path / "back").glob("*.safetensors"):
+        b.update(mx.load(str(f)))
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and mx.array_equal(a[name], b[name]).item(), name

@@ -40,12 +40,15 @@ class DiscoveredLayout:
     shape [E, out, in], `inputs_of` telling each projection's input width
     (a quantized weight's shape does not give it without its bits)."""
 
-    def __init__(self, tensors: dict[str, TensorInfo], stacks: dict[str, tuple[str, ...]], expert_shapes):
+    def __init__(self, tensors: dict[str, TensorInfo], stacks: dict[str, tuple[str, ...]], expert_shapes,
+                 owned: set[str] | None = None):
         self.stacks = dict(sorted(stacks.items()))
         # {stack: {projection: (E, out, in)}}
         self._shapes = expert_shapes
-        owned = {f"{stack}.{p}.{a}" for stack, projections in self.stacks.items() for p in projections
-                 for a in ("weight", *PROJECTION_ARRAYS)}
+        # The tensors the experts are stored in (by default the stock ones).
+        if owned is None:
+            owned = {f"{stack}.{p}.{a}" for stack, projections in self.stacks.items() for p in projections
+                     for a in ("weight", *PROJECTION_ARRAYS)}
         self._others = sorted(n for n in tensors if n not in owned)
         self._tensors = tensors
 

@@ -91,6 +91,8 @@ class Checkpoint:
 
     def _shape_note(self, m: Module) -> str:
         c = self.model
+        if not isinstance(c, MiniMaxShapes):
+            return f" for {m.role}"
         return (
             f" for {m.role} (config.json: D={c.hidden}, H={c.intermediate}, E={c.experts}, "
             f"V={c.vocab}, q={c.q_dim}, kv={c.kv_dim})"
@@ -319,7 +321,9 @@ class PackedCheckpoint(QuantizedCheckpoint):
             stack = DiscoveredLayout.stack_path(packed_path)
             stacks[stack] = names
             shapes[stack] = {n: (E, D, H) if n in ("down_proj", "fc2") else (E, H, D) for n in names}
-        return DiscoveredLayout(tensors, stacks, shapes)
+        owned = {name for path, specs in packed.items() for proj in specs for name in tensors
+                 if name.startswith(f"{path}.{proj}.")}
+        return DiscoveredLayout(tensors, stacks, shapes, owned)
 
     def describe(self) -> str:
         return f"packed fused_moe checkpoint, format version {self.version}"

@@ -75,6 +75,13 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _extra_children(module: nn.Module) -> dict:
+    """The child modules of a SwitchGLU/SwitchMLP besides its projections and
+    activation."""
+    own = {*spec.STOCK_PROJECTIONS, *spec.STOCK_MLP_PROJECTIONS, "activation"}
+    return {name: child for name, child in module.children().items() if name not in own}
+
+
 class FusedExperts(PackedExperts):
     """mlx-lm's ``SwitchGLU`` (gated) or ``SwitchMLP`` on the fused ops:
     ``experts(x, indices)`` with ``x`` ``[..., D]`` (or ``[..., k, D]``, one
@@ -82,9 +89,13 @@ class FusedExperts(PackedExperts):
     the stock module does, in the dtype it would give."""
 
     def __init__(self, first: QuantizedProjection, down: QuantizedProjection, activation: Activation, *,
-                 gated: bool = True):
+                 gated: bool = True, extra: Optional[dict] = None):
         super().__init__(first, down, gated=gated)
         self.activation = activation
+        # Other modules the stock one held, which the model's own code uses
+        # (muse_spark keeps a norm there): kept under the same names.
+        for name, child in (extra or {}).items():
+            self[name] = child
 
     @classmethod
     def from_switch(cls, module: nn.Module) -> "FusedExperts":
@@ -95,7 +106,7 @@ class FusedExperts(PackedExperts):
             raise ValueError(f"fused_moe.FusedExperts: {reason}")
         packed = pack_experts(module)
         first, down = (packed.projection(n) for n in packed.projection_names)
-        return cls(first, down, activation_of(module), gated=packed.gated)
+        return cls(first, down, activation_of(module), gated=packed.gated, extra=_extra_children(module))
 
     @classmethod
     def placeholder(cls, module: nn.Module, specs: dict[str, ProjectionSpec], dtype: mx.Dtype) -> "FusedExperts":
@@ -112,7 +123,7 @@ class FusedExperts(PackedExperts):
         first_name, = (n for n in specs if n != DOWN)
         shapes = {first_name: (2 * H if gated else H, D), DOWN: (D, H)}
         projections = [empty_projection(E, *shapes[n], specs[n], dtype, n == spec.GATE_UP) for n in (first_name, DOWN)]
-        return cls(*projections, act, gated=gated)
+        return cls(*projections, act, gated=gated, extra=_extra_children(module))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # The kernels take activations in the dtype of the affine scales; the
