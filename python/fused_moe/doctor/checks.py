@@ -126,13 +126,17 @@ def run_check(check: Check, stream) -> Row:
 # ---------------------------------------------------------------- data
 
 
+def _f32(a: Optional[mx.array]) -> Optional[mx.array]:
+    return None if a is None else a.astype(mx.float32)
+
+
 def _dequantized(p: QuantizedProjection) -> np.ndarray:
-    """Float64 [E, out, in]: what the kernels read."""
-    kwargs = {"mode": p.mode}
-    if p.global_scale is not None:
-        kwargs["global_scale"] = p.global_scale
-    w = mx.dequantize(p.weight, p.scales, p.biases, group_size=p.group_size, bits=p.bits, **kwargs)
-    return np.asarray(w.astype(mx.float32), dtype=np.float64)
+    """Float64 [E, out, in]: what the kernels read (affine scales and biases
+    widened to float32 first, so no rounding enters the reference)."""
+    affine = p.mode == "affine"
+    w = mx.dequantize(p.weight, _f32(p.scales) if affine else p.scales, _f32(p.biases), group_size=p.group_size,
+                      bits=p.bits, mode=p.mode, dtype=mx.float32)
+    return np.asarray(w, dtype=np.float64)
 
 
 def _projection(key, rows: int, cols: int, mode: str, bits: int, group_size: int, bias: bool) -> QuantizedProjection:
@@ -322,7 +326,7 @@ def _route_check(gate_form: str) -> Check:
             wq, s, b = mx.quantize(w.astype(DTYPE), group_size=64, bits=8)
             gate = nn.QuantizedLinear(D, E, bias=False, group_size=64, bits=8)
             gate.weight, gate.scales, gate.biases = wq, s, b
-            w_deq = mx.dequantize(wq, s, b, group_size=64, bits=8)
+            w_deq = mx.dequantize(wq, _f32(s), _f32(b), group_size=64, bits=8)
         else:
             gate = w_deq = w.astype(getattr(mx, gate_form))
         w64 = _np(w_deq)
@@ -351,7 +355,7 @@ def _linear_check(bits: int) -> Check:
         wq, s, b = mx.quantize(w, group_size=64, bits=bits)
         fused = FUSED["quantized_matmul"](x, wq, s, b, bits, 64, stream=stream)
         stock = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits, stream=stream)
-        ref = _np(x) @ np.asarray(mx.dequantize(wq, s, b, group_size=64, bits=bits).astype(mx.float32),
+        ref = _np(x) @ np.asarray(mx.dequantize(wq, _f32(s), _f32(b), group_size=64, bits=bits),
                                   dtype=np.float64).T
         return fused, stock, ref
 
@@ -364,8 +368,11 @@ def _embedding_check() -> Check:
         wq, s, b = mx.quantize(w, group_size=64, bits=8)
         ids = mx.array([[3, 0, 49, 7]])
         fused = FUSED["quantized_embedding"](ids, wq, s, b, 8, 64, stream=stream)
+        # Stock: the bf16 table nn.QuantizedEmbedding gathers; the reference
+        # dequantizes in float32.
         table = mx.dequantize(wq, s, b, group_size=64, bits=8)
-        return fused, table[ids], _np(table)[np.asarray(ids)]
+        exact = mx.dequantize(wq, _f32(s), _f32(b), group_size=64, bits=8)
+        return fused, table[ids], _np(exact)[np.asarray(ids)]
 
     return Check("quantized_embedding", "quantized_embedding b8 gs64", run)
 

@@ -47,11 +47,17 @@ class SpeedRow:
 
 
 def _layer(seed: int):
-    keys = mx.random.split(mx.random.key(seed), 3)
+    """Random codes, scales and biases of one layer (generated as they are
+    stored: quantizing float weights of this size would take gigabytes)."""
+    keys = mx.random.split(mx.random.key(seed), 9)
     projections = []
-    for key, (rows, cols) in zip(keys, ((H, D), (H, D), (D, H))):
-        w = (mx.random.normal((E, rows, cols), key=key) * cols**-0.5).astype(DTYPE)
-        projections.append(QuantizedProjection(*mx.quantize(w, group_size=GROUP, bits=BITS), BITS, GROUP))
+    for i, (rows, cols) in enumerate(((H, D), (H, D), (D, H))):
+        k1, k2, k3 = keys[3 * i: 3 * i + 3]
+        words = mx.random.randint(0, 2**31, (E, rows, cols * BITS // 32), key=k1).astype(mx.uint32)
+        groups = (E, rows, cols // GROUP)
+        scales = (mx.random.uniform(0.5, 1.5, groups, key=k2) * 0.02 / 2**BITS).astype(DTYPE)
+        biases = (mx.random.normal(groups, key=k3) * 0.01).astype(DTYPE)
+        projections.append(QuantizedProjection(words, scales, biases, BITS, GROUP))
     packed = pack_experts(*projections)
     mx.eval(packed.parameters(), *(p.weight for p in projections))
     return projections, packed
