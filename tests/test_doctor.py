@@ -35,11 +35,12 @@ def test_doctor_passes_and_reports_every_family(device, tmp_path, capsys):
     # Every quantization of the grid, for gate/up and for the down op.
     for mode, bits, group_size in _ext.supported_quantizations():
         label = f"b{bits}" if mode == "affine" else mode
-        assert f"gate_up {label} gs{group_size} swiglu" in kernels
-        assert f"down_combine {label} gs{group_size}" in kernels
+        for dtype in ("bfloat16", "float32"):
+            assert f"gate_up {label} gs{group_size} swiglu {dtype}" in kernels
+            assert f"down_combine {label} gs{group_size} {dtype}" in kernels
     # Every activation.
     for activation in _ext.SUPPORTED_ACTIVATIONS:
-        assert any(k.startswith("gate_up ") and k.endswith(f" {activation}") for k in kernels), activation
+        assert any(k.startswith("gate_up ") and f" {activation} " in k for k in kernels), activation
     assert {"route gate q8", "route gate float32"} <= kernels
     for row in record["correctness"]:
         assert row["passed"] and row["error"] <= row["bound"], row
@@ -55,7 +56,7 @@ def test_a_planted_wrong_kernel_fails_by_name(monkeypatch, tmp_path, capsys):
     report = tmp_path / "report.json"
     assert main(["doctor", "--device", "cpu", "--no-speed", "--json", str(report)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL down_combine b3 gs64" in out and "result: some kernels FAILED" in out
+    assert "FAIL down_combine b3 gs64 float32" in out and "result: some kernels FAILED" in out
     record = json.loads(report.read_text())
     failed = {r["kernel"] for r in record["correctness"] if not r["passed"]}
     assert failed and all(k.startswith("down_combine ") for k in failed)

@@ -139,11 +139,12 @@ def _dequantized(p: QuantizedProjection) -> np.ndarray:
     return np.asarray(w, dtype=np.float64)
 
 
-def _projection(key, rows: int, cols: int, mode: str, bits: int, group_size: int, bias: bool) -> QuantizedProjection:
+def _projection(key, rows: int, cols: int, mode: str, bits: int, group_size: int, bias: bool,
+                dtype: mx.Dtype) -> QuantizedProjection:
     k1, k2 = mx.random.split(key)
-    w = (mx.random.normal((E, rows, cols), key=k1) * cols**-0.5).astype(DTYPE)
+    w = (mx.random.normal((E, rows, cols), key=k1) * cols**-0.5).astype(dtype)
     arrays = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
-    b = (mx.random.normal((E, rows), key=k2) * 0.1).astype(DTYPE) if bias else None
+    b = (mx.random.normal((E, rows), key=k2) * 0.1).astype(dtype) if bias else None
     return QuantizedProjection(arrays[0], arrays[1], arrays[2] if mode == "affine" else None, bits, group_size,
                                mode, b)
 
@@ -155,8 +156,8 @@ def _routing(seed: int):
     return mx.array(idx), mx.array((w / w.sum(1, keepdims=True)).astype(np.float32))
 
 
-def _x(seed: int, shape) -> mx.array:
-    return mx.random.normal(shape, key=mx.random.key(seed)).astype(DTYPE)
+def _x(seed: int, shape, dtype: mx.Dtype = DTYPE) -> mx.array:
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -211,23 +212,29 @@ def _activation64(name: str, g: np.ndarray, u: Optional[np.ndarray]) -> np.ndarr
     raise KeyError(name)
 
 
-def _experts(mode: str, bits: int, group_size: int, gated: bool, bias: bool, seed: int) -> PackedExperts:
+def _experts(mode: str, bits: int, group_size: int, gated: bool, bias: bool, seed: int,
+             dtype: mx.Dtype) -> PackedExperts:
     keys = mx.random.split(mx.random.key(seed), 3)
     if gated:
-        gate, up = (_projection(k, H, D, mode, bits, group_size, bias) for k in keys[:2])
-        down = _projection(keys[2], D, H, mode, bits, group_size, bias)
+        gate, up = (_projection(k, H, D, mode, bits, group_size, bias, dtype) for k in keys[:2])
+        down = _projection(keys[2], D, H, mode, bits, group_size, bias, dtype)
         return pack_experts(gate, up, down)
-    return pack_experts(_projection(keys[0], H, D, mode, bits, group_size, bias),
-                        _projection(keys[1], D, H, mode, bits, group_size, bias))
+    return pack_experts(_projection(keys[0], H, D, mode, bits, group_size, bias, dtype),
+                        _projection(keys[1], D, H, mode, bits, group_size, bias, dtype))
 
 
-def _gate_up_check(mode: str, bits: int, group_size: int, activation: str, bias: bool = False) -> Check:
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rpartition(".")[2]
+
+
+def _gate_up_check(mode: str, bits: int, group_size: int, activation: str, bias: bool = False,
+                   dtype: mx.Dtype = DTYPE) -> Check:
     gated = activation in GATED_ACTIVATIONS
     label = f"b{bits}" if mode == "affine" else mode
 
     def run(stream):
-        packed = _experts(mode, bits, group_size, gated, bias, seed=bits * 7 + group_size)
-        x = _x(1, (T, D))
+        packed = _experts(mode, bits, group_size, gated, bias, bits * 7 + group_size, dtype)
+        x = _x(1, (T, D), dtype)
         idx, _ = _routing(2)
         act = _activation(activation)
         fused = FUSED["gate_up"](x, packed, idx, act, stream=stream)
@@ -260,17 +267,18 @@ def _gate_up_check(mode: str, bits: int, group_size: int, activation: str, bias:
             stock = stock_act(stock_proj(first, None))
         return fused, stock, ref
 
-    kernel = f"gate_up {label} gs{group_size} {activation}" + (" +bias" if bias else "")
-    return Check(f"gate_up {mode}", kernel, run)
+    kernel = f"gate_up {label} gs{group_size} {activation} {_dtype_name(dtype)}" + (" +bias" if bias else "")
+    return Check(f"gate_up {mode}", kernel, run, dtype)
 
 
-def _down_check(mode: str, bits: int, group_size: int, combine: bool, bias: bool = False) -> Check:
+def _down_check(mode: str, bits: int, group_size: int, combine: bool, bias: bool = False,
+                dtype: mx.Dtype = DTYPE) -> Check:
     label = f"b{bits}" if mode == "affine" else mode
     op = "down_combine" if combine else "down_slots"
 
     def run(stream):
-        packed = _experts(mode, bits, group_size, True, bias, seed=bits * 11 + group_size)
-        h = _x(3, (T, K, H))
+        packed = _experts(mode, bits, group_size, True, bias, bits * 11 + group_size, dtype)
+        h = _x(3, (T, K, H), dtype)
         idx, weights = _routing(4)
         down = packed.projection("down")
         w = _dequantized(down)  # [E, D, H]
@@ -292,17 +300,21 @@ def _down_check(mode: str, bits: int, group_size: int, combine: bool, bias: bool
             ref, stock = per_slot, y
         return fused, stock, ref
 
-    return Check(f"{op} {mode}", f"{op} {label} gs{group_size}" + (" +bias" if bias else ""), run)
+    kernel = f"{op} {label} gs{group_size} {_dtype_name(dtype)}" + (" +bias" if bias else "")
+    return Check(f"{op} {mode}", kernel, run, dtype)
 
 
 def expert_checks() -> list[Check]:
-    """Gate/up and down for every quantization of the grid (SwiGLU, and for
-    the down op the combine and the per-slot form), every activation at one
-    quantization, and the expert biases."""
+    """Gate/up and down for every quantization of the grid in bfloat16 and
+    float32 (SwiGLU, and for the down op the combine and the per-slot form),
+    every activation at one quantization, and the expert biases."""
     checks = []
-    for mode, bits, group_size in _ext.supported_quantizations():
-        checks.append(_gate_up_check(mode, bits, group_size, "swiglu"))
-        checks.append(_down_check(mode, bits, group_size, combine=True))
+    # Half precision (the fast integer paths on the CPU) and float32 (exact
+    # fp32 arithmetic: its tolerance catches an error of 1e-4).
+    for dtype in (DTYPE, mx.float32):
+        for mode, bits, group_size in _ext.supported_quantizations():
+            checks.append(_gate_up_check(mode, bits, group_size, "swiglu", dtype=dtype))
+            checks.append(_down_check(mode, bits, group_size, combine=True, dtype=dtype))
     for activation in SUPPORTED_ACTIVATIONS:
         if activation != "swiglu":
             checks.append(_gate_up_check("affine", 4, 64, activation))
