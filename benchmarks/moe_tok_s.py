@@ -2,8 +2,9 @@
 and the router: fused_moe.route against mlx-lm's MiniMax router.
 
 Measures one MoE layer's routed experts (default: the MiniMax-M2.5-REAP
-shapes D=3072, H=1536, E=154, k=8, 3-bit, group size 64, bfloat16) with
-random weights and fresh random routing on every call (k distinct experts
+shapes D=3072, H=1536, E=154, k=8, 3-bit, group size 64, bfloat16; ``--preset``
+picks another published MoE at the quantization it ships in, ``--mode``
+another quantization) with random weights and fresh random routing on every call (k distinct experts
 per token, positive weights summing to 1). ``--layers`` distinct layers are
 rotated through, one per call, so the weights do not stay in the caches.
 
@@ -16,8 +17,10 @@ printed as soon as its stock ops are done (a progress line on stderr says
 what runs meanwhile):
 
 * stock: ``SwitchGLU(x, indices)`` then ``(y * weights[..., None]).sum(-2)``;
-* fused: ``fm.down_combine(fm.gate_up_swiglu(x, ...), ...)`` (A+B);
-* the parts on their own: A = ``gate_up_swiglu``, B = ``down_combine``,
+* fused: ``fm.down_combine(fm.gate_up(x, ...), ...)`` (A+B); for presets
+  other than MiniMax, B is ``fm.down_slots`` and the same weighted sum, as
+  ``FusedExperts`` runs under a family's own router (which is not timed);
+* the parts on their own: A = ``gate_up``, B = ``down_combine``,
   stock A = ``silu(gate_proj) * up_proj``, stock B = ``down_proj`` plus the
   weighted sum (both through the unsorted gather path, whereas SwitchGLU
   sorts the tokens by expert once T*k >= 64);
@@ -68,14 +71,48 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
+from fused_moe.supported import FP_MODES
 import decode_profile
 import e2e
 import linear
 from probes import Probes
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-# Routed-expert shapes of MiniMax-M2.5-REAP: D, H, E, k.
-MINIMAX_M25_REAP = (3072, 1536, 154, 8)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model's routed experts: shapes, quantization, activation, and how
+    the fused path runs them there."""
+
+    D: int
+    H: int
+    E: int
+    k: int
+    mode: str
+    bits: int
+    group_size: int
+    activation: fm.Activation = fm.Activation()
+    bias: bool = False  # the experts add a bias after each matmul
+    # MiniMax's block is fused whole: gate/up, then the down projection with
+    # the router weights and the sum folded in (down_combine). Every other
+    # family keeps its own router and sum: gate/up, the down projection per
+    # slot (down_slots) and the model's weighted sum, as FusedExperts runs it.
+    fused_combine: bool = False
+
+
+# The published shapes and the quantizations people run them in (mlx-lm's
+# community conversions: 4-bit affine, gpt-oss in mxfp4 as released).
+PRESETS = {
+    "minimax-m2.5-reap": Preset(3072, 1536, 154, 8, "affine", 3, 64, fused_combine=True),
+    "qwen3-30b-a3b": Preset(2048, 768, 128, 8, "affine", 4, 64),
+    "qwen3-235b-a22b": Preset(4096, 1536, 128, 8, "affine", 4, 64),
+    "gpt-oss-120b": Preset(2880, 2880, 128, 4, "mxfp4", 4, 32, fm.Activation("swiglu_oai", limit=7.0, alpha=1.702),
+                           bias=True),
+    "glm-4.5-air": Preset(4096, 1408, 128, 8, "affine", 4, 64),
+    "deepseek-v3": Preset(7168, 2048, 256, 8, "affine", 4, 64),
+}
+DEFAULT_PRESET = "minimax-m2.5-reap"
 
 # A warm-up call at least this long is kept as a sample: its one-time costs
 # are noise at that length, and repeating it would only cost time.
@@ -133,6 +170,10 @@ class Shapes:
     bits: int
     group_size: int
     dtype: mx.Dtype
+    mode: str = "affine"
+    activation: fm.Activation = fm.Activation()
+    bias: bool = False
+    fused_combine: bool = True
 
 
 @dataclass
@@ -194,24 +235,51 @@ def cpu_model() -> str:
 
 def random_projection(s: Shapes, out_dims: int, in_dims: int) -> QuantizedSwitchLinear:
     """A stock quantized projection [E, out, in] with random codes, and scales
-    and biases spanning about +-1/sqrt(in) like mlx-lm's initialization."""
+    (and affine biases) giving weights of about +-1/sqrt(in) like mlx-lm's
+    initialization; an additive bias where the preset has one."""
     proj = QuantizedSwitchLinear(
-        in_dims, out_dims, 1, bias=False, group_size=s.group_size, bits=s.bits
+        in_dims, out_dims, 1, bias=False, group_size=s.group_size, bits=s.bits, mode=s.mode
     )
     words = in_dims * s.bits // 32
-    codes = mx.random.randint(-(2**31), 2**31 - 1, (s.E, out_dims, words), dtype=mx.int32)
-    levels = 2**s.bits - 1
-    step = 2 * in_dims**-0.5 / levels
-    scales = mx.random.uniform(0.5, 1.5, (s.E, out_dims, in_dims // s.group_size)) * step
-    proj.weight = codes.view(mx.uint32)
-    proj.scales = scales.astype(s.dtype)
-    proj.biases = (-scales * levels / 2).astype(s.dtype)
+    codes = mx.random.randint(-(2**31), 2**31 - 1, (s.E, out_dims, words), dtype=mx.int32).view(mx.uint32)
+    groups = (s.E, out_dims, in_dims // s.group_size)
+    if s.mode == "affine":
+        levels = 2**s.bits - 1
+        step = 2 * in_dims**-0.5 / levels
+        scales = mx.random.uniform(0.5, 1.5, groups) * step
+        proj.scales = scales.astype(s.dtype)
+        proj.biases = (-scales * levels / 2).astype(s.dtype)
+    else:
+        if s.mode == "mxfp8":
+            codes = codes & mx.array(0xBFBFBFBF, dtype=mx.uint32)  # e4m3 exponents below 8: no NaN code
+        if s.mode == "nvfp4":  # e4m3 scales of about 2^-8 .. 2^-6
+            proj.scales = mx.random.randint(0x08, 0x18, groups).astype(mx.uint8)
+        else:  # e8m0 2^(s-127) of about 2^-9 .. 2^-7 (e4m3 codes reach 448: 2^-11 .. 2^-9)
+            low = 116 if s.mode == "mxfp8" else 118
+            proj.scales = mx.random.randint(low, low + 3, groups).astype(mx.uint8)
+        proj.biases = None
+    proj.weight = codes
+    if s.bias:
+        proj.bias = (0.01 * mx.random.normal((s.E, out_dims))).astype(s.dtype)
     return proj
+
+
+def stock_activation(a: fm.Activation):
+    """mlx-lm's module for the preset's activation."""
+    if a.name == "swiglu":
+        from mlx_lm.models.switch_layers import SwiGLU
+
+        return SwiGLU()
+    if a.name == "swiglu_oai":
+        from mlx_lm.models.activations import SwigluOAI
+
+        return SwigluOAI(alpha=a.alpha, limit=a.limit)
+    raise ValueError(f"no stock module for activation {a.name} in this benchmark")
 
 
 def random_layer(s: Shapes, with_stock: bool) -> Layer:
     # SwitchGLU's float weights are lazy and replaced before they are evaluated.
-    glu = SwitchGLU(s.D, s.H, s.E)
+    glu = SwitchGLU(s.D, s.H, s.E, activation=stock_activation(s.activation))
     glu.gate_proj = random_projection(s, s.H, s.D)
     glu.up_proj = random_projection(s, s.H, s.D)
     glu.down_proj = random_projection(s, s.D, s.H)
@@ -252,17 +320,25 @@ def random_inputs(s: Shapes, T: int, router_only: bool = False) -> Inputs:
 Op = Callable[[Layer, Inputs], mx.array]
 
 
+# The preset's activation and combine, set by main(): the ops below take
+# only (layer, inputs), as the timing loop calls them.
+SHAPES: Optional["Shapes"] = None
+
+
 def fused_a(layer: Layer, inp: Inputs) -> mx.array:
-    return fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
+    return fm.gate_up(inp.x, layer.packed, inp.indices, SHAPES.activation)
 
 
 def fused_b(layer: Layer, inp: Inputs) -> mx.array:
-    return fm.down_combine(inp.h, layer.packed, inp.indices, inp.weights)
+    if SHAPES.fused_combine:
+        return fm.down_combine(inp.h, layer.packed, inp.indices, inp.weights)
+    # FusedExperts returns one row per slot; the model sums them itself.
+    return weighted_sum(fm.down_slots(inp.h, layer.packed, inp.indices), inp.weights)
 
 
 def fused_ab(layer: Layer, inp: Inputs) -> mx.array:
-    h = fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
-    return fm.down_combine(h, layer.packed, inp.indices, inp.weights)
+    h = fused_a(layer, inp)
+    return fused_b(layer, Inputs(inp.x, inp.indices, inp.weights, h, inp.distinct_experts))
 
 
 def weighted_sum(y: mx.array, weights: mx.array) -> mx.array:
@@ -361,6 +437,8 @@ class Bench:
         self.expert_bytes = bytes_per_expert(layers[0])
         self.plan = plan
         self.progress = progress
+        # fm.route is MiniMax's router; other families keep their own.
+        self.with_router = shapes.fused_combine
 
     def call(self, op: Op, T: int) -> tuple[float, int]:
         """One timed call: (seconds, bytes of the distinct experts selected)."""
@@ -438,13 +516,14 @@ def measure_fused(bench: Bench, probes: Probes, tokens: list[int], repeats: int)
     router at least Plan.router_min_repeats) and Plan.sample_min_s of each
     op at each T."""
     plan = bench.plan
-    pooled = {(T, op): [] for T in tokens for op in FUSED_OPS}
+    ops = FUSED_OPS if bench.with_router else tuple(op for op in FUSED_OPS if op is not fused_router)
+    pooled = {(T, op): [] for T in tokens for op in ops}
     for round_ in range(plan.fused_rounds):
         for T in tokens:
             bench.progress.step(f"fused kernels and router, pass {round_ + 1} of {plan.fused_rounds}, "
                                 f"T={T}")
             probes.sample()
-            for op in FUSED_OPS:
+            for op in ops:
                 n = max(repeats, plan.router_min_repeats) if op is fused_router else repeats
                 pooled[T, op] += bench.samples(
                     op, T, -(-n // plan.fused_rounds), plan.sample_min_s / plan.fused_rounds
@@ -454,10 +533,11 @@ def measure_fused(bench: Bench, probes: Probes, tokens: list[int], repeats: int)
     rows = {}
     for T in tokens:
         fused_s, touched = median(pooled[T, fused_ab])
-        a_s, b_s, router_s = (median(pooled[T, op])[0] for op in FUSED_OPS[1:])
+        a_s, b_s = (median(pooled[T, op])[0] for op in (fused_a, fused_b))
+        router_s = median(pooled[T, fused_router])[0] if bench.with_router else None
         flops = 2 * s.k * 3 * s.D * s.H * T
         rows[T] = Row(T, 1e3 * fused_s, 1e3 * a_s, 1e3 * b_s, touched / fused_s / 1e9,
-                      flops / fused_s / 1e9, router=1e3 * router_s)
+                      flops / fused_s / 1e9, router=None if router_s is None else 1e3 * router_s)
     return rows
 
 
@@ -496,9 +576,10 @@ LEGEND = (
     "  stock    mlx-lm as it runs MoE layers today: SwitchGLU, three gather_qmm calls (the gate,",
     "           up and down projections of each token's k experts), then the weighted sum of",
     "           the k outputs",
-    "  fused    fused_moe's two kernels: A = gate_up_swiglu (gate and up projections with the",
-    "           SwiGLU activation in one pass), then B = down_combine (down projection and the",
-    "           weighted sum in one pass); the parts table times A and B alone, and stock's",
+    "  fused    fused_moe's two kernels: A = gate_up (gate and up projections with the",
+    "           activation in one pass), then B = down_combine (down projection and the",
+    "           weighted sum in one pass; for presets other than MiniMax, down_slots and the",
+    "           model's own weighted sum); the parts table times A and B alone, and stock's",
     "           same two halves",
     "  floor    the time to read the weights a call selects (codes, scales and biases of the",
     "           distinct experts) once at the read probe's bandwidth: a call whose weights come",
@@ -544,7 +625,7 @@ def format_row(r: Row) -> str:
 def format_parts(r: Row) -> str:
     return (
         f"{r.T:>6}  {r.a:>8.2f}  {r.b:>8.2f}  {fmt_stock(r.stock_a, 10)}  {fmt_stock(r.stock_b, 10)}  "
-        f"{r.router:>9.3f}  {fmt_router(r.stock_router, 15)}"
+        f"{fmt_router(None if r.router is None else Timing(r.router), 9)}  {fmt_router(r.stock_router, 15)}"
     ).rstrip()
 
 
@@ -555,10 +636,14 @@ def header(args, plan: Plan, s: Shapes, device: str) -> list[str]:
         f"cpu:       {cpu_model()} ({os.cpu_count()} logical CPUs), "
         f"fused_moe ISA {fm.cpu_isa()}, {fm.get_num_threads()} threads",
         f"versions:  mlx {mx.__version__}, fused_moe {fm.__version__}",
-        f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, group size "
-        f"{s.group_size}, {args.dtype}",
-        f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}",
+        f"model:     {args.preset} routed experts: D={s.D} H={s.H} E={s.E} k={s.k}, {quantization(s)}, "
+        f"{args.dtype}, {s.activation.name}{' with biases' if s.bias else ''}",
     ]
+    if s.fused_combine:
+        lines.append(f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}")
+    else:
+        lines.append("combine:   fused = A, then down_slots and the model's weighted sum (as FusedExperts runs "
+                     "under the family's own router); the router is not timed (fm.route is MiniMax's)")
     if args.no_stock:
         stock = "stock not run (--no-stock)"
     elif plan.extrapolate_stock:
@@ -572,6 +657,12 @@ def header(args, plan: Plan, s: Shapes, device: str) -> list[str]:
     else:
         lines.append(f"run:       {plan.name}: T={tokens}; {stock}")
     return lines
+
+
+def quantization(s: Shapes) -> str:
+    if s.mode == "affine":
+        return f"{s.bits}-bit affine, group size {s.group_size}"
+    return f"{s.mode} (group size {s.group_size})"
 
 
 def plural(n: int, word: str) -> str:
@@ -599,18 +690,24 @@ def positive(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    D, H, E, k = MINIMAX_M25_REAP
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="the model whose routed experts to time: its D, H, E, k, quantization, activation "
+                        f"and combine (default {DEFAULT_PRESET}; the options below override it)")
     p.add_argument("--quick", action="store_true",
                    help=f"about a minute: T={', '.join(map(str, QUICK.tokens))}, {QUICK.layers} layers, "
                         f"short sampling, stock at T=1 only (the options below still override it)")
-    p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, default=3)
-    p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES, default=64)
+    p.add_argument("--mode", choices=fm.SUPPORTED_MODES,
+                   help="quantization mode (default: the preset's); the fp modes take their own bits and group "
+                        "size (mxfp4 4/32, mxfp8 8/32, nvfp4 4/16)")
+    p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, help="affine bits (default: the preset's)")
+    p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES,
+                   help="affine group size (default: the preset's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--tokens", type=positive, nargs="+",
                    help=f"token counts T (default {' '.join(map(str, FULL.tokens))}; "
                         f"--quick: {' '.join(map(str, QUICK.tokens))})")
-    p.add_argument("--experts", type=positive, default=E, help=f"experts per layer E (default {E})")
-    p.add_argument("--top-k", type=positive, default=k, help=f"experts per token k (default {k})")
+    p.add_argument("--experts", type=positive, help="experts per layer E (default: the preset's)")
+    p.add_argument("--top-k", type=positive, help="experts per token k (default: the preset's)")
     p.add_argument("--layers", type=positive,
                    help=f"distinct layers rotated through, one per call (default {FULL.layers}; "
                         f"--quick: {QUICK.layers})")
@@ -643,6 +740,8 @@ def parse_args() -> argparse.Namespace:
                    help="also draw tokens per second against T, stock and fused, as a PNG "
                         "(needs matplotlib: pip install 'mlx-fused-moe[plot]')")
     args = p.parse_args()
+    if (args.e2e or args.linear) and args.preset != DEFAULT_PRESET:
+        p.error(f"--e2e, --e2e-profile and --linear build MiniMax; they run with --preset {DEFAULT_PRESET} only")
     if args.e2e_profile and not args.e2e:
         p.error("--e2e-profile needs --e2e N (the layers of the profiled model)")
     if args.plot:
@@ -665,9 +764,23 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
 
 
 def shapes_from_args(args: argparse.Namespace) -> Shapes:
-    """The one place the benchmark's layer shapes are decided."""
-    D, H, _, _ = MINIMAX_M25_REAP
-    return Shapes(D, H, args.experts, args.top_k, args.bits, args.group_size, DTYPES[args.dtype])
+    """The one place the benchmark's layer shapes are decided: the preset,
+    with the options given overriding it."""
+    p = PRESETS[args.preset]
+    mode = args.mode or p.mode
+    if mode == "affine":
+        bits = args.bits or (p.bits if p.mode == "affine" else 4)
+        group_size = args.group_size or (p.group_size if p.mode == "affine" else 64)
+    else:
+        bits, group_size = FP_MODES[mode]["bits"], FP_MODES[mode]["group_size"]
+        if args.bits not in (None, bits) or args.group_size not in (None, group_size):
+            raise SystemExit(f"error: {mode} has {bits} bits and group size {group_size}; "
+                             f"--bits and --group-size apply to --mode affine")
+    args.experts = args.experts or p.E
+    args.top_k = args.top_k or p.k
+    args.bits, args.group_size, args.mode = bits, group_size, mode
+    return Shapes(p.D, p.H, args.experts, args.top_k, bits, group_size, DTYPES[args.dtype], mode, p.activation,
+                  p.bias, p.fused_combine)
 
 
 def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[Row]:
@@ -679,7 +792,7 @@ def measure_all(bench: Bench, probes: Probes, args: argparse.Namespace) -> list[
     for T in args.tokens:
         row = fused[T]
         row.probe_gb_s, row.probe_gflop_s = probes.gb_s, probes.gflop_s
-        if not args.no_stock:
+        if not args.no_stock and bench.with_router:
             measure_stock_router(bench, row, args.repeats)
         if not args.no_stock and T <= args.stock_max_tokens:
             measure_stock(bench, row, args.repeats)
@@ -732,9 +845,10 @@ def footnotes(rows: list[Row], probes: Probes, args: argparse.Namespace, plan: P
         f"probes (medians of {len(probes.read_gb_s)} samples taken between the kernel runs): "
         f"read {probes.gb_s:.1f} GB/s on {os.cpu_count()} threads; "
         f"fp32 matmul {probes.gflop_s:.1f} GFLOP/s (numpy {np.__version__} BLAS)",
-        f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
-        f">= {plan.router_min_repeats} calls (stock: at most {plan.router_stock_seconds:g} s of calls)",
     ]
+    if rows and rows[0].router is not None:
+        notes.append(f"router / stock router: fm.route / mlx-lm's router chain alone, median of "
+                     f">= {plan.router_min_repeats} calls (stock: at most {plan.router_stock_seconds:g} s of calls)")
     measured = [r.T for r in rows if r.stock and not r.stock.extrapolated]
     if any(r.stock and r.stock.extrapolated for r in rows):
         notes.append(f"* extrapolated linearly per token from stock at T={max(measured)} "
@@ -787,6 +901,8 @@ def main() -> None:
     if args.threads:
         fm.set_num_threads(args.threads)
     s = shapes_from_args(args)
+    global SHAPES
+    SHAPES = s
     lines = header(args, plan, s, device)
     out("\n".join(lines))
     progress.step("probing the machine (read bandwidth, fp32 matmul)")
@@ -874,7 +990,8 @@ def main() -> None:
             )
         out(f"\nwrote {args.json}")
     if args.plot:
-        plot(rows, args.plot, f"D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, {args.dtype}, {device}")
+        plot(rows, args.plot, f"{args.preset}: D={s.D} H={s.H} E={s.E} k={s.k}, {quantization(s)}, {args.dtype}, "
+                              f"{device}")
         out(f"wrote {args.plot}")
 
 
