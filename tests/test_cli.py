@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fused_moe.demo import PROMPT
 from support.minimax_models import SMALL, build_model, save_checkpoint
 
 # The console script pip installs beside this interpreter.
@@ -186,3 +188,17 @@ def test_version_and_plain_help():
         result = run(str(FUSED_MOE), *args, "--help")
         assert result.returncode == 0, result.stderr
         assert "``" not in result.stdout and ":func:" not in result.stdout, result.stdout
+
+
+def test_demo_converts_generates_and_serves(tmp_path):
+    """The demo's four steps, kept in --dir: the packed checkpoint loads, and
+    the server answers greedily with the text generate produced."""
+    result = run(str(FUSED_MOE), "demo", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Both are printed as Python reprs.
+    generated = re.search(re.escape(repr(PROMPT)) + r" -> (.+)\n", result.stdout)
+    served = re.search(r"the server answered (.+)\n", result.stdout)
+    assert generated and served, result.stdout
+    assert served.group(1) == generated.group(1)
+    packed = tmp_path / "minimax-tiny-packed"
+    assert json.loads((packed / "config.json").read_text())["fused_moe"]["format_version"] == 2
