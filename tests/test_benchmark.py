@@ -93,7 +93,7 @@ def test_the_legend_comes_before_the_table(quick_run):
     assert legend < table
     for word in ("stock", "fused", "floor", "probes"):
         assert any(line.startswith(f"  {word} ") for line in lines[legend:table]), word
-    assert "gather_qmm" in stdout and "gate_up_swiglu" in stdout and "down_combine" in stdout
+    assert "gather_qmm" in stdout and "gate_up" in stdout and "down_combine" in stdout
 
 
 def test_rows_then_parts_then_a_verdict_or_its_refusal(quick_run):
@@ -129,3 +129,30 @@ def test_the_json_record_is_complete(quick_run):
     assert record["legend"][0] == "legend:"
     assert len(record["probes"]["read_gb_s"]) == len(record["probes"]["matmul_gflop_s"]) >= 3
     assert len(record["probes"]["load_1m"]) >= len(record["probes"]["read_gb_s"])
+
+
+def test_another_preset_runs_its_quantization_and_activation(tmp_path):
+    """gpt-oss (mxfp4, clamped SwiGLU, expert biases) at a small E: timed as
+    FusedExperts runs it, with no router rows (fm.route is MiniMax's)."""
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "moe_tok_s.py"), "--quick", "--preset", "gpt-oss-120b", "--experts", "8",
+         "--top-k", "2", "--tokens", "1", "--layers", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["preset"] == "gpt-oss-120b"
+    assert (record["shapes"]["mode"], record["shapes"]["activation"]["name"], record["shapes"]["bias"]) == (
+        "mxfp4", "swiglu_oai", True)
+    assert "mxfp4 (group size 32)" in result.stdout and "the router is not timed" in result.stdout
+    (row,) = record["rows"]
+    assert row["router"] is None and row["stock_router"] is None and row["stock"]["ms"] > 0
+
+
+def test_an_fp_mode_refuses_affine_bits():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "moe_tok_s.py"), "--mode", "mxfp4", "--bits", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "mxfp4 has 4 bits and group size 32" in result.stderr
