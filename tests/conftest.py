@@ -12,7 +12,7 @@ GPU_BACKENDS = ["metal", "metal_emulator"]
 
 
 @pytest.fixture(scope="session")
-def metal_emulator(request):
+def metal_emulator(request, tmp_path_factory):
     from tools import metal_emulator
 
     if not metal_emulator.compiler_available():
@@ -20,7 +20,10 @@ def metal_emulator(request):
             f"metal_emulator backend not available: no C++ compiler "
             f"({metal_emulator.CXX}) to build tests/tools/metal_emulator"
         )
-    cache = request.config.cache.mkdir("metal_emulator")
+    # pytest's cache keeps the build between runs; without it (-p
+    # no:cacheprovider) it is built once for this session.
+    cache_plugin = getattr(request.config, "cache", None)
+    cache = cache_plugin.mkdir("metal_emulator") if cache_plugin else tmp_path_factory.mktemp("metal_emulator")
     return metal_emulator.Emulator(metal_emulator.build(cache))
 
 
