@@ -73,6 +73,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import fused_moe as fm
+from fused_moe import _ext
 import decode_profile
 import e2e
 import linear
@@ -110,6 +111,7 @@ class Shapes:
     bits: int
     group_size: int
     dtype: mx.Dtype
+    mode: str = "affine"  # --mode: the fp modes run through fused_moe._ext (RawExperts)
 
 
 @dataclass
@@ -117,6 +119,54 @@ class Router:
     gate: nn.Linear  # [E, D], no bias
     bias: mx.array  # [E] float32 e_score_correction_bias
     k: int
+
+
+# --mode other than affine ------------------------------------------------
+# The Python PackedExperts takes affine projections only for now, so the fp
+# modes (mxfp4, mxfp8, nvfp4) are packed here as the kernels read them (gate
+# and up rows interleaved, no biases) and run through fused_moe._ext.
+
+
+class RawExperts:
+    def __init__(self, glu: SwitchGLU, s: Shapes):
+        def inter(a, b):
+            return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], a.shape[2])
+
+        g, u, d = glu.gate_proj, glu.up_proj, glu.down_proj
+        self.arrays = {
+            "gate_up": {"weight": inter(g.weight, u.weight), "scales": inter(g.scales, u.scales)},
+            "down": {"weight": d.weight, "scales": d.scales},
+        }
+        self.num_experts, self.s = s.E, s
+
+    def __getitem__(self, proj: str) -> dict:
+        return self.arrays[proj]
+
+    def gate_up_swiglu(self, x, indices):
+        a, s = self.arrays["gate_up"], self.s
+        return _ext.gate_up_swiglu(x, a["weight"], a["scales"], None, indices, s.bits, s.group_size, mode=s.mode)
+
+    def down_combine(self, h, indices, weights):
+        a, s = self.arrays["down"], self.s
+        return _ext.down_combine(h, a["weight"], a["scales"], None, indices, weights, s.bits, s.group_size,
+                                 mode=s.mode)
+
+
+def random_fp_projection(s: Shapes, proj: QuantizedSwitchLinear, out_dims: int, in_dims: int):
+    """Random codes (no NaN codes) and per-group scales near 1/sqrt(in)/4
+    (e2m1 and e4m3 values reach 6 and 448)."""
+    words = in_dims * s.bits // 32
+    codes = mx.random.randint(-(2**31), 2**31 - 1, (s.E, out_dims, words), dtype=mx.int32).view(mx.uint32)
+    if s.mode == "mxfp8":
+        codes = codes & mx.array(0xBFBFBFBF, dtype=mx.uint32)  # e4m3 exponents below 8: no NaN
+    groups = (s.E, out_dims, in_dims // s.group_size)
+    if s.mode == "nvfp4":  # e4m3 scales of about 2^-8 .. 2^-6
+        scales = mx.random.randint(0x08, 0x18, groups).astype(mx.uint8)
+    else:  # e8m0 2^(s-127) of about 2^-9 .. 2^-7 (2^-11 .. 2^-9 for e4m3 codes)
+        low = 116 if s.mode == "mxfp8" else 118
+        scales = mx.random.randint(low, low + 3, groups).astype(mx.uint8)
+    proj.weight, proj.scales, proj.biases = codes, scales, None
+    return proj
 
 
 @dataclass
@@ -173,8 +223,10 @@ def random_projection(s: Shapes, out_dims: int, in_dims: int) -> QuantizedSwitch
     """A stock quantized projection [E, out, in] with random codes, and scales
     and biases spanning about +-1/sqrt(in) like mlx-lm's initialization."""
     proj = QuantizedSwitchLinear(
-        in_dims, out_dims, 1, bias=False, group_size=s.group_size, bits=s.bits
+        in_dims, out_dims, 1, bias=False, group_size=s.group_size, bits=s.bits, mode=s.mode
     )
+    if s.mode != "affine":
+        return random_fp_projection(s, proj, out_dims, in_dims)
     words = in_dims * s.bits // 32
     codes = mx.random.randint(-(2**31), 2**31 - 1, (s.E, out_dims, words), dtype=mx.int32)
     levels = 2**s.bits - 1
@@ -193,8 +245,8 @@ def random_layer(s: Shapes, with_stock: bool) -> Layer:
     glu.up_proj = random_projection(s, s.H, s.D)
     glu.down_proj = random_projection(s, s.D, s.H)
     mx.eval(glu.parameters())
-    packed = fm.pack_experts(glu)
-    mx.eval(packed.parameters())
+    packed = fm.pack_experts(glu) if s.mode == "affine" else RawExperts(glu, s)
+    mx.eval(packed.parameters() if s.mode == "affine" else packed.arrays)
     gate = nn.Linear(s.D, s.E, bias=False)
     gate.set_dtype(s.dtype)
     router = Router(gate, 0.1 * mx.random.normal((s.E,)), s.k)
@@ -230,16 +282,19 @@ Op = Callable[[Layer, Inputs], mx.array]
 
 
 def fused_a(layer: Layer, inp: Inputs) -> mx.array:
+    if isinstance(layer.packed, RawExperts):
+        return layer.packed.gate_up_swiglu(inp.x, inp.indices)
     return fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
 
 
 def fused_b(layer: Layer, inp: Inputs) -> mx.array:
+    if isinstance(layer.packed, RawExperts):
+        return layer.packed.down_combine(inp.h, inp.indices, inp.weights)
     return fm.down_combine(inp.h, layer.packed, inp.indices, inp.weights)
 
 
 def fused_ab(layer: Layer, inp: Inputs) -> mx.array:
-    h = fm.gate_up_swiglu(inp.x, layer.packed, inp.indices)
-    return fm.down_combine(h, layer.packed, inp.indices, inp.weights)
+    return fused_b(layer, dataclasses.replace(inp, h=fused_a(layer, inp)))
 
 
 def weighted_sum(y: mx.array, weights: mx.array) -> mx.array:
@@ -443,7 +498,7 @@ def header(args, s: Shapes, device: str, layer_gb: float, expert_mb: float) -> l
         f"cpu:       {cpu_model()} ({os.cpu_count()} logical CPUs), "
         f"fused_moe ISA {fm.cpu_isa()}, {fm.get_num_threads()} threads",
         f"versions:  mlx {mx.__version__}, fused_moe {fm.__version__}",
-        f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.bits}-bit, group size "
+        f"shapes:    D={s.D} H={s.H} E={s.E} k={s.k}, {s.mode} {s.bits}-bit, group size "
         f"{s.group_size}, {args.dtype}",
         f"router:    gate nn.Linear [{s.E}, {s.D}] {args.dtype}, float32 bias, top-{s.k}",
         f"weights:   {args.layers} layers x {layer_gb:.2f} GB packed"
@@ -468,6 +523,11 @@ def parse_args() -> argparse.Namespace:
     D, H, E, k = MINIMAX_M25_REAP
     p.add_argument("--bits", type=int, choices=fm.SUPPORTED_BITS, default=3)
     p.add_argument("--group-size", type=int, choices=fm.SUPPORTED_GROUP_SIZES, default=64)
+    p.add_argument("--mode", choices=_ext.SUPPORTED_MODES, default="affine",
+                   help="quantization mode; the fp modes take their own bits and group size "
+                        "(mxfp4 4/32, mxfp8 8/32, nvfp4 4/16) and ignore --bits/--group-size")
+    p.add_argument("--hidden", type=positive, default=D, help=f"hidden size D (default {D})")
+    p.add_argument("--intermediate", type=positive, default=H, help=f"expert intermediate size H (default {H})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--tokens", type=positive, nargs="+", default=[1, 8, 64, 512])
     p.add_argument("--experts", type=positive, default=E, help=f"experts per layer E (default {E})")
@@ -603,8 +663,13 @@ def main() -> None:
     device = pick_device()
     if args.threads:
         fm.set_num_threads(args.threads)
-    D, H, _, _ = MINIMAX_M25_REAP
-    s = Shapes(D, H, args.experts, args.top_k, args.bits, args.group_size, DTYPES[args.dtype])
+    bits, group_size = args.bits, args.group_size
+    if args.mode != "affine":
+        bits, group_size = _ext.FP_MODES[args.mode]["bits"], _ext.FP_MODES[args.mode]["group_size"]
+        if args.e2e or args.e2e_profile:
+            raise SystemExit("--e2e and --e2e-profile build MiniMax through PackedExperts: affine only")
+    s = Shapes(args.hidden, args.intermediate, args.experts, args.top_k, bits, group_size,
+               DTYPES[args.dtype], args.mode)
     layers = [random_layer(s, not args.no_stock) for _ in range(args.layers)]
     bench = Bench(s, layers)
     probes = Probes()
