@@ -53,10 +53,29 @@ class _OffByOnePercent(StreamBackend):
 
 def test_a_wrong_backend_fails_with_its_reproducer():
     """The fuzzer can fail: a backend 1% off is caught, with the command."""
-    seed = next(s for s in range(100) if isinstance(fuzz.draw(s), fuzz.MoeCase) and fuzz.draw(s).dtype == "float32")
+    seed = next(s for s in range(100) if isinstance(fuzz.draw(s), fuzz.MoeCase) and fuzz.draw(s).dtype == "float32"
+                and not fuzz.draw(s).extended())
     failures = fuzz.run_case(seed, [_OffByOnePercent("cpu", mx.cpu)])
     assert failures and "down_combine: err(fused)" in failures[0], failures
     assert f"python -m tests.tools.fuzz --case {seed} --backends cpu" in failures[0]
+
+
+def test_a_wrong_kernel_at_the_new_settings_fails(monkeypatch):
+    """The cases beyond the Metal kernels' settings can fail too: a gate_up 1%
+    off is caught."""
+    seed = next(s for s in range(1000) if isinstance(fuzz.draw(s), fuzz.MoeCase) and fuzz.draw(s).extended()
+                and fuzz.draw(s).dtype == "float32")
+
+    class OffByOnePercent:
+        def __getattr__(self, name):
+            return getattr(_ext, name)
+
+        def gate_up(self, *args, **kwargs):
+            return _ext.gate_up(*args, **kwargs) * 1.01
+
+    monkeypatch.setattr(fuzz, "_ext", OffByOnePercent())
+    failures = fuzz.run_case(seed, [StreamBackend("cpu", mx.cpu)])
+    assert failures and "gate_up: err(fused)" in failures[0], failures
 
 
 class _AttentionOffByOnePercent(StreamBackend):

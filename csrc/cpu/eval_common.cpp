@@ -166,7 +166,7 @@ Int16Planes::Int16Planes(
   q.resize(rows * cols);
   scale.resize(groups);
   sum.resize(groups);
-  view = {q.data(), scale.data(), sum.data(), cols, group_size};
+  view = {q.data(), scale.data(), sum.data(), cols, group_size, /*split4=*/bits == 4};
   used = true;
   for_each_act_row(rows, [&](int64_t r) { kernels.quantize_acts16(x.data(), r, view); });
 }

@@ -72,6 +72,10 @@ struct Int16Acts {
   float* sum; // [rows, cols/group_size] exact Σx of each group
   int cols;
   int group_size;
+  // 4-bit codes: each block of 32 activations is stored as its 16 even
+  // ones, then its 16 odd ones, the order in which the low and high
+  // nibbles of the block's 16 bytes come out.
+  bool split4 = false;
 };
 
 // Kernel A: h[p, r] = act(gate, up) of packed rows 2r and 2r+1 (gated), or

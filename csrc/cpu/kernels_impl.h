@@ -4,16 +4,23 @@
 // kernels_avx2.cpp, kernels_avx512.cpp), each time inside its own namespace
 // FUSED_MOE_ISA_NS and with that ISA's compiler flags.
 //
-// fp32 path (every build; the only one for float32 activations): dequantize
-// a few weight rows into an fp32 scratch tile (w = scale·q + bias), then take
-// dot products of that tile with every activation row routed to the expert,
-// several rows × several tokens at a time. The arithmetic is written once
-// with GCC/Clang vector extensions; only the 3/4-bit unpacking has
-// hand-written intrinsics, because compilers do not find that pattern.
+// fp32 path (every build, every setting; the only one for float32
+// activations): dequantize a few weight rows into an fp32 scratch tile
+// (affine scale·q + bias, or the fp modes' codes times their scales), then
+// take dot products of that tile with every activation row routed to the
+// expert, several rows × several tokens at a time. The arithmetic is written
+// once with GCC/Clang vector extensions; only the code unpacking has
+// hand-written intrinsics, because compilers do not find those patterns.
 //
-// Integer path (AVX-512 VNNI + VBMI builds, half-precision activations):
-// see kernels_int_avx512.h. The AVX2 build's int16 path for half-precision
-// activations (3/4-bit experts, 3/4/8-bit linears): kernels_int16_avx2.h.
+// Integer paths for half-precision activations: AVX-512 VNNI + VBMI for
+// affine 3/4/8 bits (kernels_int_avx512.h); the int16 path for every other
+// affine width and for mxfp4/nvfp4 on AVX-512, and for all of those on AVX2
+// (kernels_int16_avx2.h). mxfp8 takes the fp32 path everywhere.
+//
+// Kernel A hands each tile's dot products to the activation's epilogue
+// (supported.h's Activation, a compile-time parameter; its float parameters
+// at run time); kernel B's epilogue adds expert biases and either combines
+// or stores per slot.
 //
 // Either way each selected expert's rows stream from memory once per call:
 // the fp32 path dequantizes a row once for all tokens of its expert; the

@@ -74,6 +74,17 @@ static void quantize_acts16(const float* x, int64_t row, const Int16Acts& q) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * gs + i), packed);
     }
   }
+  if (q.split4) {
+    // Evens, then odds, per block of 32 (Int16Acts::split4).
+    for (int b = 0; b < cols; b += 32) {
+      int16_t block[32];
+      std::memcpy(block, out + b, sizeof(block));
+      for (int m = 0; m < 16; ++m) {
+        out[b + m] = block[2 * m];
+        out[b + 16 + m] = block[2 * m + 1];
+      }
+    }
+  }
 }
 
 static inline float hsum8(__m256 v) {
@@ -118,12 +129,28 @@ enum class Codes16 { affine, fp4 };
 // MLX packs a row's codes as one little-endian bit stream, so 16 codes fill
 // 2·BITS bytes: widths below 8 are placed by a byte shuffle, shifted to the
 // top of their 16-bit lane by a multiply and brought down by a shift.
-// `tail`: the row's last 16 codes, read without passing its last byte. FP4:
-// the nibbles mapped to 2·e2m1.
+// `tail`: the row's last 16 codes, read without passing its last byte.
+// 4-bit codes come in the split4 order, fp4 ones mapped to 2·e2m1.
 template <int BITS, Codes16 KIND = Codes16::affine>
 static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
   const uint8_t* p = row + static_cast<int64_t>(i) * BITS / 8;
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == 4) {
+    // Int16Acts::split4: codes i .. i+15 of the block of 32 from i & ~31 are
+    // its 16 low nibbles (i & 16 == 0: the even codes) or high nibbles (the
+    // odd codes); the block's 16 bytes never pass the row.
+    (void)tail;
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (i & ~31) / 2));
+    if (i & 16) {
+      b = _mm_srli_epi16(b, 4);
+    }
+    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    if constexpr (KIND == Codes16::fp4) {
+      return _mm256_cvtepi8_epi16(
+          _mm_shuffle_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(kTwiceE2m1)), b));
+    } else {
+      return _mm256_cvtepu8_epi16(b);
+    }
+  } else if constexpr (BITS == 8) {
     return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else {
     __m128i bytes;
@@ -142,15 +169,8 @@ static inline __m256i unpack16(const uint8_t* row, int i, bool tail) {
     __m256i v = _mm256_broadcastsi128_si256(bytes);
     v = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.shuffle)));
     v = _mm256_mullo_epi16(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.mul)));
-    v = _mm256_srli_epi16(v, 16 - BITS);
-    if constexpr (KIND == Codes16::fp4) {
-      // Nibble -> 2·e2m1 in the low byte (the high byte is 0 and indexes
-      // entry 0, which is 0), then sign-extended to 16 bits.
-      static_assert(BITS == 4);
-      v = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTwiceE2m1)), v);
-      v = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
-    }
-    return v;
+    static_assert(KIND == Codes16::affine, "fp4 codes are 4-bit");
+    return _mm256_srli_epi16(v, 16 - BITS);
   }
 }
 
@@ -178,6 +198,40 @@ struct TileScales {
   const float* bias[4]; // null for the fp modes
 };
 
+// Half of each group scale of row `row_id` of a matrix in an fp mode, into
+// out[groups]: the codes are 2·e2m1. Eight at a time; e8m0 by placing the
+// byte in the exponent (0 is 2^-127, a subnormal), e4m3 by vcvtph2ps.
+static inline void fp_half_scales(const QuantMatrix& m, int64_t row_id, float* out) {
+  const int groups = m.cols / m.group_size;
+  const uint8_t* s = static_cast<const uint8_t*>(m.scales) + row_id * groups;
+  int g = 0;
+  if (m.mode == QuantMode::nvfp4) {
+    const __m256 mul = _mm256_set1_ps(256.0f * 0.5f * nvfp4_row_factor(m, row_id));
+    const __m128i mag = _mm_set1_epi16(0x7F), sgn = _mm_set1_epi16(0x80);
+    for (; g + 8 <= groups; g += 8) {
+      const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + g)));
+      const __m128i mg = _mm_and_si128(b, mag);
+      const __m128i h = _mm_or_si128(_mm_slli_epi16(mg, 7), _mm_slli_epi16(_mm_and_si128(b, sgn), 8));
+      const __m128i nan16 = _mm_cmpeq_epi16(mg, mag);
+      __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), mul);
+      v = _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16)));
+      _mm256_storeu_ps(out + g, v);
+    }
+  } else {
+    for (; g + 8 <= groups; g += 8) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + g)));
+      const __m256i bits = _mm256_blendv_epi8(
+          _mm256_slli_epi32(b, 23), _mm256_set1_epi32(0x00400000),
+          _mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
+      _mm256_storeu_ps(out + g, _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0.5f)));
+    }
+  }
+  const float factor = nvfp4_row_factor(m, row_id);
+  for (; g < groups; ++g) {
+    out[g] = 0.5f * fp_group_scale(m, row_id, g, factor);
+  }
+}
+
 // Rows [row0, row0 + rows) of m's scales and biases into `buf` [2][4][groups].
 static TileScales tile_scales(const QuantMatrix& m, int64_t row0, int rows, float* buf) {
   const int groups = m.cols / m.group_size;
@@ -192,10 +246,7 @@ static TileScales tile_scales(const QuantMatrix& m, int64_t row0, int rows, floa
       }
       t.bias[r] = b;
     } else {
-      const float factor = nvfp4_row_factor(m, row0 + r);
-      for (int g = 0; g < groups; ++g) {
-        s[g] = 0.5f * fp_group_scale(m, row0 + r, g, factor);
-      }
+      fp_half_scales(m, row0 + r, s);
       t.bias[r] = nullptr;
     }
     t.scale[r] = s;
@@ -221,7 +272,27 @@ static inline void dot_rows_int16(
     acc[r] = _mm256_setzero_ps();
     bias_acc[r] = 0.0f;
   }
-  for (int g = 0; g < groups; ++g) {
+  if (gs == 16) {
+    // nvfp4: a split4 block of 32 codes spans groups g and g + 1; the
+    // madd lanes 0-3 hold group g's products, lanes 4-7 group g + 1's.
+    for (int i = 0; i < K; i += 32) {
+      const int g = i / 16;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i + 16));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(codes.at(r, i), x0),
+                                              _mm256_madd_epi16(codes.at(r, i + 16), x1));
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(sb.scale[r][g + 1] * sx[g + 1]),
+                                             _mm_set1_ps(sb.scale[r][g] * sx[g]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r]);
+        if constexpr (BIAS) {
+          bias_acc[r] = std::fma(sb.bias[r][g], xs[g], bias_acc[r]);
+          bias_acc[r] = std::fma(sb.bias[r][g + 1], xs[g + 1], bias_acc[r]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < groups && gs != 16; ++g) {
     __m256i isum[ROWS];
     for (int r = 0; r < ROWS; ++r) isum[r] = _mm256_setzero_si256();
     for (int i = g * gs; i < (g + 1) * gs; i += 16) {
@@ -234,7 +305,10 @@ static inline void dot_rows_int16(
       acc[r] = _mm256_fmadd_ps(
           _mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(sb.scale[r][g] * sx[g]), acc[r]);
       if constexpr (BIAS) {
-        bias_acc[r] += sb.bias[r][g] * xs[g];
+        // An explicit fma: left to the compiler, contraction could differ
+        // between instantiations (packed or widened codes) and with it the
+        // bits of a token alone and in a batch.
+        bias_acc[r] = std::fma(sb.bias[r][g], xs[g], bias_acc[r]);
       }
     }
   }

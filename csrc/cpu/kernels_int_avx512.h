@@ -398,7 +398,7 @@ static inline void dot_tile(
 // consecutive rows and `count` activation rows, in tiles of up to
 // kMaxTileTokens tokens. `next_row_id` (or -1) starts the rows of the next
 // call, fetched meanwhile. The allow-list of instantiated configurations is
-// bits {3, 4, 8} (integer_path_bits) × group size {32, 64, 128}.
+// bits {3, 4, 8} (vnni_path) × group size {32, 64, 128}.
 static void dot_rows_of(
     const QuantMatrix& m,
     int64_t row_id,

@@ -89,11 +89,12 @@ mx::Shape check_quantized_matrix(
   }
   const int words = static_cast<int>(int64_t(cols) * q.bits / 32);
   const int nd = static_cast<int>(lead.size());
+  const int ndim = static_cast<int>(weight.ndim());
   bool any_empty = false;
-  for (int i = 0; i < nd && i < weight.ndim(); ++i) {
+  for (int i = 0; i < nd && i < ndim; ++i) {
     any_empty |= lead[i].size < 0 && weight.shape(i) < 1;
   }
-  if (weight.ndim() != nd + 1 || any_empty) {
+  if (ndim != nd + 1 || any_empty) {
     std::string need = lead_str(lead, words);
     std::string any;
     for (const auto& d : lead) {

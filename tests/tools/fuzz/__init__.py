@@ -14,6 +14,13 @@ it ran under). The ops and what each case checks:
   subnormal and all-zero tokens. Checked against the fp64 reference from the
   same quantized weights (tolerance.py); on the CPU also bit-identical at one
   and several threads.
+* Half the MoE cases go beyond what the Metal kernels cover (CPU only until
+  they do): ``_ext.gate_up`` and ``down_combine``/``down_slots`` with any
+  mode of the grid (affine 2-8 bits, mxfp4, mxfp8, nvfp4 with or without
+  global scales) on each projection, any activation of the zoo (limits
+  that clamp), expert biases, x per slot, down per slot; against the fp64
+  reference from mx.dequantize and mlx-lm's own modules as stock, with the
+  same thread, NaN/Inf and bad-id checks.
 * NaN/Inf in a few tokens: every other token is bit-identical to a run
   without them (they stay in their own tokens).
 * ids just outside [0, E) (or negative int32): the CPU raises naming the
@@ -56,7 +63,21 @@ import fused_moe as fm  # noqa: E402
 from fused_moe import _ext  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 
-from support.moe_reference import Experts, stock_h, stock_y  # noqa: E402
+from support.moe_reference import (  # noqa: E402
+    ACTIVATION_PARAMS,
+    ALL_QUANTS,
+    Experts,
+    Quant,
+    gated,
+    raw_down,
+    raw_gate_up,
+    reference_down,
+    reference_gate_up,
+    stock_down,
+    stock_gate_up,
+    stock_h,
+    stock_y,
+)
 from support.router_reference import GATE_FORMS, MIN_SELECTION_GAP, gate_weight64, make_gate  # noqa: E402
 from support.tolerance import assert_within_tolerance  # noqa: E402
 
@@ -96,6 +117,25 @@ class MoeCase(_Case):
     zero_scale_experts: list
     nonfinite_tokens: list  # [(token, "nan" | "inf")]
     bad_ids: list  # [(token, slot, id)]
+    # The settings beyond the Metal kernels' (extended(): CPU only for now).
+    mode: str = "affine"
+    down_mode: str = "affine"
+    global_scale: bool = False  # nvfp4 gate/up with per-expert tensor scales
+    down_global_scale: bool = False
+    activation: str = "swiglu"
+    bias: bool = False
+    x_per_slot: bool = False
+    down_slots: bool = False
+
+    def extended(self) -> bool:
+        return (self.mode, self.down_mode, self.activation) != ("affine", "affine", "swiglu") or \
+            self.bias or self.x_per_slot or self.down_slots
+
+    def quant(self) -> Quant:
+        return Quant(self.mode, self.bits, self.group_size, self.global_scale)
+
+    def down_quant(self) -> Quant:
+        return Quant(self.down_mode, self.down_bits, self.down_group_size, self.down_global_scale)
 
 
 @dataclass
@@ -221,11 +261,29 @@ def _draw_moe(seed, rng) -> MoeCase:
             choices = [E, E + 1, 2**31 - 1] + ([-1] if index_dtype == "int32" else [2**32 - 1])
             bad.append((t, j, int(rng.choice(choices))))
     zero_scales = sorted({int(e) for e in rng.integers(0, E, size=int(rng.integers(0, 3)))}) if rng.random() < 0.3 else []
-    return MoeCase(
+    case = MoeCase(
         seed, T, E, k, D, H, bits, gs, down_bits, dgs, dtype, index_dtype,
         str(rng.choice(ROUTINGS)), values, bool(rng.random() < 0.4), bool(rng.random() < 0.3),
         zero_scales, nonfinite, bad,
     )
+    if rng.random() < 0.5:
+        _extend(case, rng)
+    return case
+
+
+def _extend(c: MoeCase, rng) -> None:
+    """Any setting of the grid on each projection, and the options of the
+    new ops; widths rounded to the new group sizes."""
+    q, dq = (ALL_QUANTS[int(rng.integers(len(ALL_QUANTS)))] for _ in range(2))
+    c.mode, c.bits, c.group_size, c.global_scale = q.mode, q.bits, q.group_size, q.global_scale
+    c.down_mode, c.down_bits, c.down_group_size, c.down_global_scale = dq.mode, dq.bits, dq.group_size, dq.global_scale
+    g, dg = max(32, q.group_size), max(32, dq.group_size)
+    c.D, c.H = max(g, c.D // g * g), max(dg, c.H // dg * dg)
+    c.activation = str(rng.choice(list(_ext.SUPPORTED_ACTIVATIONS)))
+    c.bias = bool(rng.random() < 0.3)
+    c.x_per_slot = bool(rng.random() < 0.25)
+    c.down_slots = bool(rng.random() < 0.3)
+    c.strided_x = c.strided_x and not c.x_per_slot
 
 
 def _draw_route(seed, rng) -> RouteCase:
@@ -463,6 +521,151 @@ def _check_bad_ids(c, backend, ex, x, bad_indices, weights, h, y) -> None:
             raise Failure(f"a bad id changed y[{tt}]")
 
 
+# ---------------------------------------------------------------- every setting
+
+
+@dataclass
+class ExtendedExperts:
+    gate: QuantizedSwitchLinear
+    up: object  # QuantizedSwitchLinear, or None when not gated
+    down: QuantizedSwitchLinear
+
+
+def _random_projection(E, d_in, d_out, q: Quant, dtype, rng, bias: bool) -> QuantizedSwitchLinear:
+    """Random codes and scales in the setting's own format, magnitudes about
+    1/sqrt(d_in); the fp modes' codes avoid e4m3's NaN codes."""
+    if q.mode == "affine":
+        layer = _random_quantized(E, d_in, d_out, q.bits, q.group_size, dtype, rng)
+    else:
+        layer = QuantizedSwitchLinear(d_in, d_out, E, bias=False, group_size=q.group_size, bits=q.bits, mode=q.mode)
+        codes = rng.integers(0, 2**32, size=(E, d_out, d_in * q.bits // 32), dtype=np.uint32)
+        if q.mode == "mxfp8":
+            codes &= np.uint32(0xBFBFBFBF)  # exponents below 8: |e4m3| <= 1.875
+        groups = (E, d_out, d_in // q.group_size)
+        # Typical code magnitude: about 2 (fp4) or 1 (fp8 as drawn); scales to 1/sqrt(d_in).
+        target = np.log2(1.0 / np.sqrt(d_in) / (2.0 if q.bits == 4 else 1.0))
+        if q.mode == "nvfp4" and q.global_scale:  # e4m3 scales near 1, the global scale brings 2^target
+            e = 7 + rng.integers(-1, 2, size=groups)
+            layer.global_scale = mx.array((2688.0 * 2.0**target * rng.uniform(0.5, 2.0, size=E)).astype(np.float32))
+        elif q.mode == "nvfp4":  # e4m3 scales near 2^target (the smallest normal at least)
+            e = np.clip(np.round(target + rng.uniform(-1, 1, size=groups)) + 7, 1, 14)
+        if q.mode == "nvfp4":
+            scales = (e.astype(np.uint32) << 3) | rng.integers(0, 8, size=groups, dtype=np.uint32)
+        else:  # e8m0
+            scales = np.round(target + 127 + rng.uniform(-1, 1, size=groups))
+        layer.weight = mx.array(codes)
+        layer.scales = mx.array(scales.astype(np.uint8))
+        layer.biases = None
+    if bias:
+        layer.bias = mx.array(rng.normal(0, 0.3, size=(E, d_out)).astype(np.float32)).astype(dtype)
+    return layer
+
+
+def _extended_experts(c: MoeCase) -> ExtendedExperts:
+    dtype = DTYPES[c.dtype]
+    rng = np.random.default_rng(c.seed + 3)
+    gate = _random_projection(c.E, c.D, c.H, c.quant(), dtype, rng, c.bias)
+    up = _random_projection(c.E, c.D, c.H, c.quant(), dtype, rng, c.bias) if gated(c.activation) else None
+    down = _random_projection(c.E, c.H, c.D, c.down_quant(), dtype, rng, c.bias)
+    if c.zero_scale_experts and c.mode == "affine":
+        rows = mx.array(np.isin(np.arange(c.E), c.zero_scale_experts))[:, None, None]
+        gate.scales = mx.where(rows, mx.zeros_like(gate.scales), gate.scales)
+    mx.eval(gate.parameters(), down.parameters(), *([up.parameters()] if up is not None else []))
+    return ExtendedExperts(gate, up, down)
+
+
+def check_moe_extended(c: MoeCase, backend, ex: ExtendedExperts) -> None:
+    """The new ops on the CPU at the case's settings (docs/kernel_contract.md)."""
+    rng = np.random.default_rng(c.seed + 1)
+    idx, w = _routing(c, rng)
+    dtype = DTYPES[c.dtype]
+    index_dtype = mx.uint32 if c.index_dtype == "uint32" else mx.int32
+    indices = mx.array(idx.astype(np.uint32 if index_dtype == mx.uint32 else np.int32))
+    weights = mx.array(w)
+    act, params = c.activation, ACTIVATION_PARAMS[c.activation]
+    g, d = raw_gate_up(ex.gate, ex.up, c.quant()), raw_down(ex.down, c.down_quant())
+    shape = (c.T, c.k, c.D) if c.x_per_slot else (c.T, c.D)
+    x64 = rng.standard_normal(shape)
+    some = rng.random(c.T) < 0.3
+    some[0] = False
+    if c.values == "tiny_tokens":
+        x64[some] *= {"float32": 1e-39, "float16": 1e-6, "bfloat16": 1e-39}[c.dtype]
+    elif c.values == "zero_tokens":
+        x64[some] = 0.0
+    elif c.values == "large":
+        # h and y near 1/64 of the dtype's largest value, or as near as the
+        # activation lets them grow (a clamped one stops; an unclamped one
+        # grows about as the square of the scale).
+        limit = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38}[c.dtype] / 64
+        xr = mx.array(x64.astype(np.float32)).astype(dtype)
+        hr = reference_gate_up(ex.gate, ex.up, xr, indices, act, params, c.x_per_slot)
+        yr = reference_down(ex.down, hr, indices, None if c.down_slots else weights)
+        peak = max(float(np.abs(hr).max()), float(np.abs(yr).max()), 1e-30)
+        x64 *= np.sqrt(limit / peak) / 2
+    x = mx.array(x64.astype(np.float32)).astype(dtype)
+    if c.strided_x:
+        x = _strided(x)
+
+    def run(x, indices, threads=None):
+        def go():
+            h = _ext.gate_up(x, *g.args(), indices, g.quant.bits, g.quant.group_size, activation=act,
+                             stream=backend.stream, **params, **g.kwargs())
+            hh = _strided(h) if c.strided_h else h
+            if c.down_slots:
+                y = _ext.down_slots(hh, *d.args(), indices, d.quant.bits, d.quant.group_size,
+                                    stream=backend.stream, **d.kwargs())
+            else:
+                y = _ext.down_combine(hh, *d.args(), indices, weights, d.quant.bits, d.quant.group_size,
+                                      stream=backend.stream, **d.kwargs())
+            mx.eval(h, y)
+            return h, y
+        return _with_threads(threads, go) if threads else go()
+
+    h, y = run(x, indices)
+    wts = None if c.down_slots else weights
+    h_ref = reference_gate_up(ex.gate, ex.up, x, indices, act, params, c.x_per_slot)
+    assert_within_tolerance(h, stock_gate_up(ex.gate, ex.up, x, indices, act, params, c.x_per_slot), h_ref,
+                            dtype, "gate_up")
+    assert_within_tolerance(y, stock_down(ex.down, h, indices, wts), reference_down(ex.down, h, indices, wts),
+                            dtype, "down_slots" if c.down_slots else "down_combine")
+
+    n = max(3, fm.get_num_threads())
+    h1, y1 = run(x, indices, threads=1)
+    hn, yn = run(x, indices, threads=n)
+    for a, b, what in ((h1, hn, "h"), (y1, yn, "y"), (h1, h, "h"), (y1, y, "y")):
+        if not np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), equal_nan=True):
+            raise Failure(f"{what} differs between 1 and {n} threads")
+
+    if c.nonfinite_tokens:
+        bad_x = np.array(x.astype(mx.float32), dtype=np.float64)
+        value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+        for t, v in c.nonfinite_tokens:
+            bad_x[t].reshape(-1)[int(rng.integers(0, bad_x[t].size))] = value[v]
+        hb, yb = run(mx.array(bad_x.astype(np.float32)).astype(dtype), indices)
+        bad_tokens = sorted({t for t, _ in c.nonfinite_tokens})
+        ok = np.setdiff1d(np.arange(c.T), bad_tokens)
+        if not (np.array_equal(_np(hb)[ok], _np(h)[ok]) and np.array_equal(_np(yb)[ok], _np(y)[ok])):
+            raise Failure(f"NaN/Inf in tokens {bad_tokens} changed other tokens")
+
+    if c.bad_ids:
+        bad = np.array(indices).astype(np.int64)
+        for t, j, v in c.bad_ids:
+            bad[t, j] = v
+        bad_indices = mx.array(bad.astype(np.uint32 if index_dtype == mx.uint32 else np.int32))
+        t, j, v = c.bad_ids[0]
+        for call in (lambda: _ext.gate_up(x, *g.args(), bad_indices, g.quant.bits, g.quant.group_size,
+                                          activation=act, stream=backend.stream, **params, **g.kwargs()),
+                     lambda: _ext.down_slots(h, *d.args(), bad_indices, d.quant.bits, d.quant.group_size,
+                                             stream=backend.stream, **d.kwargs())):
+            try:
+                mx.eval(call())
+            except RuntimeError as e:
+                if "is out of range for" not in str(e):
+                    raise Failure(f"bad id raised an unexpected error: {e}") from e
+            else:
+                raise Failure(f"indices[{t}, {j}] = {v} did not raise on the CPU")
+
+
 def check_packing(ex: Experts) -> None:
     for layer, got in zip((ex.gate, ex.up, ex.down), fm.unpack_experts(ex.packed)):
         for name, a in zip(("weight", "scales", "biases"), got[:3]):
@@ -665,8 +868,9 @@ def runs_on(case, backend) -> bool:
 
 def _metal_has(c: MoeCase) -> bool:
     """Whether the Metal kernels cover the case's settings yet (a GPU stream
-    raises for the others)."""
-    return _ext.metal_has_expert_kernel("gate_up", "affine", c.bits, c.group_size) and \
+    raises for the others); the emulator runs what PackedExperts carries."""
+    return not c.extended() and \
+        _ext.metal_has_expert_kernel("gate_up", "affine", c.bits, c.group_size) and \
         _ext.metal_has_expert_kernel("down", "affine", c.down_bits, c.down_group_size)
 
 
@@ -675,12 +879,16 @@ def run_case(seed: int, backends) -> list[str]:
     with the reproducing command."""
     case = draw(seed)
     failures = []
-    ex = _experts(case) if isinstance(case, MoeCase) else None
+    ex = None
+    if isinstance(case, MoeCase):
+        ex = _extended_experts(case) if case.extended() else _experts(case)
     for backend in backends:
         if not runs_on(case, backend):
             continue
         try:
-            if isinstance(case, MoeCase):
+            if isinstance(case, MoeCase) and case.extended():
+                check_moe_extended(case, backend, ex)
+            elif isinstance(case, MoeCase):
                 check_moe(case, backend, ex)
             elif isinstance(case, AttentionCase):
                 check_attention(case, backend)
@@ -696,7 +904,7 @@ def run_case(seed: int, backends) -> list[str]:
                 f"  reproduce: FUSED_MOE_ISA={fm.cpu_isa()} python -m tests.tools.fuzz --case {seed} --backends {backend.name}\n"
                 + "".join(traceback.format_exception(e)[-3:])
             )
-    if isinstance(case, MoeCase) and not failures:
+    if isinstance(case, MoeCase) and not case.extended() and not failures:
         try:
             check_packing(ex)
         except Exception as e:  # noqa: BLE001
