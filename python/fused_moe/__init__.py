@@ -3,7 +3,13 @@
 from fused_moe._version import __version__
 from fused_moe import _ext
 from fused_moe.format import FORMAT_VERSION
-from fused_moe.attention import MiniMaxAttention, norm_rope, scaled_dot_product_attention
+from fused_moe.attention import (
+    SUPPORTED_KV_CACHE_BITS,
+    MiniMaxAttention,
+    norm_rope,
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
 from fused_moe.convert import ConversionError, convert
 from fused_moe.layer import MiniMaxMoE
 from fused_moe.linear import (
@@ -64,6 +70,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_DTYPES",
     "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_KV_CACHE_BITS",
     "SUPPORTED_LINEAR_BITS",
     "SUPPORTED_ROUTER_BITS",
     "convert",
@@ -77,6 +84,7 @@ __all__ = [
     "patch",
     "quantized_embedding",
     "quantized_matmul",
+    "quantized_scaled_dot_product_attention",
     "route",
     "scaled_dot_product_attention",
     "set_num_threads",

@@ -2,18 +2,26 @@
 
 :func:`scaled_dot_product_attention` is an MLX primitive from the native
 extension: ``softmax(q·kᵀ·scale)·v`` with grouped-query heads, reading a KV
-cache's slice in place, one pass over the keys and one over the values per
-(KV head, query row), every head of the group sharing each row as it is read.
+cache's slice in place, every head of a group (and at prefill every query
+row of a tile) sharing each key and value row as it is read; at decode the
+keys are split in chunks across the threads and the partial softmaxes
+merged in a fixed order, so any thread count gives the same bits.
+:func:`quantized_scaled_dot_product_attention` is the same over mlx-lm's
+quantized KV cache (``QuantizedKVCache``, ``kv_bits`` 4 or 8), its codes
+dequantized in registers as they are read.
 MLX's own CPU attention takes about 17 ms per MiniMax layer at 1k context
-here. :func:`norm_rope` does the q/k RMSNorm and the rotary embedding in one
-op per projection, where MLX runs three, each with its own overhead.
+here, and its quantized one about 20 times the fused kernel at 4k.
+:func:`norm_rope` does the q/k RMSNorm and the rotary embedding in one op
+per projection, where MLX runs three, each with its own overhead.
 
 :class:`MiniMaxAttention` is mlx-lm's attention of the same name on these
-two ops; same parameters.
-Two cases it does not take go to MLX's own attention, as stock does them:
-an array mask (batches with padding) and a quantized KV cache.
+ops; same parameters. The cases it does not take go to MLX's own attention,
+as stock does them: an array mask (batches with padding), and a quantized
+KV cache of bits or group size outside ``SUPPORTED_KV_CACHE_BITS`` and
+``SUPPORTED_GROUP_SIZES``.
 
-On a GPU stream the op is MLX's own fused attention, already fast there.
+On a GPU stream the ops are MLX's own: its fused attention, and for a
+quantized cache its quantized matmuls as mlx-lm composes them.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from fused_moe.ops import StreamLike
 # HEAD_DIM_MULTIPLE up to MAX_HEAD_DIM.
 HEAD_DIM_MULTIPLE = _ext.ATTENTION_HEAD_DIM_MULTIPLE
 MAX_HEAD_DIM = _ext.MAX_ATTENTION_HEAD_DIM
+# A quantized KV cache the kernel reads: these bits (mlx-lm's kv_bits), at
+# any of the group sizes of _ext.SUPPORTED_GROUP_SIZES.
+SUPPORTED_KV_CACHE_BITS = _ext.SUPPORTED_KV_CACHE_BITS
 
 
 def scaled_dot_product_attention(
@@ -60,6 +71,46 @@ def scaled_dot_product_attention(
     ``[B, Hq, L, Dh]`` in the dtype of ``q``; the arithmetic is fp32.
     """
     return _ext.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=stream)
+
+
+def quantized_scaled_dot_product_attention(
+    q: mx.array,
+    k: tuple[mx.array, mx.array, mx.array],
+    v: tuple[mx.array, mx.array, mx.array],
+    *,
+    scale: float,
+    mask: Optional[str] = None,
+    bits: int,
+    group_size: int,
+    stream: StreamLike = None,
+) -> mx.array:
+    """:func:`scaled_dot_product_attention` over a quantized KV cache, what
+    mlx-lm's ``quantized_scaled_dot_product_attention`` computes (in fp32
+    here, where mlx-lm's scores are in the dtype of ``q``).
+
+    Args:
+        q: ``[B, Hq, L, Dh]``, float16, bfloat16 or float32.
+        k, v: ``(codes, scales, biases)`` as ``QuantizedKVCache`` holds them
+            (``mx.quantize`` along ``Dh``): codes ``[B, Hkv, S, Dh*bits/32]``
+            uint32, scales and biases ``[B, Hkv, S, Dh/group_size]`` in the
+            dtype of ``q``; any strides, so the cache's slices are read where
+            they lie.
+        scale, mask: as :func:`scaled_dot_product_attention`.
+        bits: 4 or 8 (``SUPPORTED_KV_CACHE_BITS``).
+        group_size: 32, 64 or 128, dividing ``Dh``.
+
+    Returns ``[B, Hq, L, Dh]`` in the dtype of ``q``.
+    """
+    return _ext.quantized_scaled_dot_product_attention(
+        q, *k, *v, scale=scale, mask=mask, bits=bits, group_size=group_size, stream=stream)
+
+
+def kv_cache_supported(cache: Any) -> bool:
+    """Whether the fused kernel reads this KV cache: a float one, or a
+    quantized one at SUPPORTED_KV_CACHE_BITS and a supported group size."""
+    if not hasattr(cache, "bits"):
+        return True
+    return cache.bits in SUPPORTED_KV_CACHE_BITS and cache.group_size in _ext.SUPPORTED_GROUP_SIZES
 
 
 def norm_rope(
@@ -122,9 +173,9 @@ class MiniMaxAttention(StockMiniMaxAttention):
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
         offset = 0 if cache is None else cache.offset
-        if isinstance(mask, mx.array) or hasattr(cache, "bits") or not isinstance(offset, int):
+        if isinstance(mask, mx.array) or not isinstance(offset, int) or not kv_cache_supported(cache):
             # Padded batches (array masks, per-sequence offsets) and quantized
-            # caches: MLX's own attention, as stock runs them.
+            # caches of other bits: MLX's own attention, as stock runs them.
             return super().__call__(x, mask=mask, cache=cache)
         B, L, _ = x.shape
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -133,7 +184,11 @@ class MiniMaxAttention(StockMiniMaxAttention):
         values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):
+            out = quantized_scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask,
+                                                         bits=cache.bits, group_size=cache.group_size)
+        else:
+            out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def split_heads(self, y: mx.array, norm: Optional[nn.Module], heads: int, offset: int) -> mx.array:
