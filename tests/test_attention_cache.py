@@ -14,6 +14,7 @@ whether the keys are split across threads or not.
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models import base, minimax
@@ -324,19 +325,40 @@ ARGS = minimax.ModelArgs(
     vocab_size=32, head_dim=64)
 
 
-def attention_pair():
-    stock = minimax.MiniMaxAttention(ARGS)
+class _Rope(nn.RoPE):
+    pass
+
+
+class _RMSNorm(nn.RMSNorm):
+    pass
+
+
+def attention_pair(stock_qk: bool = False):
+    """mlx-lm's MiniMaxAttention and the fused one on the same modules. With
+    `stock_qk`, q and k go through MLX's own norm and RoPE on both sides
+    (MiniMaxAttention calls modules of other classes as they are): the
+    caches then get the very same keys, so a quantized cache the very same
+    codes, and only the attention differs."""
     mx.random.seed(40)
-    stock.update(stock.parameters())
+    stock = minimax.MiniMaxAttention(ARGS)
     for norm in (stock.q_norm, stock.k_norm):
         norm.weight = 1 + 0.1 * mx.random.normal(norm.weight.shape)
+    if stock_qk:
+        rope = _Rope(stock.rope.dims, traditional=stock.rope.traditional, base=stock.rope.base)
+        stock.rope = rope
+        for name in ("q_norm", "k_norm"):
+            norm = _RMSNorm(stock[name].weight.shape[0], eps=stock[name].eps)
+            norm.weight = stock[name].weight
+            stock[name] = norm
     mx.eval(stock.parameters())
     return stock, fm.MiniMaxAttention.from_attention(stock)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_minimax_attention_runs_a_quantized_cache_on_the_fused_kernel(bits, monkeypatch):
-    stock, fused = attention_pair()
+    # The same keys on both sides (stock_qk): codes a rounding apart in the
+    # inputs of mx.quantize would differ by a whole step.
+    stock, fused = attention_pair(stock_qk=True)
     calls = []
     real = fm.attention.quantized_scaled_dot_product_attention
     monkeypatch.setattr(fm.attention, "quantized_scaled_dot_product_attention",

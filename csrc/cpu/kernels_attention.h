@@ -151,6 +151,7 @@ static inline void prefetch_rows(const uint8_t* head, int64_t stride, int j0, in
 // gathered row by row into a per-thread block.
 template <FloatType TYPE>
 struct FloatRows {
+  static constexpr bool kQuantized = false;
   static constexpr int kElem = TYPE == FloatType::f32 ? 4 : 2;
   const uint8_t* head;
   int64_t stride_s, stride_d;
@@ -203,6 +204,7 @@ struct FloatRows {
 template <int BITS>
 struct QuantRows {
   static_assert(BITS == 4 || BITS == 8, "the kernels unpack 4- and 8-bit codes");
+  static constexpr bool kQuantized = true;
   static constexpr int kMaxGroups = kMaxAttentionGroups;
   const uint8_t* head;
   const uint8_t* scale_head;
@@ -213,7 +215,11 @@ struct QuantRows {
   int chunk_shift; // chunk c of kLanes values lies in group c >> chunk_shift
   uint32_t* tmp; // kKeyBlock rows of `words` words
   const uint32_t* rows[kKeyBlock];
-  float sb[kKeyBlock][2 * kMaxGroups]; // scale, bias of each group
+  // The block's scales and biases in fp32, by group, keys contiguous (the
+  // values pass reads them a vector of keys at a time); zero past the
+  // block's last key.
+  alignas(64) float scale_by_group[kMaxGroups][kKeyBlock];
+  alignas(64) float bias_by_group[kMaxGroups][kKeyBlock];
 
   QuantRows(const AttentionArgs& a, const CacheTensor& t, int b, int g, int slot)
       : head(head_of(t.data, t.stride, b, g, 4)),
@@ -247,10 +253,26 @@ struct QuantRows {
         }
         rows[j] = dst;
       }
+    }
+    // One loop per scale type: the conversion is a few instructions, the
+    // type's switch would cost more than it.
+    auto fill = [&](auto type) {
+      constexpr FloatType T = decltype(type)::value;
       for (int q = 0; q < groups; ++q) {
-        sb[j][2 * q] = to_float(scale_head, scale_type, r * ss_s + q * ss_d);
-        sb[j][2 * q + 1] = to_float(bias_head, scale_type, r * bs_s + q * bs_d);
+        for (int j = 0; j < n; ++j) {
+          const int64_t r = j0 + j;
+          scale_by_group[q][j] = to_float(scale_head, T, r * ss_s + q * ss_d);
+          bias_by_group[q][j] = to_float(bias_head, T, r * bs_s + q * bs_d);
+        }
+        for (int j = n; j < kKeyBlock; ++j) {
+          scale_by_group[q][j] = bias_by_group[q][j] = 0.0f;
+        }
       }
+    };
+    switch (scale_type) {
+      case FloatType::f32: return fill(std::integral_constant<FloatType, FloatType::f32>{});
+      case FloatType::f16: return fill(std::integral_constant<FloatType, FloatType::f16>{});
+      case FloatType::bf16: return fill(std::integral_constant<FloatType, FloatType::bf16>{});
     }
   }
 
@@ -298,8 +320,8 @@ struct QuantRows {
   }
 
   vfloat load(int j, int c) const {
-    const float* g = sb[j] + 2 * (c >> chunk_shift);
-    return codes(j, c) * g[0] + g[1];
+    const int g = c >> chunk_shift;
+    return codes(j, c) * scale_by_group[g][j] + bias_by_group[g][j];
   }
 
   void prefetch(int j0, int n) const {
@@ -311,6 +333,7 @@ struct QuantRows {
 
 // A block of fp32 rows, Dh apart: a tile's keys or values converted once.
 struct ScratchRows {
+  static constexpr bool kQuantized = false;
   const float* base;
   int Dh;
 
@@ -368,18 +391,52 @@ static inline void dot_keys(const Rows& rows, int j, const float* q, int Dh, flo
   }
 }
 
+// dot_keys for one key of a quantized cache: a group's scale and bias are
+// broadcast once for its chunks, and with one key at a time two partial
+// sums per query (even and odd chunks) keep enough FMA chains in flight.
+template <int QB, int BITS>
+static inline void dot_key_quantized(const QuantRows<BITS>& rows, int j, const float* q, int Dh, float* part) {
+  constexpr int P = QB <= 6 ? 2 : 1;
+  const int group_chunks = 1 << rows.chunk_shift;
+  vfloat acc[QB][P] = {};
+  for (int g = 0; g < rows.groups; ++g) {
+    const vfloat sc = splat(rows.scale_by_group[g][j]), bi = splat(rows.bias_by_group[g][j]);
+    for (int c = g * group_chunks; c < (g + 1) * group_chunks; c += P) {
+      for (int u = 0; u < P; ++u) {
+        const vfloat k = rows.codes(j, c + u) * sc + bi;
+        for (int i = 0; i < QB; ++i) {
+          acc[i][u] += load(q + i * Dh + (c + u) * kLanes) * k;
+        }
+      }
+    }
+  }
+  for (int i = 0; i < QB; ++i) {
+    vfloat sum = acc[i][0];
+    for (int u = 1; u < P; ++u) {
+      sum += acc[i][u];
+    }
+    store(part + (static_cast<int64_t>(i) * kKeyBlock + j) * kLanes, sum);
+  }
+}
+
 // Scores of QB query vectors against the block's keys 0 .. n-1, into
 // sc[i * sc_stride + j] (up to n rounded up to kLanes; past n unspecified).
 template <int QB, class Rows>
 static void block_scores(
     const Rows& rows, int n, const float* q, int Dh, float* part, float* sc, int sc_stride) {
-  constexpr int KS = key_step(QB);
-  int j = 0;
-  for (; j + KS <= n; j += KS) {
-    dot_keys<QB, KS>(rows, j, q, Dh, part);
-  }
-  for (; j < n; ++j) {
-    dot_keys<QB, 1>(rows, j, q, Dh, part);
+  if constexpr (Rows::kQuantized) {
+    for (int j = 0; j < n; ++j) {
+      dot_key_quantized<QB>(rows, j, q, Dh, part);
+    }
+  } else {
+    constexpr int KS = key_step(QB);
+    int j = 0;
+    for (; j + KS <= n; j += KS) {
+      dot_keys<QB, KS>(rows, j, q, Dh, part);
+    }
+    for (; j < n; ++j) {
+      dot_keys<QB, 1>(rows, j, q, Dh, part);
+    }
   }
   for (int i = 0; i < QB; ++i) {
     for (int j0 = 0; j0 < n; j0 += kLanes) {
@@ -431,6 +488,86 @@ static void block_values(const Rows& rows, int n, const float* p, int p_stride, 
   }
   for (; c < C; ++c) {
     pass(c, std::integral_constant<int, 1>{});
+  }
+}
+
+// block_values for a quantized cache, with the dequantization taken out of
+// the loop: Σ_j p_j·(s_j·c_j + b_j) = Σ_j (p_j·s_j)·c_j + Σ_j p_j·b_j per
+// group. The weights p·s of the block's keys come first, a vector of keys
+// at a time, and the bias terms go to `bias_sums` [QB][groups] (vectors of
+// lane partial sums, added to the output once per chunk by add_bias_sums);
+// the loop then multiplies codes converted to fp32 by the weights, as the
+// float cache's loop does its values. A key the query does not see (past n)
+// adds nothing, whatever its scale and bias hold.
+template <int QB, int BITS>
+static void block_values_quantized(const QuantRows<BITS>& rows, int n, const float* p, int p_stride,
+                                   float* o, int Dh, float* w, float* bias_sums) {
+  typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  vint lane = {};
+  for (int t = 0; t < kLanes; ++t) {
+    lane[t] = t;
+  }
+  const int G = rows.groups;
+  for (int i = 0; i < QB; ++i) {
+    for (int j0 = 0; j0 < n; j0 += kLanes) {
+      const vfloat pv = load(p + i * p_stride + j0);
+      const vint seen = lane < n - j0;
+      for (int g = 0; g < G; ++g) {
+        store(w + (static_cast<int64_t>(i) * G + g) * kKeyBlock + j0, pv * load(rows.scale_by_group[g] + j0));
+        float* sum = bias_sums + (static_cast<int64_t>(i) * G + g) * kLanes;
+        const vfloat pb = pv * load(rows.bias_by_group[g] + j0);
+        store(sum, load(sum) + (seen ? pb : vfloat{}));
+      }
+    }
+  }
+  constexpr int DC = QB <= 6 ? 2 : 1;
+  const int C = Dh / kLanes;
+  auto pass = [&](int c, auto dc) {
+    constexpr int W = decltype(dc)::value;
+    const float* wg = w + (c >> rows.chunk_shift) * kKeyBlock; // chunks c .. c+W-1 share a group
+    vfloat acc[QB][W];
+    for (int i = 0; i < QB; ++i) {
+      for (int d = 0; d < W; ++d) {
+        acc[i][d] = load(o + i * Dh + (c + d) * kLanes);
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      vfloat v[W];
+      for (int d = 0; d < W; ++d) {
+        v[d] = rows.codes(j, c + d);
+      }
+      for (int i = 0; i < QB; ++i) {
+        const vfloat wij = splat(wg[static_cast<int64_t>(i) * G * kKeyBlock + j]);
+        for (int d = 0; d < W; ++d) {
+          acc[i][d] += wij * v[d];
+        }
+      }
+    }
+    for (int i = 0; i < QB; ++i) {
+      for (int d = 0; d < W; ++d) {
+        store(o + i * Dh + (c + d) * kLanes, acc[i][d]);
+      }
+    }
+  };
+  int c = 0;
+  for (; c + DC <= C; c += DC) {
+    pass(c, std::integral_constant<int, DC>{});
+  }
+  for (; c < C; ++c) {
+    pass(c, std::integral_constant<int, 1>{});
+  }
+}
+
+// Adds each group's bias sum to the group's values of `nq` outputs.
+static void add_bias_sums(float* o, int nq, int Dh, int group_size, const float* bias_sums) {
+  const int G = Dh / group_size;
+  for (int i = 0; i < nq; ++i) {
+    for (int g = 0; g < G; ++g) {
+      const vfloat b = splat(horizontal_sum(load(bias_sums + (static_cast<int64_t>(i) * G + g) * kLanes)));
+      for (int d = g * group_size; d < (g + 1) * group_size; d += kLanes) {
+        store(o + static_cast<int64_t>(i) * Dh + d, load(o + static_cast<int64_t>(i) * Dh + d) + b);
+      }
+    }
   }
 }
 
@@ -544,6 +681,9 @@ static void attend(const AttentionArgs& a, const AttentionTask& t) {
   float* block = scratch<float, 5>(tile ? static_cast<size_t>(kKeyBlock) * Dh : 0);
   float* stat = scratch<float, 6>(static_cast<size_t>(V) * 4); // m, l, mc, lc
   uint8_t* seen = scratch<uint8_t, 7>(V);
+  // A quantized cache's values pass: weights p·scale, and bias sums.
+  float* weights = scratch<float, 7>(Rows::kQuantized ? static_cast<size_t>(QB) * kMaxAttentionGroups * kKeyBlock : 0);
+  float* bias_sums = scratch<float, 8>(Rows::kQuantized ? static_cast<size_t>(V) * kMaxAttentionGroups * kLanes : 0);
 
   for (int r = 0; r < R; ++r) {
     for (int i = 0; i < QB; ++i) {
@@ -602,6 +742,12 @@ static void attend(const AttentionArgs& a, const AttentionTask& t) {
     }
     // The weighted values.
     std::fill(oc, oc + static_cast<int64_t>(V) * Dh, 0.0f);
+    constexpr bool factored = Rows::kQuantized; // a quantized cache, read a row at a time
+    if constexpr (factored) {
+      if (!tile) {
+        std::fill(bias_sums, bias_sums + static_cast<int64_t>(V) * kMaxAttentionGroups * kLanes, 0.0f);
+      }
+    }
     for (int jb = 0; jb < len; jb += kKeyBlock) {
       const int nb = std::min(kKeyBlock, len - jb);
       values.set_block(j0 + jb, nb);
@@ -622,8 +768,19 @@ static void attend(const AttentionArgs& a, const AttentionTask& t) {
         float* orow = oc + static_cast<int64_t>(r) * QB * Dh;
         if (tile) {
           block_values<QB>(converted, n, pr, kChunk, orow, Dh);
+        } else if constexpr (factored) {
+          block_values_quantized<QB>(values, n, pr, kChunk, orow, Dh, weights,
+                                     bias_sums + static_cast<int64_t>(r) * QB * kMaxAttentionGroups * kLanes);
         } else {
           block_values<QB>(values, n, pr, kChunk, orow, Dh);
+        }
+      }
+    }
+    if constexpr (factored) {
+      if (!tile) {
+        for (int r = 0; r < R; ++r) {
+          add_bias_sums(oc + static_cast<int64_t>(r) * QB * Dh, QB, Dh, a.group_size,
+                        bias_sums + static_cast<int64_t>(r) * QB * kMaxAttentionGroups * kLanes);
         }
       }
     }
