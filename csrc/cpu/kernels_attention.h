@@ -13,10 +13,11 @@
 // Each key and value row is read once per task and shared by all of the
 // tile's query vectors: at decode the cache is read once per token. A float
 // cache is read through its strides; a quantized one (MLX's affine format,
-// mlx-lm's QuantizedKVCache) is dequantized in registers, value by value, as
-// its rows are read. A tile of several rows converts each block of keys to
-// fp32 once, into a block the size of the L1 cache, and every row reads it
-// from there.
+// mlx-lm's QuantizedKVCache) is read in place too, its codes converted in
+// registers as its rows are read: a key dequantized (scale·code + bias),
+// a value's codes weighted by p·scale with the biases summed per group. A
+// tile of several rows converts each block of keys and of values to fp32
+// once, into a block that stays in L1, and every row reads it from there.
 // Included by kernels_impl.h, once per instruction set.
 #pragma once
 
@@ -127,8 +128,8 @@ static inline vfloat transpose_sum(const vfloat* a) {
 // Cache rows: kLanes values of key/value row j at a time, as fp32
 // ---------------------------------------------------------------------------
 
-// The [B, Hkv, S, Dh] head (b, g) of `t`: its first byte, for elements of
-// `elem` bytes.
+// The first byte of head (b, g) of a [B, Hkv, S, Dh] array at `base` with
+// element strides `stride`, for elements of `elem` bytes.
 static inline const uint8_t* head_of(
     const void* base, const int64_t* stride, int b, int g, int elem) {
   return static_cast<const uint8_t*>(base) + (b * stride[0] + g * stride[1]) * elem;
