@@ -160,7 +160,6 @@ def filled_cache(model, context: int, dtype, seed: int = 0, kv_bits: int | None 
     return cache
 
 
-
 def _decode_tps(model, context: int, decode: int, vocab: int, dtype, kv_bits: int | None = None) -> float:
     """Greedy decode steps after `context` cached positions; each step's
     token feeds the next, evaluated one at a time as generation does."""
