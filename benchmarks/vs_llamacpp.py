@@ -111,6 +111,10 @@ def find_or_write_gguf(path: str | None, layers: int) -> Path:
     return out
 
 
+# What llama-bench reports of its own settings (its first run's JSON).
+LLAMA_SETTINGS: dict = {}
+
+
 def llama_bench(binary: Path, gguf: Path, threads: int, *, prompt: int = 0, gen: int = 0, depth: int = 0) -> float:
     """One llama-bench measurement (one repetition, after its own warm-up):
     tokens per second."""
@@ -119,8 +123,12 @@ def llama_bench(binary: Path, gguf: Path, threads: int, *, prompt: int = 0, gen:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({' '.join(cmd)}):\n{result.stderr[-3000:]}")
-    rows = json.loads(result.stdout)
-    return float(rows[0]["avg_ts"])
+    row = json.loads(result.stdout)[0]
+    if not LLAMA_SETTINGS:
+        LLAMA_SETTINGS.update({k: row.get(k) for k in ("build_commit", "cpu_info", "type_k", "type_v", "flash_attn",
+                                                        "n_batch", "n_ubatch", "n_threads")})
+        print(f"  llama-bench settings: {LLAMA_SETTINGS}", flush=True)
+    return float(row["avg_ts"])
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +256,8 @@ def main() -> None:
             print(f"  {test:<22} {threads:>7} {fused:>9.2f} {lt} {rt} {floor:>11}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rounds=results, medians=summary, probe_gb_s=probes.gb_s, llama_bench=str(binary)), f, indent=1)
+            json.dump(dict(rounds=results, medians=summary, probe_gb_s=probes.gb_s, llama_bench=str(binary),
+                           llama_settings=LLAMA_SETTINGS), f, indent=1)
 
 
 if __name__ == "__main__":
