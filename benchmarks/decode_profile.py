@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import mlx.core as mx
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 import e2e
 import fused_moe as fm
@@ -55,8 +57,14 @@ def _step(model, cache, timer: _Timer) -> mx.array:
                 a.rope(heads(a.k_norm(k), a.num_key_value_heads), offset=c.offset)))
         v = heads(v, a.num_key_value_heads)
         k, v = t("KV cache update", lambda: c.update_and_fetch(k, v))
-        sdpa = (fm.scaled_dot_product_attention if isinstance(a, fm.MiniMaxAttention)
-                else mx.fast.scaled_dot_product_attention)
+        if hasattr(c, "bits"):  # mlx-lm's QuantizedKVCache
+            sdpa = (partial(fm.quantized_scaled_dot_product_attention, bits=c.bits, group_size=c.group_size)
+                    if isinstance(a, fm.MiniMaxAttention)
+                    else partial(quantized_scaled_dot_product_attention, bits=c.bits, group_size=c.group_size,
+                                 mask=None))
+        else:
+            sdpa = (fm.scaled_dot_product_attention if isinstance(a, fm.MiniMaxAttention)
+                    else mx.fast.scaled_dot_product_attention)
         o = t("attention (SDPA)", lambda: sdpa(q, k, v, scale=a.scale))
         r = h + t("o projection", lambda: a.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1)))
         y = t("layer norms", lambda: layer.post_attention_layernorm(r))
@@ -65,10 +73,11 @@ def _step(model, cache, timer: _Timer) -> mx.array:
     return t("lm_head", lambda: model.lm_head(out))
 
 
-def profile(model, context: int, dtype, steps: int = 3) -> dict[str, float]:
+def profile(model, context: int, dtype, steps: int = 3, kv_bits: int | None = None) -> dict[str, float]:
     """Median ms per decode step of each part (all layers together), after
-    `context` cached positions; one warm-up step first."""
-    cache = e2e._filled_cache(model, context, dtype)
+    `context` cached positions (bf16, or quantized to `kv_bits`); one
+    warm-up step first."""
+    cache = e2e.filled_cache(model, context, dtype, kv_bits=kv_bits)
     _step(model, cache, _Timer())
     runs = []
     for _ in range(steps):

@@ -8,11 +8,15 @@ last layer when there are at least three layers and --bits is 3), 8-bit
 attention, embedding and lm_head, an unquantized router. Random weights: the
 tokens are meaningless, the speed is not.
 
-Prefill is timed over one forward pass of a prompt of ``--e2e-prompt``
-tokens. Decode is timed over ``--e2e-decode`` greedy steps after
+Prefill is timed as generation does it (mlx-lm's generate_step, and
+llama-bench's prompt test): the cache for all but the last of the
+``--e2e-prompt`` tokens, in steps of mlx-lm's prefill_step_size (2048),
+then the last token's logits; the logits of the other prompt positions are
+never computed. Decode is timed over ``--e2e-decode`` greedy steps after
 ``--e2e-context`` cached positions; the KV cache is filled directly with the
 same random keys and values for both models (a 1k-token stock prefill would
-take about an hour on the CPU). The patched model is the same model after
+take about an hour on the CPU), bf16 or, with ``kv_bits``, mlx-lm's
+QuantizedKVCache. The patched model is the same model after
 ``fused_moe.patch``. The decode floor is the bytes one token must read
 (experts routed to, router, attention projections, lm_head, one embedding
 row, KV cache) over the run's read probe.
@@ -107,36 +111,59 @@ def build_model(shapes, layers: int, make_projection: Callable, vocab: int = VOC
     return model
 
 
-def _prefill_tps(model, prompt: mx.array) -> float:
+# mlx-lm's generate_step default: the prompt's cache is built this many
+# tokens at a time.
+PREFILL_STEP = 2048
+# mlx-lm's default kv_group_size.
+KV_GROUP_SIZE = 64
+
+
+def prefill_s(model, prompt: mx.array, step: int = PREFILL_STEP) -> float:
+    """Seconds to take in `prompt` as generation does: the cache for all but
+    the last token, `step` tokens at a time (only the cache is evaluated,
+    so the lm_head of those positions never runs), then the last token's
+    logits."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     start = time.perf_counter()
-    mx.eval(model(prompt[None], cache=cache))
-    return prompt.size / (time.perf_counter() - start)
+    for i in range(0, prompt.size - 1, step):
+        model(prompt[i : min(i + step, prompt.size - 1)][None], cache=cache)
+        mx.eval([c.state for c in cache])
+    mx.eval(model(prompt[-1:][None], cache=cache)[:, -1, :])
+    return time.perf_counter() - start
 
 
-def _filled_cache(model, context: int, dtype, seed: int = 0):
+def _prefill_tps(model, prompt: mx.array) -> float:
+    return prompt.size / prefill_s(model, prompt)
+
+
+def filled_cache(model, context: int, dtype, seed: int = 0, kv_bits: int | None = None):
     """A prompt cache holding `context` random keys and values in every layer,
     the same for any model of these shapes (a 1k-token stock prefill would
-    take about an hour on the CPU)."""
+    take about an hour on the CPU); with `kv_bits`, mlx-lm's
+    QuantizedKVCache at group size KV_GROUP_SIZE, as generation converts
+    it."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     key = mx.random.key(seed)
-    for c, layer in zip(cache, model.layers):
+    for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         shape = (1, attn.num_key_value_heads, context, attn.head_dim)
         key, k1, k2 = mx.random.split(key, 3)
-        c.update_and_fetch(mx.random.normal(shape, key=k1).astype(dtype), mx.random.normal(shape, key=k2).astype(dtype))
-    mx.eval([c.state for c in cache])
+        cache[i].update_and_fetch(mx.random.normal(shape, key=k1).astype(dtype),
+                                  mx.random.normal(shape, key=k2).astype(dtype))
+        if kv_bits is not None:
+            cache[i] = cache[i].to_quantized(group_size=KV_GROUP_SIZE, bits=kv_bits)
+        mx.eval(cache[i].state)
     return cache
 
 
-def _decode_tps(model, context: int, decode: int, vocab: int, dtype) -> float:
+def _decode_tps(model, context: int, decode: int, vocab: int, dtype, kv_bits: int | None = None) -> float:
     """Greedy decode steps after `context` cached positions; each step's
     token feeds the next, evaluated one at a time as generation does."""
-    cache = _filled_cache(model, context, dtype)
+    cache = filled_cache(model, context, dtype, kv_bits=kv_bits)
     token = mx.array([[1]])
     mx.eval(model(token, cache=cache))  # warm-up step
     start = time.perf_counter()
@@ -153,7 +180,21 @@ def _array_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
-def decode_floor_bytes(model, context: int, dtype) -> dict:
+def kv_cache_bytes(model, context: int, dtype, kv_bits: int | None = None) -> int:
+    """Bytes of `context` cached positions over all layers: keys and values,
+    bf16 (`dtype`), or codes plus a scale and a bias per KV_GROUP_SIZE
+    values."""
+    total = 0
+    for layer in model.layers:
+        values = 2 * context * layer.self_attn.num_key_value_heads * layer.self_attn.head_dim
+        if kv_bits is None:
+            total += values * dtype.size
+        else:
+            total += values * kv_bits // 8 + 2 * (values // KV_GROUP_SIZE) * dtype.size
+    return total
+
+
+def decode_floor_bytes(model, context: int, dtype, kv_bits: int | None = None) -> dict:
     """Bytes one decode token must read, by part: the experts it is routed
     to (k of E per layer, in the packed layout), the router gates, the
     attention projections, lm_head, one embedding row and the KV cache."""
@@ -169,9 +210,8 @@ def decode_floor_bytes(model, context: int, dtype) -> dict:
         experts += packed * moe.num_experts_per_tok // E
         router += _array_bytes(moe.gate)
         attention += sum(_array_bytes(layer.self_attn[p]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        kv = layer.self_attn.num_key_value_heads * layer.self_attn.head_dim
     embed = model.model.embed_tokens
-    kv_bytes = 2 * len(model.layers) * context * kv * dtype.size
+    kv_bytes = kv_cache_bytes(model, context, dtype, kv_bits)
     return {
         "experts": experts,
         "router": router,
@@ -206,9 +246,10 @@ def format_result(r: E2EResult) -> list[str]:
     floor_ms = r.floor_s * 1e3
     parts = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r.floor_bytes.items())
     lines = [
-        f"end to end ({r.layers} layers at full width, vocabulary {r.vocab}; prefill: one prompt of "
-        f"{r.prompt_tokens} tokens; decode: {r.decode_tokens} greedy steps after {r.context} cached "
-        f"positions of random keys and values):",
+        f"end to end ({r.layers} layers at full width, vocabulary {r.vocab}; prefill: a prompt of "
+        f"{r.prompt_tokens} tokens as generation takes it in, the cache for all but the last token "
+        f"(steps of {PREFILL_STEP}), then the last token's logits; decode: {r.decode_tokens} greedy "
+        f"steps after {r.context} cached positions of random keys and values):",
         f"  {'':8}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode ms':>11}{'% of floor':>12}",
     ]
     for name, pre, dec in (("stock", r.stock_prefill_tps, r.stock_decode_tps),

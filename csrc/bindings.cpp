@@ -171,6 +171,28 @@ NB_MODULE(_ext, m) {
       "softmax(q·kᵀ·scale)·v over a KV cache; see "
       "fused_moe.scaled_dot_product_attention.");
   m.def(
+      "quantized_scaled_dot_product_attention",
+      [](const mlx::core::array& q, const mlx::core::array& k_codes,
+         const mlx::core::array& k_scales, const mlx::core::array& k_biases,
+         const mlx::core::array& v_codes, const mlx::core::array& v_scales,
+         const mlx::core::array& v_biases, float scale,
+         const std::optional<std::string>& mask, int bits, int group_size,
+         mlx::core::StreamOrDevice s) {
+        if (mask && *mask != "causal") {
+          throw std::invalid_argument(
+              "fused_moe.quantized_scaled_dot_product_attention: mask must be "
+              "None or 'causal', got '" + *mask + "'");
+        }
+        return fused_moe::quantized_scaled_dot_product_attention(
+            q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, scale,
+            mask.has_value(), bits, group_size, s);
+      },
+      "q"_a, "k_codes"_a, "k_scales"_a, "k_biases"_a, "v_codes"_a,
+      "v_scales"_a, "v_biases"_a, nb::kw_only(), "scale"_a,
+      "mask"_a = nb::none(), "bits"_a, "group_size"_a, "stream"_a = nb::none(),
+      "softmax(q·kᵀ·scale)·v over a quantized KV cache (mlx-lm's "
+      "QuantizedKVCache); see fused_moe.quantized_scaled_dot_product_attention.");
+  m.def(
       "norm_rope",
       &fused_moe::norm_rope,
       "x"_a, "weight"_a.none(), nb::kw_only(), "heads"_a, "eps"_a,
@@ -430,4 +452,6 @@ NB_MODULE(_ext, m) {
   m.attr("MAX_TOP_K") = fused_moe::kMaxTopK;
   m.attr("ATTENTION_HEAD_DIM_MULTIPLE") = fused_moe::kAttentionHeadDimMultiple;
   m.attr("MAX_ATTENTION_HEAD_DIM") = fused_moe::kMaxAttentionHeadDim;
+  m.attr("SUPPORTED_KV_CACHE_BITS") =
+      nb::tuple(to_list(fused_moe::kSupportedKvCacheBits));
 }

@@ -136,24 +136,64 @@ struct GatherArgs {
 // Scaled dot-product attention over a KV cache (grouped-query heads):
 // out[b, h, l] = softmax(q[b, h, l] · K[b, h/G]ᵀ · scale) · V[b, h/G], with
 // query row l seeing keys [0, S - L + l] when causal and all S otherwise.
-// q and out are row-contiguous [B, Hq, L, Dh]; k and v are [B, Hkv, S, Dh]
-// views given by element strides (a cache buffer's slice, read in place).
+// q and out are row-contiguous [B, Hq, L, Dh].
+
+// One of K or V, [B, Hkv, S, Dh], as element strides into its buffers (a
+// cache buffer's slice, read in place). A float cache: `data` holds the
+// values. A quantized cache (mlx-lm's QuantizedKVCache, MLX's affine
+// format): `data` holds the codes as uint32 words [B, Hkv, S, Dh·bits/32],
+// `scales` and `biases` [B, Hkv, S, Dh/group_size], value = scale·code + bias.
+struct CacheTensor {
+  const void* data;
+  const void* scales; // quantized only
+  const void* biases; // quantized only
+  int64_t stride[4]; // of data, in its elements (values or words)
+  int64_t scale_stride[4]; // quantized only
+  int64_t bias_stride[4]; // quantized only
+};
+
 struct AttentionArgs {
   const void* q;
-  const void* k;
-  const void* v;
   void* out;
-  FloatType type; // of q, k, v and out
-  int64_t k_stride[4];
-  int64_t v_stride[4];
+  FloatType type; // of q and out
+  CacheTensor k, v;
+  int bits; // 0: a float cache of `cache_type`; 4 or 8: quantized
+  int group_size; // quantized only
+  FloatType cache_type; // of a float cache's values, or of the scales/biases
   int B, Hq, Hkv, L, S, Dh;
   float scale;
   bool causal;
 };
 
-// The query heads of one GQA group an attention unit takes at once; a group
-// of more heads is split into units of this many.
+// Groups of a quantized cache row at most: head_dim <= 512, group size >= 32
+// (ops/attention.h checks both).
+constexpr int kMaxAttentionGroups = 16;
+
+// The query heads of one GQA group a task takes at once; a group of more
+// heads is split into tasks of this many.
 constexpr int kAttentionHeads = 8;
+// Query rows a task takes at once (long prompts): each block of keys,
+// converted to fp32 once, serves every row of the tile.
+constexpr int kAttentionRows = 8;
+// Keys per chunk: one partial softmax (max, sum, weighted values). Chunks
+// start at key 0 whatever the thread count, and every result folds the
+// chunks' partials in chunk order, in the task or in a merge.
+constexpr int kAttentionKeyChunk = 512;
+
+// One attention task: batch b, KV head g, query heads [h0, h1) of its group
+// (at most kAttentionHeads), query rows [l0, l1) (at most kAttentionRows),
+// key chunks [c0, c1). With `partial` null the task folds its chunks and
+// writes the output; otherwise it takes one chunk (c1 = c0 + 1) and writes
+// that chunk's partial there, attention_partial_floats() floats.
+struct AttentionTask {
+  int b, g, h0, h1, l0, l1, c0, c1;
+  float* partial;
+};
+
+// Floats of one task's partial: per (row, head), max, sum and Dh values.
+constexpr int64_t attention_partial_floats(int rows, int heads, int Dh) {
+  return static_cast<int64_t>(rows) * heads * (Dh + 2);
+}
 
 // The attention's q or k RMSNorm and rotary embedding, heads split out:
 // out[b, h, l, :] = rope(rmsnorm(x[b, l, :]) [h·Dh, (h+1)·Dh)), position l.
@@ -228,10 +268,12 @@ struct KernelTable {
       const LinearArgs&, int n_begin, int n_end, int t_begin, int t_end);
   // Output rows [t_begin, t_end) of the gather.
   void (*gather_rows)(const GatherArgs&, int t_begin, int t_end);
-  // One unit of attention: batch b, KV head g, query row l, query heads
-  // [h_begin, h_end) of that head's group (at most kAttentionHeads).
-  void (*attention_unit)(
-      const AttentionArgs&, int b, int g, int l, int h_begin, int h_end);
+  // One attention task (AttentionTask).
+  void (*attention_task)(const AttentionArgs&, const AttentionTask&);
+  // The output of task `t`'s tile from the partials of its `chunks` chunks,
+  // folded in chunk order: the same arithmetic as a task that takes them all.
+  void (*attention_merge)(
+      const AttentionArgs&, const AttentionTask& t, const float* partials, int chunks);
   // Rows [r_begin, r_end) of B*L (token) rows.
   void (*norm_rope_rows)(const NormRopeArgs&, int r_begin, int r_end);
   // Sum of the 64-bit words of [p, p + bytes), bytes a multiple of 64: the

@@ -1176,7 +1176,8 @@ const KernelTable& FUSED_MOE_CAT(kernels_, FUSED_MOE_ISA_NS)() {
 #endif
       &FUSED_MOE_ISA_NS::linear_rows,
       &FUSED_MOE_ISA_NS::gather_rows,
-      &FUSED_MOE_ISA_NS::attention_unit,
+      &FUSED_MOE_ISA_NS::attention_task,
+      &FUSED_MOE_ISA_NS::attention_merge,
       &FUSED_MOE_ISA_NS::norm_rope_rows,
       &FUSED_MOE_ISA_NS::read_sum,
   };

@@ -38,6 +38,9 @@ AFFINE_GROUP_SIZES = SUPPORTED_GROUP_SIZES
 # MAX_ATTENTION_HEAD_DIM.
 ATTENTION_HEAD_DIM_MULTIPLE = _ext.ATTENTION_HEAD_DIM_MULTIPLE
 MAX_ATTENTION_HEAD_DIM = _ext.MAX_ATTENTION_HEAD_DIM
+# A quantized KV cache the attention kernel reads: these bits (mlx-lm's
+# kv_bits), at any of SUPPORTED_GROUP_SIZES dividing the head size.
+SUPPORTED_KV_CACHE_BITS = tuple(_ext.SUPPORTED_KV_CACHE_BITS)
 
 
 def expert_quantization_unsupported(mode: str, bits: int, group_size: int) -> Optional[str]:

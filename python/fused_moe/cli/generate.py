@@ -11,6 +11,7 @@ import sys
 
 import mlx.core as mx
 from mlx_lm import generate
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.sample_utils import make_sampler
 
 from fused_moe.models.load import load
@@ -26,6 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ignore-chat-template",
         action="store_true",
         help="use the prompt as is, even if the tokenizer has a chat template",
+    )
+    # mlx-lm's quantized KV cache; 4 and 8 bits run on the fused attention.
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="quantize the KV cache to this many bits (mlx-lm's QuantizedKVCache; 4 and 8 run on the "
+        "fused kernel, other bits on MLX's own attention); default: no quantization",
+    )
+    parser.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV cache (default: 64)")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=None,
+        help="the cache is quantized once it holds this many positions (default: mlx-lm's, 5000)",
     )
 
 
@@ -54,5 +70,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         verbose=group.rank() == 0,
         max_tokens=args.max_tokens,
         sampler=make_sampler(args.temp),
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None else args.quantized_kv_start,
     )
     return 0

@@ -2,7 +2,10 @@
 
 Every option after --model is mlx_lm.server's own. The server loads its
 model through fused_moe.load, so a stock checkpoint is patched on load and a
-packed one is opened directly.
+packed one is opened directly. Among them --kv-bits, --kv-group-size and
+--quantized-kv-start quantize the KV cache (mlx-lm serves such requests one
+at a time); at 4 and 8 bits the patched attention reads it on the fused
+kernel.
 """
 
 from __future__ import annotations

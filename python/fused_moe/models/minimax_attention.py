@@ -1,8 +1,11 @@
 """`MiniMaxAttention`: mlx-lm's MiniMax attention on fused_moe's attention
-ops (:func:`fused_moe.norm_rope`, :func:`fused_moe.scaled_dot_product_attention`).
+ops (:func:`fused_moe.norm_rope`, :func:`fused_moe.scaled_dot_product_attention`,
+and :func:`fused_moe.quantized_scaled_dot_product_attention` over mlx-lm's
+4- or 8-bit ``QuantizedKVCache``).
 
-Two cases it does not take go to MLX's own attention, as stock does them:
-an array mask (batches with padding) and a quantized KV cache.
+The cases it does not take go to MLX's own attention, as stock does them:
+an array mask (batches with padding), and a quantized KV cache of bits or
+group size outside ``SUPPORTED_KV_CACHE_BITS`` and ``SUPPORTED_GROUP_SIZES``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.models.minimax import MiniMaxAttention as StockMiniMaxAttention
 
-from fused_moe.ops.attention import head_dim_unsupported, norm_rope, scaled_dot_product_attention
+from fused_moe.ops.attention import (
+    head_dim_unsupported,
+    kv_cache_supported,
+    norm_rope,
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
 
 
 class MiniMaxAttention(StockMiniMaxAttention):
@@ -37,9 +46,9 @@ class MiniMaxAttention(StockMiniMaxAttention):
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
         offset = 0 if cache is None else cache.offset
-        if isinstance(mask, mx.array) or hasattr(cache, "bits") or not isinstance(offset, int):
+        if isinstance(mask, mx.array) or not isinstance(offset, int) or not kv_cache_supported(cache):
             # Padded batches (array masks, per-sequence offsets) and quantized
-            # caches: MLX's own attention, as stock runs them.
+            # caches of other bits: MLX's own attention, as stock runs them.
             return super().__call__(x, mask=mask, cache=cache)
         B, L, _ = x.shape
         queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -48,7 +57,11 @@ class MiniMaxAttention(StockMiniMaxAttention):
         values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):
+            out = quantized_scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask,
+                                                         bits=cache.bits, group_size=cache.group_size)
+        else:
+            out = scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def split_heads(self, y: mx.array, norm: Optional[nn.Module], heads: int, offset: int) -> mx.array:

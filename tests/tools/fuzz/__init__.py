@@ -31,13 +31,19 @@ it ran under). The ops and what each case checks:
   router's own semantics (docs/api.md, "The router").
 * ``pack_experts``/``unpack_experts``: bit-exact round trip.
 * ``scaled_dot_product_attention``: B up to 3, KV heads up to 8 with groups
-  up to 12 query heads, L up to 16 (mostly 1, decode), S up to 2000, head
-  sizes 16..256, every dtype, causal or not; keys and values contiguous, a
-  slice of a longer cache buffer, transposed (last axis strided) or
-  broadcast over the batch; scores spread wide (peaked softmax) or all
-  equal. Against the fp64 reference with mx.fast's attention as stock; on
-  the CPU bit-identical at one and several threads; a NaN in one query row
-  stays in that row. Stream backends only (no fused_moe Metal kernel).
+  up to 12 query heads, L up to 16 (mostly 1, decode; now and then up to
+  40, several tiles of rows), S up to 2000 (now and then up to 9000, many
+  key chunks), head sizes 16..256, every dtype, causal or not; keys and
+  values contiguous, a slice of a longer cache buffer, transposed (last
+  axis strided) or broadcast over the batch; scores spread wide (peaked
+  softmax) or all equal. Half the cases read a quantized cache instead
+  (``quantized_scaled_dot_product_attention``, mlx-lm's QuantizedKVCache:
+  4 or 8 bits at a group size dividing the head, the same layouts applied
+  to codes, scales and biases). Against the fp64 reference (from the
+  dequantized arrays) with mx.fast's attention, or mlx-lm's quantized one,
+  as stock; on the CPU bit-identical at one and several threads (the keys
+  split across threads or not); a NaN in one query row stays in that row.
+  Stream backends only (no fused_moe Metal kernel).
 * ``norm_rope``: up to 64 heads of 16..256, rotary dims, with or without the
   norm weight, traditional or not, offsets up to 10^6, every dtype.
 """
@@ -61,6 +67,7 @@ import numpy as np  # noqa: E402
 
 import fused_moe as fm  # noqa: E402
 from fused_moe import _ext  # noqa: E402
+from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 
 from support.moe_reference import (  # noqa: E402
@@ -167,6 +174,8 @@ class AttentionCase(_Case):
     layout: str  # contiguous | cache_slice | transposed | broadcast
     values: str  # normal | wide | equal
     nan_query: bool
+    kv_bits: int = 0  # 0: a float cache; 4 or 8: quantized (QuantizedKVCache)
+    kv_group_size: int = 0
 
 
 @dataclass
@@ -212,11 +221,25 @@ def _draw_attention(seed, rng) -> AttentionCase:
     causal = bool(rng.random() < 0.5) and L <= S
     if L > S:
         S = L
-    return AttentionCase(
+    case = AttentionCase(
         seed, int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(1, 13)), L, S,
         16 * int(rng.integers(1, 17)), str(rng.choice(list(DTYPES))), causal,
         str(rng.choice(["contiguous", "cache_slice", "transposed", "broadcast"])),
         str(rng.choice(["normal", "wide", "equal"])), bool(rng.random() < 0.15))
+    # Drawn after the fields above, so older seeds keep those.
+    u = rng.random()
+    if u < 0.1:  # a long cache: many key chunks
+        case.S = max(case.S, int(rng.integers(2000, 9001)))
+        # At most about 2e8 multiply-adds for the fp64 reference.
+        case.B, case.L, case.group, case.Dh = 1, min(case.L, 4), min(case.group, 6), min(case.Dh, 128)
+    elif u < 0.2 and case.L > 1:  # a longer prompt: several tiles of rows
+        case.L = int(rng.integers(17, 41))
+        case.S = max(case.S, case.L)
+    sizes = [g for g in (32, 64, 128) if case.Dh % g == 0]
+    if rng.random() < 0.5 and sizes:
+        case.kv_bits = int(rng.choice([4, 8]))
+        case.kv_group_size = int(rng.choice(sizes))
+    return case
 
 
 def _draw_norm_rope(seed, rng) -> NormRopeCase:
@@ -766,7 +789,7 @@ def _copy_gate_row(gate, a: int, b: int) -> None:
 
 
 def _attention_reference(q, k, v, scale, causal) -> np.ndarray:
-    q, k, v = _np(q), _np(k), _np(v)
+    q, k, v = (_np(a) if isinstance(a, mx.array) else a for a in (q, k, v))
     L, S = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -790,6 +813,26 @@ def _cache_view(a64: np.ndarray, layout: str, dtype, rng) -> mx.array:
     return a
 
 
+def _quantized_view(a64: np.ndarray, layout: str, dtype, bits: int, group_size: int, rng):
+    """`a64` [B, H, S, Dh] quantized as QuantizedKVCache stores it, (codes,
+    scales, biases) each in the layout a cache may hand over, and its fp64
+    dequantized values (scale·code + bias in fp32, as the kernel reads them)."""
+    parts = mx.quantize(mx.array(a64.astype(np.float32)).astype(dtype), group_size=group_size, bits=bits)
+    deq = np.array(mx.dequantize(parts[0], parts[1].astype(mx.float32), parts[2].astype(mx.float32),
+                                 group_size, bits), dtype=np.float64)
+    views = []
+    for p in parts:
+        if layout == "cache_slice":
+            pad = int(rng.integers(1, 300))
+            p = mx.concatenate([p, mx.zeros(p.shape[:2] + (pad, p.shape[3]), dtype=p.dtype)], axis=2)[:, :, : a64.shape[2]]
+        elif layout == "transposed":
+            p = mx.contiguous(p.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+        elif layout == "broadcast":
+            p = mx.broadcast_to(p[:1], p.shape)
+        views.append(p)
+    return tuple(views), deq
+
+
 def check_attention(c: AttentionCase, backend) -> None:
     rng = np.random.default_rng(c.seed + 3)
     dtype, Hq = DTYPES[c.dtype], c.Hkv * c.group
@@ -800,18 +843,33 @@ def check_attention(c: AttentionCase, backend) -> None:
     if c.layout == "broadcast":  # every batch entry the same
         k64[:], v64[:] = k64[:1], v64[:1]
     q = mx.array(q64.astype(np.float32)).astype(dtype)
-    k, v = _cache_view(k64, c.layout, dtype, rng), _cache_view(v64, c.layout, dtype, rng)
     scale, mask = c.Dh ** -0.5, "causal" if c.causal else None
-    run = lambda q: backend.attention(q, k, v, scale, mask)
+    if c.kv_bits:
+        (kq, k_deq), (vq, v_deq) = (_quantized_view(a, c.layout, dtype, c.kv_bits, c.kv_group_size, rng)
+                                    for a in (k64, v64))
+        run = lambda q: fm.quantized_scaled_dot_product_attention(
+            q, kq, vq, scale=scale, mask=mask, bits=c.kv_bits, group_size=c.kv_group_size, stream=backend.stream)
+        with mx.stream(backend.stream):
+            # mlx-lm scales its queries in place: a copy.
+            stock = quantized_scaled_dot_product_attention(
+                mx.array(q), kq, vq, scale=scale, mask=mask, group_size=c.kv_group_size, bits=c.kv_bits)
+        ref = _attention_reference(q, k_deq, v_deq, scale, c.causal)
+    else:
+        k, v = _cache_view(k64, c.layout, dtype, rng), _cache_view(v64, c.layout, dtype, rng)
+        run = lambda q: backend.attention(q, k, v, scale, mask)
+        stock = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=backend.stream)
+        ref = _attention_reference(q, k, v, scale, c.causal)
     out = run(q)
-    stock = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=backend.stream)
     if out.shape != q.shape or out.dtype != dtype:
         raise Failure(f"attention returned {out.dtype}{tuple(out.shape)}")
-    assert_within_tolerance(out, stock, _attention_reference(q, k, v, scale, c.causal), dtype, "attention")
+    assert_within_tolerance(out, stock, ref, dtype, "quantized attention" if c.kv_bits else "attention")
     if backend.name == "cpu":
-        other = _with_threads(3, lambda: run(q))
-        if not np.array_equal(np.array(other.astype(mx.float32)), np.array(out.astype(mx.float32))):
-            raise Failure("attention differs between thread counts")
+        # One thread never splits the keys; three split them where there
+        # are few tiles.
+        for n in (1, 3):
+            other = _with_threads(n, lambda: run(q))
+            if not np.array_equal(np.array(other.astype(mx.float32)), np.array(out.astype(mx.float32))):
+                raise Failure(f"attention differs between thread counts ({n} and {fm.get_num_threads()})")
     if c.nan_query:
         b, h, l = (int(rng.integers(0, n)) for n in (c.B, Hq, c.L))
         bad = np.array(q.astype(mx.float32))
