@@ -24,7 +24,9 @@ Cases:
   reference model; the output says which.
 * ``minimax``: a synthetic Hugging Face MiniMax checkpoint (random weights)
   through ``fused_moe.convert(..., calibrate=TEXT)`` and without, both
-  ``--to stock``, compared with mlx-lm on the bf16 source.
+  ``--to stock``, compared with mlx-lm on the bf16 source; one calibrated
+  conversion per ``--variants`` entry (how the experts are calibrated), with
+  each layer's held-out output error.
 * ``speed``: the weighted search, GPTQ, and GPTQ as it was before the
   native column pass (``fused_moe.quant.gptq_reference``) on one REAP expert
   (gate and up stacked, [3072, 3072] sharing one hessian, and down
@@ -405,6 +407,30 @@ def _logits_and_routing(model, inp: mx.array) -> tuple[np.ndarray, list[np.ndarr
     return logits, chosen
 
 
+def parse_variants(spec: str) -> list[tuple[str, object]]:
+    """--variants: comma-separated STATS[/sTOKENS][/mTOKENS], e.g.
+    "diagonal,full,full/m256": the experts' statistics (full or diagonal),
+    the shrinkage strength and the near-miss top-up target."""
+    from fused_moe.quant.calibrate import ExpertCalibration
+
+    out = []
+    for name in spec.split(","):
+        stats, *rest = name.split("/")
+        kw = {"statistics": stats}
+        for part in rest:
+            if part[:1] == "s":
+                kw["shrinkage"] = float(part[1:])
+            elif part[:1] == "m":
+                kw["min_tokens"] = int(part[1:])
+            else:
+                sys.exit(f"quant_quality: --variants {name!r}: expected STATS[/sTOKENS][/mTOKENS]")
+        try:
+            out.append((name, ExpertCalibration(**kw)))
+        except ValueError as e:
+            sys.exit(f"quant_quality: --variants {name!r}: {e}")
+    return out
+
+
 def run_minimax(args) -> None:
     import copy
     import tempfile
@@ -419,44 +445,61 @@ def run_minimax(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from hf_checkpoints import SMALL_HF, write_hf_checkpoint
 
-    config = dict(SMALL_HF, num_local_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
+    variants = parse_variants(args.variants)
+    config = dict(SMALL_HF, num_local_experts=args.minimax_experts, num_experts_per_tok=args.minimax_top_k,
+                  num_hidden_layers=args.minimax_layers)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False)
         kw = dict(recipe="seed-3.7bit", to="stock")
         t0 = time.perf_counter()
-        rtn_summary = fm.convert(src, tmp / "rtn", **kw)
-        t_rtn = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cal_summary = fm.convert(src, tmp / "cal", calibrate=args.text, calib_tokens=args.minimax_tokens,
-                                 calib_seq_len=args.seq_len, **kw)
-        t_cal = time.perf_counter() - t0
+        summaries = {"RTN": fm.convert(src, tmp / "rtn", **kw)}
+        times = {"RTN": time.perf_counter() - t0}
+        for name, options in variants:
+            t0 = time.perf_counter()
+            summaries[name] = fm.convert(src, tmp / f"cal-{len(times)}", calibrate=args.text,
+                                         calib_tokens=args.minimax_tokens, calib_seq_len=args.seq_len,
+                                         calib_experts=options, **kw)
+            times[name] = time.perf_counter() - t0
         held = prepare(open_source(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
         reference, _ = load_model(src, strict=False)
         reference.update(tree_map(lambda a: a.astype(mx.float32), reference.parameters()))
-        rtn = _dequantized_model(copy.deepcopy(reference), tmp / "rtn")
-        cal = _dequantized_model(copy.deepcopy(reference), tmp / "cal")
-        ms = [Metrics() for _ in range(3)]
-        overlap = [[0.0, 0] for _ in range(3)]  # top-k overlap with the reference's routing
+        names = list(summaries)
+        models = [reference] + [_dequantized_model(copy.deepcopy(reference), tmp / d) for d in
+                                ["rtn"] + [f"cal-{i}" for i in range(1, len(names))]]
+        ms = [Metrics() for _ in models]
+        overlap = [[0.0, 0] for _ in models]  # top-k overlap with the reference's routing
         for i in range(0, len(held), args.batch):
             x = held[i:i + args.batch]
             inp, tgt = mx.array(x[:, :-1]), x[:, 1:]
             ref, ref_chosen = _logits_and_routing(reference, inp)
-            for m, o, model in zip(ms, overlap, (reference, rtn, cal)):
+            for m, o, model in zip(ms, overlap, models):
                 logits, chosen = (ref, ref_chosen) if model is reference else _logits_and_routing(model, inp)
                 m.add(ref, logits, tgt)
                 total, count = routing_overlap(ref_chosen, chosen)
                 o[0] += total
                 o[1] += count
-    print(f"conversion: RTN {t_rtn:.1f} s, calibrated {t_cal:.1f} s")
+    print("conversion: " + ", ".join(f"{n} {t:.1f} s" for n, t in times.items()))
     print_table(
         f"synthetic MiniMax (random weights; D={config['hidden_size']}, H={config['intermediate_size']}, "
         f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
-        f"fused-moe convert --recipe seed-3.7bit [--calibrate] ({held[:, 1:].size} held-out tokens)",
+        f"fused-moe convert --recipe seed-3.7bit [--calibrate ...] ({held[:, 1:].size} held-out tokens); "
+        f"calibrated rows: the experts' STATS[/s shrinkage tokens][/m near-miss top-up tokens]",
         [(name, {**m.row(), "routing": o[0] / max(o[1], 1)}, bpw) for name, m, o, bpw in zip(
-            ("reference", "RTN", "calibrated"), ms, overlap,
-            (16.0, rtn_summary.bits_per_weight, cal_summary.bits_per_weight))],
+            ["reference"] + names, ms, overlap, [16.0] + [summaries[n].bits_per_weight for n in names])],
     )
+    print("\nheld-out relative output error per layer (each conversion on its own hidden states):")
+    first = summaries[names[1]].calibration.layers if len(names) > 1 else []
+    print(f"{'method':<16} " + " ".join(f"{'layer ' + str(i):>9}" for i in range(len(first))) + f" {'mean':>9}")
+    rows = [("RTN", [r.rtn_error for r in first])] + [
+        (n, [r.calibrated_error for r in summaries[n].calibration.layers]) for n in names[1:]]
+    for name, errors in rows:
+        print(f"{name:<16} " + " ".join(f"{e:>9.4f}" for e in errors) + f" {np.mean(errors):>9.4f}")
+    for n in names[1:]:
+        layers = summaries[n].calibration.layers
+        print(f"{n}: fewest tokens routed to an expert per layer {[r.min_expert_tokens for r in layers]}, "
+              f"experts below the shrinkage strength {[r.fallback_experts for r in layers]}, "
+              f"topped up {[r.topped_up_experts for r in layers]}")
 
 
 # ---------------------------------------------------------------- speed
@@ -520,6 +563,13 @@ def main(argv=None) -> None:
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration plus held-out tokens")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--minimax-tokens", type=int, default=8192, help="minimax: --calib-tokens of the conversion")
+    p.add_argument("--minimax-experts", type=int, default=16, help="minimax: experts per layer")
+    p.add_argument("--minimax-top-k", type=int, default=4, help="minimax: experts per token")
+    p.add_argument("--minimax-layers", type=int, default=4, help="minimax: decoder layers")
+    p.add_argument("--variants", default="diagonal,full",
+                   help="minimax: calibrated conversions, comma-separated STATS[/sTOKENS][/mTOKENS]: the experts' "
+                   "statistics (full: per-expert hessians, GPTQ; diagonal: the weighted search, the converter "
+                   "before per-expert hessians), shrinkage strength, near-miss top-up target (default diagonal,full)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)

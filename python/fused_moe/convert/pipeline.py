@@ -424,6 +424,7 @@ def convert(
     calibrate=None,
     calib_tokens: int = calibration_mod.DEFAULT_CALIB_TOKENS,
     calib_seq_len: int = calibration_mod.DEFAULT_CALIB_SEQ_LEN,
+    calib_experts: Optional[calibration_mod.ExpertCalibration] = None,
 ) -> Summary:
     """Converts a MiniMax checkpoint to a packed fused_moe checkpoint (or,
     with ``to="stock"``, to a plain mlx-lm one).
@@ -439,6 +440,8 @@ def convert(
     text, layer by layer (``fused_moe.quant``): at most ``calib_tokens``
     tokens in sequences of ``calib_seq_len``, 10% of them held out for the
     per-layer error report. Same bits per weight as without.
+    ``calib_experts`` (a ``fused_moe.quant.calibrate.ExpertCalibration``)
+    overrides how the experts are calibrated.
     Raises :class:`ConversionError` for bad input.
     """
     from tqdm import tqdm
@@ -450,6 +453,8 @@ def convert(
     recipe_obj, units = _target(source, recipe, bits, group_size, to)
     _check_target(units, to)
     data = None
+    if calib_experts is not None and calibrate is None:
+        raise ConversionError("calib_experts (--calib-expert-*) applies only with calibrate (--calibrate)")
     if calibrate is not None:
         data = calibration_mod.prepare(source, Path(calibrate), calib_tokens, calib_seq_len, verify)
     plans = [plan_unit(stored, to) for stored in units]
@@ -467,7 +472,7 @@ def convert(
         try:
             converter = _Converter(source, recipe_obj, units, to, writer)
             calibrated = None if data is None else calibration_mod.CalibratedLayers(
-                source, recipe_obj, data, Path(calibrate))
+                source, recipe_obj, data, Path(calibrate), calib_experts)
             labels = [label for label, _ in source.model.units()]
             bar = tqdm(list(zip(labels, units)), desc="calibrating" if calibrated else "converting", unit="unit",
                        file=sys.stderr)
