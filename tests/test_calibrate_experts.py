@@ -223,3 +223,11 @@ def test_statistics_memory_does_not_grow_with_the_experts():
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         cal.ExpertCalibration(**kw)
+
+
+def test_experts_the_recipe_keeps_are_not_recorded():
+    layer, x = tiny_layer(), states()
+    quants = {f"self_attn.{n}": (4, 32) for n in ("q_proj", "k_proj", "v_proj")}
+    triples, report = cal.Calibrator(x, x[:1]).layer(layer, quants, mx.bfloat16)
+    assert set(triples) == set(quants) and report.min_expert_tokens is None and report.topped_up_experts == 0
+    assert isinstance(layer.block_sparse_moe.switch_mlp, type(tiny_layer().block_sparse_moe.switch_mlp))

@@ -67,8 +67,9 @@ class CalibrationSummary:
     def lines(self) -> list[str]:
         out = [f"calibration: {self.calibration_tokens} tokens from {self.text} in sequences of {self.seq_len}, "
                f"{self.held_out_tokens} held out"]
-        if self.layers:
-            fewest = min(range(len(self.layers)), key=lambda i: self.layers[i].min_expert_tokens)
+        with_experts = [i for i, r in enumerate(self.layers) if r.min_expert_tokens is not None]
+        if with_experts:
+            fewest = min(with_experts, key=lambda i: self.layers[i].min_expert_tokens)
             fallback = sum(r.fallback_experts for r in self.layers)
             topped_up = sum(r.topped_up_experts for r in self.layers)
             x = self.experts
@@ -77,6 +78,7 @@ class CalibrationSummary:
                 f"{self.layers[fewest].min_expert_tokens} (layer {fewest}); {fallback} experts had fewer than "
                 f"{x.shrinkage:g} and lean on their prior statistics"
                 + (f"; {topped_up} got near-miss samples up to {x.min_tokens}" if x.min_tokens else ""))
+        if self.layers:
             out.append("held-out relative output error per layer (RTN -> calibrated):")
             out += [f"  layer {i}: {r.rtn_error:.4f} -> {r.calibrated_error:.4f}" for i, r in enumerate(self.layers)]
         return out

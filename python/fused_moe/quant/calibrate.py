@@ -303,7 +303,9 @@ class Calibrator:
         originals = {n: getattr(attn, n) for n in ATTENTION}
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(attn, n, _Recorded(originals[n], o if n == "o_proj" else qkv if n == "q_proj" else None))
-        recorder = _RecordedExperts(sw, moe, NEAR_MISS_RANKS if self.experts.min_tokens else 0)
+        # The experts' inputs are recorded only where the recipe quantizes them.
+        recorder = (_RecordedExperts(sw, moe, NEAR_MISS_RANKS if self.experts.min_tokens else 0)
+                    if any(f"{SWITCH}.{p}" in quants for p in EXPERT_PROJECTIONS) else sw)
         moe.switch_mlp = recorder
         try:
             self._run(layer, self.calibration)
@@ -328,10 +330,12 @@ class Calibrator:
             bounds = np.cumsum([0] + [weights[p].shape[0] for p in shared])
             for p, r0, r1 in zip(shared, bounds[:-1], bounds[1:]):
                 calibrated[p] = tuple(a[int(r0):int(r1)] for a in stacked)
-        stats = _ExpertStatistics(recorder, sw, self.experts)
-        calibrated.update(self._experts(stats, sw, quants, dtype))
-        counts, topped_up = stats.counts, int((stats.topped_up > 0).sum())
-        del stats
+        counts, topped_up = None, 0
+        if recorder is not sw:
+            stats = _ExpertStatistics(recorder, sw, self.experts)
+            calibrated.update(self._experts(stats, sw, quants, dtype))
+            counts, topped_up = stats.counts, int((stats.topped_up > 0).sum())
+            del stats
         for path, (bits, gs) in quants.items():
             w = weights[path].astype(dtype)
             if path not in calibrated:
@@ -348,8 +352,8 @@ class Calibrator:
                 self.held_out = y
                 self.calibration = self._run(layer, self.calibration)
         _restore(layer, weights)
-        report = LayerReport(errors["rtn"], errors["calibrated"], int(counts.min()),
-                             int((counts < self.experts.shrinkage).sum()), topped_up)
+        report = LayerReport(errors["rtn"], errors["calibrated"], None if counts is None else int(counts.min()),
+                             0 if counts is None else int((counts < self.experts.shrinkage).sum()), topped_up)
         self.reports.append(report)
         return calibrated, report
 
