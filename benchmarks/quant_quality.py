@@ -588,7 +588,9 @@ def run_expert_stats(args) -> None:
     logits = rng.normal(0, 1.5, E)[None, :] + rng.gumbel(size=(N, E))
     ranked = np.argsort(-logits, axis=1)[:, :k + cal.NEAR_MISS_RANKS].astype(np.int32)
     near_scores = np.take_along_axis(logits, ranked[:, k:], 1).astype(np.float32)
-    x = rng.normal(size=(N, D)).astype(np.float32)
+    x = np.empty((N, D), np.float32)  # filled in pieces: no float64 copy inflates the peak
+    for i in range(0, N, 1024):
+        x[i:i + 1024] = rng.standard_normal((min(1024, N - i), D), dtype=np.float32)
     recorder = SimpleNamespace(finish=lambda: (x, ranked[:, :k], ranked[:, k:], near_scores))
     switch = SimpleNamespace(gate_proj=SimpleNamespace(weight=_Experts(E, H, D, 1)),
                              up_proj=SimpleNamespace(weight=_Experts(E, H, D, 2)))
