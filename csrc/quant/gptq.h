@@ -15,12 +15,14 @@
 // rather than that of H⁻¹ (the nearest-plane form: the same columns and
 // codes in exact arithmetic, half the factorization's work, no inverse).
 //
-// At each group's first column the group's (scale, bias) is chosen on the
-// weights as updated so far by the weighted search of quantizer.py's
-// `_search`, operation for operation in float32 (no fused multiply-adds,
-// sums in numpy's pairwise order), so that a block whose columns receive no
-// updates gives exactly the numpy search's result; its first candidate is
-// mx.quantize's own pair of the group rounded to the stored dtype.
+// At each group's first column the group's (scale, bias) is chosen by the
+// weighted search of quantizer.py's `_search` on the group's weights as
+// GPTQ has them then (the columns before it rounded, the group's own not
+// yet: see run_tile), operation for operation in float32 (no fused
+// multiply-adds, sums in numpy's pairwise order), so that a block whose
+// columns receive no updates gives exactly the numpy search's result; its
+// first candidate is mx.quantize's own pair of the group rounded to the
+// stored dtype. The codes are written in MLX's packing.
 //
 // The matrix is held transposed, [in, rows] (one input column per row), so
 // the op vectorizes over weight rows; rows are independent, so any number of
