@@ -15,6 +15,7 @@
 #include "metal/launch_plan.h"
 #include "metal/metal_source.h"
 #include "ops.h"
+#include "quant/gptq.h"
 
 namespace nb = nanobind;
 namespace fm = fused_moe;
@@ -224,6 +225,64 @@ NB_MODULE(_ext, m) {
       "Reads every byte of a C-contiguous CPU buffer (e.g. a numpy array) "
       "once on the CPU kernels' threads; returns the seconds taken (the "
       "benchmark's bandwidth probe).");
+
+  // GPTQ's column pass for the calibrated quantizer (fused_moe/quant).
+  using F32 = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+  using U32 = nb::ndarray<uint32_t, nb::c_contig, nb::device::cpu>;
+  m.def(
+      "gptq_block",
+      [](F32 cur, F32 orig, F32 coef, F32 diag, U32 packed, int64_t first_column,
+         F32 delta, F32 scales, F32 biases, int bits, int group_size,
+         const std::string& scale_dtype) {
+        namespace q = fused_moe::quant;
+        auto shape = [](const char* name, const auto& a) {
+          q::GptqBuffer b{name, {}};
+          for (size_t i = 0; i < a.ndim(); ++i) {
+            b.shape.push_back(static_cast<int64_t>(a.shape(i)));
+          }
+          return b;
+        };
+        using fused_moe::cpu::FloatType;
+        FloatType t;
+        if (scale_dtype == "float32") {
+          t = FloatType::f32;
+        } else if (scale_dtype == "float16") {
+          t = FloatType::f16;
+        } else if (scale_dtype == "bfloat16") {
+          t = FloatType::bf16;
+        } else {
+          throw std::invalid_argument(
+              "gptq_block: scale_dtype must be float32, float16 or bfloat16, got '" +
+              scale_dtype + "'");
+        }
+        if (first_column < 0 || (first_column * bits) % 32) {
+          throw std::invalid_argument(
+              "gptq_block: first_column " + std::to_string(first_column) +
+              " does not start a 32-bit word at " + std::to_string(bits) + " bits");
+        }
+        const std::vector<q::GptqBuffer> given = {
+            shape("cur", cur), shape("orig", orig), shape("coef", coef),
+            shape("diag", diag), shape("packed", packed), shape("delta", delta),
+            shape("scales", scales), shape("biases", biases)};
+        auto dim = [](const auto& a, size_t i) {
+          return a.ndim() == 2 ? static_cast<int64_t>(a.shape(i)) : int64_t{0};
+        };
+        q::GptqBlockArgs a{cur.data(), orig.data(), coef.data(), diag.data(),
+                           packed.data(), dim(packed, 1), first_column * bits / 32,
+                           delta.data(), scales.data(), biases.data(),
+                           dim(cur, 1), static_cast<int>(dim(cur, 0)),
+                           bits, group_size, t};
+        nb::gil_scoped_release release;
+        q::gptq_block(a, given);
+      },
+      "cur"_a.noconvert(), "orig"_a.noconvert(), "coef"_a.noconvert(),
+      "diag"_a.noconvert(), "packed"_a.noconvert(), "first_column"_a,
+      "delta"_a.noconvert(), "scales"_a.noconvert(), "biases"_a.noconvert(),
+      "bits"_a, "group_size"_a, "scale_dtype"_a,
+      "GPTQ's column pass over one block of columns, in place, on the CPU "
+      "kernels' threads (numpy buffers; see csrc/quant/gptq.h and "
+      "fused_moe.quant.quantizer).");
+  m.attr("GPTQ_MAX_BLOCK") = fused_moe::quant::kGptqMaxBlock;
 
   // The Metal launch plan and the Metal Primitive inputs, for the tests and
   // the Linux emulator (tests/tools/metal_emulator/).

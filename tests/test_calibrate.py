@@ -166,6 +166,47 @@ def test_bad_calibration_text(case, hf_bf16, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--calib-shrinkage", "-1"], r"--calib-shrinkage.*expert shrinkage -1.0: expected a finite number of tokens >= 0"),
+    (["--calib-min-expert-tokens", "-5"], r"expert min_tokens -5: expected a whole number of tokens >= 0"),
+    (["--calib-shrinkage", "nan"], r"expert shrinkage nan"),
+])
+def test_bad_expert_calibration_options(args, expected, hf_bf16, text, tmp_path, capsys):
+    code, out, err = run_cli([hf_bf16, tmp_path / "out", "--recipe", SEED, "--calibrate", text, *args], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    import re
+
+    assert re.search(expected, err.strip().splitlines()[-1]), err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_expert_options_need_calibrate(hf_bf16, tmp_path, capsys):
+    code, out, err = run_cli([hf_bf16, tmp_path / "out", "--recipe", SEED, "--calib-min-expert-tokens", "64"], capsys)
+    assert code == 1 and "applies only with calibrate (--calibrate)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_expert_options_reach_the_calibration(hf_bf16, text, tmp_path):
+    """Diagonal statistics with near-miss samples: the summary says which,
+    and the experts differ from the default (full statistics, GPTQ)."""
+    from fused_moe.quant.calibrate import ExpertCalibration
+
+    options = ExpertCalibration("diagonal", 32.0, 400)
+    summary = fm.convert(hf_bf16, tmp_path / "diag", recipe=SEED, to="stock", calibrate=text, calib_tokens=TOKENS,
+                         calib_seq_len=SEQ_LEN, calib_experts=options)
+    lines = "\n".join(summary.lines())
+    assert "experts (diagonal statistics)" in lines and "fewer than 32 and lean on their prior" in lines
+    assert sum(r.topped_up_experts for r in summary.calibration.layers) > 0 and "near-miss samples up to 400" in lines
+    full = fm.convert(hf_bf16, tmp_path / "full", recipe=SEED, to="stock", calibrate=text, calib_tokens=TOKENS,
+                      calib_seq_len=SEQ_LEN)
+    assert "experts (full statistics)" in "\n".join(full.lines())
+    a, b = load_tensors(tmp_path / "diag"), load_tensors(tmp_path / "full")
+    name = "model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight"
+    assert not mx.array_equal(a[name], b[name]).item()
+    name = "model.layers.0.self_attn.q_proj.weight"  # attention statistics are the same
+    assert mx.array_equal(a[name], b[name]).item()
+
+
 def test_calibration_needs_a_hugging_face_source(tmp_path, text):
     stock = make_checkpoint(tmp_path / "stock", dict(SMALL, num_hidden_layers=1))
     with pytest.raises(ConversionError, match="mlx-lm quantized checkpoint, which holds no original weights to calibrate"):
@@ -210,7 +251,7 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path, text):
 
 def test_head_is_quantized_by_gptq_with_its_full_hessian():
     """The driver hands lm_head the full E[x x^T] of the final norm's output,
-    so "auto" is GPTQ there (the experts get diagonals: the weighted search)."""
+    so "auto" is GPTQ there."""
     import mlx.nn as nn
 
     from fused_moe.quant import InputStats, quantize_weight

@@ -8,6 +8,8 @@ import sys
 from fused_moe.conversion.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS
 from fused_moe.conversion.pipeline import convert
 from fused_moe.conversion.recipes import RECIPES
+from fused_moe.errors import ConversionError
+from fused_moe.quant import calibrate as cal
 from fused_moe.supported import AFFINE_GROUP_SIZES, FP_MODES
 
 
@@ -45,6 +47,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"at most N calibration tokens, 10%% held out (default {DEFAULT_CALIB_TOKENS})")
     parser.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="L",
                         help=f"tokens per calibration sequence (default {DEFAULT_CALIB_SEQ_LEN})")
+    parser.add_argument(
+        "--calib-expert-stats", choices=cal.STATISTICS, metavar="KIND",
+        help=f"with --calibrate: the experts' statistics, {' or '.join(cal.STATISTICS)} (full: per-expert hessians, "
+        f"GPTQ; diagonal: E[x^2], the weighted search; default {cal.EXPERT_STATISTICS})")
+    parser.add_argument(
+        "--calib-shrinkage", type=float, metavar="TOKENS",
+        help=f"with --calibrate: tokens at which an expert's own statistics weigh as much as its prior "
+        f"(default {cal.SHRINKAGE_TOKENS:g})")
+    parser.add_argument(
+        "--calib-min-expert-tokens", type=int, metavar="N",
+        help=f"with --calibrate: experts routed fewer tokens get samples from near misses (tokens that ranked "
+        f"them just below their top k) up to N, for their statistics only (default {cal.MIN_EXPERT_TOKENS})")
+
+
+def _expert_calibration(args: argparse.Namespace):
+    """The --calib-expert-* options (None where none is given)."""
+    given = {k: v for k, v in (("statistics", args.calib_expert_stats), ("shrinkage", args.calib_shrinkage),
+                               ("min_tokens", args.calib_min_expert_tokens)) if v is not None}
+    if not given:
+        return None
+    try:
+        return cal.ExpertCalibration(**given)
+    except ValueError as e:
+        raise ConversionError(f"--calib-expert-stats/--calib-shrinkage/--calib-min-expert-tokens: {e}") from None
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -53,6 +79,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode,
             to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
             calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+            calib_experts=_expert_calibration(args),
         )
     except KeyboardInterrupt:
         print(f"fused-moe convert: interrupted; {args.dst} was not written", file=sys.stderr)

@@ -22,7 +22,7 @@ from fused_moe.checkpoint.storage import Stored
 from fused_moe.conversion.recipes import Recipe
 from fused_moe.conversion.sources import FromHuggingFace
 from fused_moe.errors import ConversionError
-from fused_moe.quant.calibrate import SHRINKAGE_TOKENS, Calibrator, LayerReport
+from fused_moe.quant.calibrate import Calibrator, ExpertCalibration, LayerReport
 from fused_moe.quant.text import CalibrationTextError, CalibrationTokens, read_texts, tokenize
 
 DEFAULT_CALIB_TOKENS = 131072
@@ -59,16 +59,23 @@ class CalibrationSummary:
     held_out_tokens: int
     seq_len: int
     layers: list  # LayerReport per decoder layer
+    experts: ExpertCalibration = ExpertCalibration()
 
     def lines(self) -> list[str]:
         out = [f"calibration: {self.calibration_tokens} tokens from {self.text} in sequences of {self.seq_len}, "
                f"{self.held_out_tokens} held out"]
-        if self.layers:
-            fewest = min(range(len(self.layers)), key=lambda i: self.layers[i].min_expert_tokens)
+        with_experts = [i for i, r in enumerate(self.layers) if r.min_expert_tokens is not None]
+        if with_experts:
+            fewest = min(with_experts, key=lambda i: self.layers[i].min_expert_tokens)
             fallback = sum(r.fallback_experts for r in self.layers)
+            topped_up = sum(r.topped_up_experts for r in self.layers)
+            x = self.experts
             out.append(
-                f"experts: fewest calibration tokens {self.layers[fewest].min_expert_tokens} (layer {fewest}); "
-                f"{fallback} experts had fewer than {SHRINKAGE_TOKENS} and lean on their layer's pooled statistics")
+                f"experts ({x.statistics} statistics): fewest calibration tokens "
+                f"{self.layers[fewest].min_expert_tokens} (layer {fewest}); {fallback} experts had fewer than "
+                f"{x.shrinkage:g} and lean on their prior statistics"
+                + (f"; {topped_up} got near-miss samples up to {x.min_tokens}" if x.min_tokens else ""))
+        if self.layers:
             out.append("held-out relative output error per layer (RTN -> calibrated):")
             out += [f"  layer {i}: {r.rtn_error:.4f} -> {r.calibrated_error:.4f}" for i, r in enumerate(self.layers)]
         return out
@@ -77,10 +84,12 @@ class CalibrationSummary:
 class CalibratedLayers:
     """Per unit of the conversion, the calibrated triples by module path."""
 
-    def __init__(self, source: FromHuggingFace, recipe: Recipe, data: CalibrationTokens, text: Path):
+    def __init__(self, source: FromHuggingFace, recipe: Recipe, data: CalibrationTokens, text: Path,
+                 experts: Optional[ExpertCalibration] = None):
         from mlx_lm.models import minimax
 
         self.source, self.recipe, self.data, self.text = source, recipe, data, text
+        self.experts = experts or ExpertCalibration()
         self.args = minimax.ModelArgs.from_dict(source.checkpoint.config)
         self.calibrator: Optional[Calibrator] = None
 
@@ -90,7 +99,7 @@ class CalibratedLayers:
     def embedding(self, table: mx.array) -> None:
         """Starts the hidden states from the embedding as written (dequantized)."""
         self.calibrator = Calibrator.from_embedding(table.astype(mx.float32), self.data.calibration,
-                                                    self.data.held_out)
+                                                    self.data.held_out, experts=self.experts)
 
     def layer(self, stored: list[Stored]) -> dict[str, tuple]:
         from mlx_lm.models import minimax
@@ -131,4 +140,4 @@ class CalibratedLayers:
 
     def summary(self) -> CalibrationSummary:
         return CalibrationSummary(self.text, self.data.calibration.size, self.data.held_out.size, self.data.seq_len,
-                                  list(self.calibrator.reports) if self.calibrator else [])
+                                  list(self.calibrator.reports) if self.calibrator else [], self.experts)

@@ -200,6 +200,7 @@ def convert(
     calibrate=None,
     calib_tokens: int = calibration_mod.DEFAULT_CALIB_TOKENS,
     calib_seq_len: int = calibration_mod.DEFAULT_CALIB_SEQ_LEN,
+    calib_experts: Optional[calibration_mod.ExpertCalibration] = None,
 ) -> Summary:
     """Converts a MiniMax checkpoint to a packed fused_moe checkpoint (or,
     with ``to="stock"``, to a plain mlx-lm one).
@@ -218,6 +219,8 @@ def convert(
     text, layer by layer (``fused_moe.quant``): at most ``calib_tokens``
     tokens in sequences of ``calib_seq_len``, 10% of them held out for the
     per-layer error report. Same bits per weight as without.
+    ``calib_experts`` (a ``fused_moe.quant.calibrate.ExpertCalibration``)
+    overrides how the experts are calibrated.
     Raises :class:`ConversionError` for bad input.
     """
     from tqdm import tqdm
@@ -231,6 +234,8 @@ def convert(
     recipe_obj, units = source.target(recipe, bits, group_size, mode)
     _check_target(units, to)
     data = None
+    if calib_experts is not None and calibrate is None:
+        raise ConversionError("calib_experts (--calib-expert-*) applies only with calibrate (--calibrate)")
     if calibrate is not None:
         source.require_original_weights("calibrate")
         if recipe_obj.default.mode != "affine":
@@ -250,7 +255,7 @@ def convert(
         try:
             writing = _Writing(source, recipe_obj, to, writer)
             calibrated = None if data is None else calibration_mod.CalibratedLayers(
-                source, recipe_obj, data, Path(calibrate))
+                source, recipe_obj, data, Path(calibrate), calib_experts)
             labels = [label for label, _ in checkpoint.model.units()]
             bar = tqdm(list(zip(labels, units)), desc="calibrating" if calibrated else "converting", unit="unit",
                        file=sys.stderr)

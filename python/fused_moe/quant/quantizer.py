@@ -15,9 +15,13 @@ among the candidates makes the result never worse than RTN under it.
 GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for
 Generative Pre-trained Transformers", 2022) reads the full Hessian: it rounds
 the columns in order and spreads each column's error over the columns still
-to come, through the Cholesky factor of H^-1, so that correlated inputs make
-up for each other. Each group's (scale, bias) is chosen by the weighted search
-on the weights as updated when the group's first column is reached.
+to come, so that correlated inputs make up for each other. Each group's
+(scale, bias) is chosen by the weighted search on the weights as updated when
+the group's first column is reached. The update is GPTQ's, written with the
+Cholesky factor of H rather than that of H^-1 (the same codes in exact
+arithmetic; one factorization, no inverse), and the column pass is native
+code (csrc/quant/gptq.h) that repeats the search's float32 arithmetic
+exactly; numpy's BLAS carries each block's errors to the later columns.
 
 "auto" picks by what was measured end to end (KL to the reference model on
 held-out text, SmolLM2-135M-Instruct at 3 bits, group 64;
@@ -51,17 +55,21 @@ MIN_SCALE = 1e-7
 # its nonzero diagonal entries; if the Cholesky factorization fails, the next (larger) value is
 # tried, and past the last one the hessian is refused.
 GPTQ_DAMPING = (0.01, 0.1, 1.0)
-# GPTQ: columns quantized one by one before their error reaches the later
-# columns in one matmul (a multiple of every group size).
-GPTQ_BLOCK = 128
-# GPTQ: the dtype of the weights as they are updated (float64 measured no
-# better end to end; docs/calibration.md).
-GPTQ_UPDATE_DTYPE = np.float32
+# GPTQ: columns quantized one by one (by the native pass, in float32: float64
+# updates measured no better end to end; docs/calibration.md) before their error
+# reaches the later columns in one matmul. The native pass's largest block, a
+# multiple of every group size.
+GPTQ_BLOCK = _ext.GPTQ_MAX_BLOCK
+# GPTQ: columns whose errors reach the columns after them together (a
+# multiple of GPTQ_BLOCK): fewer, larger matmuls over the later columns.
+GPTQ_SPAN = 4 * GPTQ_BLOCK
+# GPTQ: columns per block of the hessian's Cholesky factorization.
+CHOLESKY_BLOCK = 256
 # "auto"'s method when given the full hessian (measured end to end;
 # docs/calibration.md).
 AUTO_WITH_FULL_HESSIAN = "gptq"
-# GPTQ: below this size the triangular inverse is numpy's general inverse.
-TRI_INV_LEAF = 256
+# The stored dtypes by the name the native pass takes.
+_DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
 
 
 def _np_dtype_round(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
@@ -157,11 +165,10 @@ def quantize_weight(w: mx.array, bits: int = 3, group_size: int = 64, hessian=No
     groups = inputs // group_size
     if method == "gptq":
         w32 = np.array(w.astype(mx.float32)).reshape(experts, rows, inputs)
-        with ThreadPoolExecutor(max_workers=_ext.get_num_threads()) as pool:
-            out = [_gptq(w32[e], _inverse_hessian_factor(full[e], e if w.ndim == 3 else None), diag[e],
-                         bits, group_size, w.dtype, pool) for e in range(experts)]
-        codes, scales, biases = (np.stack([o[i] for o in out]) for i in range(3))
-        return _triple(codes, scales, biases, shape, bits, w.dtype)
+        out = [_gptq(w32[e], _gptq_coefficients(full[e], e if w.ndim == 3 else None), diag[e], bits, group_size,
+                     w.dtype) for e in range(experts)]
+        packed, scales, biases = (np.stack([o[i] for o in out]).reshape(*shape[:-1], -1) for i in range(3))
+        return mx.array(packed), mx.array(scales).astype(w.dtype), mx.array(biases).astype(w.dtype)
     rtn = mx.quantize(w, group_size=group_size, bits=bits)
     mx.eval(rtn)
     w32 = np.array(w.astype(mx.float32)).reshape(experts, rows, groups, group_size)
@@ -196,105 +203,104 @@ def _triple(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, shape: tu
             mx.array(biases.reshape(*shape[:-1], groups)).astype(dtype))
 
 
-def _inverse_hessian_factor(h: np.ndarray, expert: Optional[int]) -> np.ndarray:
-    """The upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U), float64.
+def _gptq_coefficients(h: np.ndarray, expert: Optional[int]) -> np.ndarray:
+    """GPTQ's update coefficients from the damped hessian H = Ũ Ũ^T (Ũ upper
+    triangular: the Cholesky factor of H with the column order reversed),
+    float32 [in, in]: coef[k, l] = Ũ_kl / Ũ_ll, read for k < l (the rest is
+    not meaningful). Column l is rounded at w_l + sum_{k<l} (w_k - ŵ_k) coef[k, l],
+    GPTQ's update through the Cholesky factor U of H^-1 (U = Ũ^-1) written
+    without the inverse.
 
     A dead input (H_jj == 0: always zero in calibration) gets H_jj = the mean
     of the nonzero diagonal (GPTQ uses 1), so H is invertible and no error flows into or out
     of that column; unlike GPTQ its weights are kept, not zeroed, so they stay
     right for inputs that calibration never saw. Damping starts at
     GPTQ_DAMPING[0] of the mean diagonal and grows through GPTQ_DAMPING while
-    the factorization fails; then the hessian is refused."""
+    the factorization fails; then the hessian is refused. The factorization
+    is float64."""
     what = "hessian" if expert is None else f"hessian[{expert}]"
     n = h.shape[0]
-    h = h.astype(np.float64)
-    d = np.diagonal(h)
-    dead = np.flatnonzero(d == 0)
+    d = np.diagonal(h).astype(np.float64)
     live = d[d > 0]
     mean = float(live.mean()) if live.size else 1.0
-    h[dead, dead] = mean
-    # U = P L^-1 P with P the reversal and P H P = L L^T: one Cholesky and
-    # one triangular inverse, no general inverse.
-    reversed_h = np.ascontiguousarray(h[::-1, ::-1])
-    del h
+    undamped = np.where(d == 0, mean, d)
     on_diagonal = np.diag_indices(n)
     for damping in GPTQ_DAMPING:
-        damped = reversed_h.copy()
-        damped[on_diagonal] += damping * mean
+        damped = h.astype(np.float64)
+        damped[on_diagonal] = undamped + damping * mean
         try:
-            lower = np.linalg.cholesky(damped)
+            upper = _upper_factor(damped)
         except np.linalg.LinAlgError:
             continue
-        return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
+        coef = np.empty((n, n), np.float32)
+        np.divide(upper, np.diagonal(upper)[None, :], out=coef, casting="same_kind")
+        return coef
     raise ValueError(
         f"{what} {(n, n)} is not positive semidefinite: its Cholesky factorization failed even with "
         f"damping {GPTQ_DAMPING[-1]} x its mean diagonal ({mean:.3g}); E[x x^T] of real inputs is PSD")
 
 
-def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """The inverse of a lower triangular matrix, by halves (a third of a
-    general inverse's work)."""
-    n = lower.shape[0]
-    if n <= TRI_INV_LEAF:
-        return np.tril(np.linalg.inv(lower))
-    k = n // 2
-    top, bottom = _lower_inverse(lower[:k, :k]), _lower_inverse(lower[k:, k:])
-    out = np.zeros_like(lower)
-    out[:k, :k], out[k:, k:] = top, bottom
-    out[k:, :k] = -(bottom @ lower[k:, :k]) @ top
-    return out
+def _upper_factor(a: np.ndarray) -> np.ndarray:
+    """Upper triangular Ũ with Ũ Ũ^T = a (symmetric positive definite,
+    float64), computed in place (the strict lower triangle is left as it
+    was): blocks of CHOLESKY_BLOCK columns from the last, each diagonal block
+    by numpy's Cholesky (which raises LinAlgError where `a` is not positive
+    definite), the rest by matmuls, which numpy's BLAS runs faster than its
+    whole-matrix factorization. With a = [[A, B], [B^T, C]] and C = Ũ_C Ũ_C^T:
+    Ũ_B = B Ũ_C^-T, and A - Ũ_B Ũ_B^T is factored next."""
+    n = a.shape[0]
+    nb = CHOLESKY_BLOCK
+    for k1 in range(n, 0, -nb):
+        k0 = max(0, k1 - nb)
+        # The reversal of the block's lower Cholesky factor is its upper one.
+        upper = np.linalg.cholesky(a[k0:k1, k0:k1][::-1, ::-1])[::-1, ::-1]
+        a[k0:k1, k0:k1] = upper
+        if k0 > 0:
+            panel = a[:k0, k0:k1] @ np.linalg.inv(upper).T
+            a[:k0, k0:k1] = panel
+            # The leading upper triangle, one block column at a time.
+            for j1 in range(k0, 0, -nb):
+                j0 = max(0, j1 - nb)
+                a[:j1, j0:j1] -= panel[:j1] @ panel[j0:j1].T
+    return a
 
 
-def _gptq(w: np.ndarray, u: np.ndarray, d: np.ndarray, bits: int, group_size: int, dtype: mx.Dtype,
-          pool: ThreadPoolExecutor):
+def _gptq(w: np.ndarray, coef: np.ndarray, d: np.ndarray, bits: int, group_size: int, dtype: mx.Dtype):
     """GPTQ (Frantar et al. 2022, lazy batches) of one matrix w [rows, in]
-    float32 with U, the upper Cholesky factor of H^-1: columns in order, each
-    rounded with its group's pair and its error spread over the columns after
-    it (U's row), so later columns absorb what earlier ones lost. At a group's
-    first column the weighted search (column weights d = diag H) picks the
-    group's (scale, bias) on the weights as updated so far. Returns codes
-    [rows, in] uint8 and the pairs [rows, groups] float32 (rounded to dtype)."""
+    float32 with `_gptq_coefficients`' coef: columns in order, each rounded
+    with its group's pair and its error carried to the columns after it, so
+    later columns absorb what earlier ones lost. Within a block of
+    GPTQ_BLOCK columns the native pass (_ext.gptq_block) rounds column by
+    column and, at a group's first column, runs the weighted search (column
+    weights d = diag H) on the weights as GPTQ has updated them; the block's
+    errors then reach the rest of its span of GPTQ_SPAN columns in one numpy
+    matmul, and a span's errors the columns after the span in another (fewer
+    passes over the later columns, the same sums). Returns the packed codes
+    [rows, in * bits / 32] uint32 and the pairs [rows, groups] float32
+    (rounded to dtype)."""
     rows, inputs = w.shape
-    top = float((1 << bits) - 1)
     # Transposed, so that a column of w is a contiguous row here.
-    wt = np.ascontiguousarray(w.T, dtype=GPTQ_UPDATE_DTYPE)
-    u = u.astype(GPTQ_UPDATE_DTYPE)
-    codes = np.empty((inputs, rows), np.uint8)
+    orig = np.ascontiguousarray(w.T, dtype=np.float32)
+    cur = orig.copy()
+    packed = np.empty((rows, inputs * bits // 32), np.uint32)
     groups = inputs // group_size
     scales = np.empty((groups, rows), np.float32)
     biases = np.empty((groups, rows), np.float32)
-    step = max(1, CHUNK_WEIGHTS // group_size)
-    chunks = [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    for b0 in range(0, inputs, GPTQ_BLOCK):
-        b1 = min(inputs, b0 + GPTQ_BLOCK)
-        block = wt[b0:b1]  # a view: updated in place
-        ub = u[b0:b1, b0:b1]
-        err = np.empty((b1 - b0, rows), GPTQ_UPDATE_DTYPE)
-        for i in range(b1 - b0):
-            j = b0 + i
-            if j % group_size == 0:
-                g = j // group_size
-                current = np.ascontiguousarray(block[i:i + group_size].T, dtype=np.float32)
-                _, rs, rb = mx.quantize(mx.array(current).astype(dtype), group_size=group_size, bits=bits)
-                rs, rb = np.array(rs.astype(mx.float32)), np.array(rb.astype(mx.float32))
-
-                def search(sl, g=g, j=j, current=current, rs=rs, rb=rb):
-                    _, s, b = _search(current[sl, None, :], d[None, j:j + group_size], rs[sl], rb[sl], bits, dtype)
-                    scales[g, sl], biases[g, sl] = s[:, 0], b[:, 0]
-
-                # Rows are independent: the result does not depend on the chunks.
-                list(pool.map(search, chunks))
-                s, b = scales[g].astype(GPTQ_UPDATE_DTYPE), biases[g].astype(GPTQ_UPDATE_DTYPE)
-            column = block[i]
-            q = np.clip(np.rint((column - b) / s), 0, top)
-            codes[j] = q
-            e = (column - (q * s + b)) / ub[i, i]
-            err[i] = e
-            if i + 1 < b1 - b0:
-                block[i + 1:] -= ub[i, i + 1:, None] * e[None, :]
-        if b1 < inputs:
-            wt[b1:] -= u[b0:b1, b1:].T @ err
-    return codes.T, scales.T, biases.T
+    delta = np.empty((min(GPTQ_SPAN, inputs), rows), np.float32)
+    for s0 in range(0, inputs, GPTQ_SPAN):
+        s1 = min(inputs, s0 + GPTQ_SPAN)
+        for b0 in range(s0, s1, GPTQ_BLOCK):
+            b1 = min(s1, b0 + GPTQ_BLOCK)
+            g0, g1 = b0 // group_size, b1 // group_size
+            err = delta[b0 - s0:b1 - s0]
+            _ext.gptq_block(cur[b0:b1], orig[b0:b1], np.ascontiguousarray(coef[b0:b1, b0:b1]),
+                            np.ascontiguousarray(d[b0:b1]), packed, b0, err, scales[g0:g1], biases[g0:g1],
+                            bits, group_size, _DTYPE_NAMES[dtype])
+            if b1 < s1:
+                cur[b1:s1] += coef[b0:b1, b1:s1].T @ err
+        if s1 < inputs:
+            cur[s1:] += coef[s0:s1, s1:].T @ delta[:s1 - s0]
+    return packed, scales.T, biases.T
 
 
 class _Scorer:
