@@ -55,15 +55,21 @@ import argparse
 import glob
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread (unless set otherwise): numpy's threaded BLAS slows down
+# many times over on a busy machine, and a fixed thread count keeps every
+# sum's order, hence the checkpoint's bytes, whatever the core count.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import smollm2
+import numpy as np  # noqa: E402
+
+import smollm2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hf_checkpoints import bf16, raw, write_safetensors  # noqa: E402  (the byte-exact safetensors writer)
@@ -220,13 +226,9 @@ class MoELayer:
         return y, chosen
 
 
-def expert_outputs(a: np.ndarray, down_t: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Each expert's unscaled output [T, E, D] from the dense activations a [T, N]."""
-    return np.stack([a[:, r] @ down_t[r] for r in rows], 1)
-
-
 def build_layer(h: np.ndarray, r: np.ndarray, gate_t: np.ndarray, up_t: np.ndarray, down_t: np.ndarray,
-                experts: int, k: int, rng: np.random.Generator, router_iters: int) -> tuple[MoELayer, dict]:
+                experts: int, k: int, rng: np.random.Generator, router_iters: int,
+                down_ridge: float | None) -> tuple[MoELayer, dict]:
     """Fits one layer's MoE on its FFN inputs h [T, D] (the normed residual
     stream r [T, D]); the dense FFN's weights transposed ([D, N], [D, N],
     [N, D]) and bf16-valued. Returns the layer and its fit figures.
@@ -242,48 +244,80 @@ def build_layer(h: np.ndarray, r: np.ndarray, gate_t: np.ndarray, up_t: np.ndarr
     assign = cluster_neurons(np.abs(a) * np.linalg.norm(down_t, axis=1), experts, rng)
     rows = np.stack([np.nonzero(assign == e)[0] for e in range(experts)])  # ascending within each expert
     E = experts
-    # Target routing and the least-squares system of the down scales, by chunks ([T, E, D] is large).
-    target = np.zeros((T, E), np.float32)
+    H = rows.shape[1]
+    # The neurons expert by expert: columns e*H..(e+1)*H of `ae` (rows of `de`) are expert e's.
+    ae, de = a[:, rows.ravel()], down_t[rows.ravel()]
+    y = ae @ de  # the dense FFN's output
     chunks = [slice(c, c + 4096) for c in range(0, T, 4096)]
+    # Target routing: each expert's share of the output, <y_e, y> / |y|^2, from
+    # every neuron's activation times its down column's projection on y.
+    target = np.zeros((T, E), np.float32)
     for c in chunks:
-        ys = expert_outputs(a[c], down_t, rows)
-        y = ys.sum(1)
-        share = (ys @ y[:, :, None])[..., 0] / np.maximum((y * y).sum(-1, keepdims=True), 1e-30)
-        np.put_along_axis(target[c], top_k(share, k), 1.0, -1)
+        share = (ae[c] * (y[c] @ de.T)).reshape(-1, E, H).sum(-1)
+        np.put_along_axis(target[c], top_k(share / np.maximum((y[c] ** 2).sum(-1, keepdims=True), 1e-30), k), 1, -1)
     gate = fit_gate(h, target, router_iters)
     scores = sigmoid(h @ gate.T)
     bias = fit_bias(scores, target.mean(0), k)
     chosen = top_k(scores + bias, k)
     weights = np.take_along_axis(scores, chosen, -1)
     weights /= weights.sum(-1, keepdims=True) + 1e-20
+    z = np.zeros((T, E), np.float32)  # routing weight of every chosen expert, 0 elsewhere
+    np.put_along_axis(z, chosen, weights, -1)
+    # Least squares of one scale per expert: sum_t |sum_e z_te s_e y_te - y_t|^2
+    # is s^T A s - 2 s^T b + |y|^2 with A = W W^T, b = W y over W[e] = (z_e y_e)
+    # flattened over tokens and outputs; the target routing's error likewise.
     lhs, rhs = np.zeros((E, E)), np.zeros(E)
-    target_err, total = 0.0, 0.0
+    target_err, total = 0.0, float((y.astype(np.float64) ** 2).sum())
     for c in chunks:
-        ys = expert_outputs(a[c], down_t, rows).astype(np.float64)
-        y = ys.sum(1)
-        z = np.zeros((ys.shape[0], E))  # routing weight of every chosen expert, 0 elsewhere
-        np.put_along_axis(z, chosen[c], weights[c], -1)
-        gram = ys @ ys.transpose(0, 2, 1)  # [t, E, E]
-        lhs += (z[:, :, None] * z[:, None, :] * gram).sum(0)
-        rhs += (z * (ys @ y[:, :, None])[..., 0]).sum(0)
-        total += float((y * y).sum())
-        target_err += float((((target[c, :, None] * ys).sum(1) - y) ** 2).sum())
+        ys = np.stack([ae[c, e * H:(e + 1) * H] @ de[e * H:(e + 1) * H] for e in range(E)])  # [E, t, D]
+        w = (z[c].T[:, :, None] * ys).reshape(E, -1)
+        lhs += w @ w.T
+        rhs += w @ y[c].ravel()
+        miss = (target[c].T[:, :, None] * ys).sum(0) - y[c]
+        target_err += float((miss.astype(np.float64) ** 2).sum())
     # A small ridge keeps an expert no token chose at scale 0, not undefined.
     scale = np.linalg.solve(lhs + 1e-9 * np.trace(lhs) / E * np.eye(E), rhs)
+    down = de * np.repeat(scale, H)[:, None].astype(np.float32)  # [E * H, D]
+    change = 0.0
+    if down_ridge is not None:
+        down, change = refit_down(ae, y, chosen, weights, down, E, down_ridge)
     w1 = round_bf16(np.ascontiguousarray(gate_t.T[rows]))
     w3 = round_bf16(np.ascontiguousarray(up_t.T[rows]))
-    w2 = round_bf16(np.stack([down_t[r_].T * np.float32(s) for r_, s in zip(rows, scale)]))
+    w2 = round_bf16(np.stack([down[e * H:(e + 1) * H].T for e in range(E)]))
     layer = MoELayer(rows, w1, w3, w2, gate, bias, k)
     fig = {
         # Relative squared errors of the FFN output on the fit tokens (see
         # `relative_error`): the target routing's (unscaled experts, summed)
-        # and the router's (scaled and weighted: the least-squares residual).
+        # and the router's with scaled experts (the least-squares residual).
         "target_error": target_err / total,
-        "fit_error": float(scale @ lhs @ scale - 2 * scale @ rhs + total) / total,
+        "scaled_error": float(scale @ lhs @ scale - 2 * scale @ rhs + total) / total,
         "router_agreement": float(np.take_along_axis(target, chosen, -1).mean()),
         "scale": [float(s) for s in scale],
+        "down_change": change,
     }
     return layer, fig
+
+
+def refit_down(ae: np.ndarray, y: np.ndarray, chosen: np.ndarray, weights: np.ndarray, start: np.ndarray,
+               experts: int, ridge: float) -> tuple[np.ndarray, float]:
+    """The experts' down projections (stacked and transposed, [E * H, D], in
+    the order of `ae`'s columns, expert by expert) refitted by ridge
+    regression toward `start` (the scaled pretrained ones): the dense FFN's
+    output y [T, D] from the chosen experts' weighted activations, so that
+    the chosen experts also carry part of what the others would have added.
+    `ridge` is relative to the activations' mean square. Returns the new
+    weights and their relative change |new - start| / |start|."""
+    T, N = ae.shape
+    H = N // experts
+    phi = np.zeros((T, N), np.float32)  # each token's weighted activations of its chosen experts
+    for e in range(experts):
+        tok, slot = np.nonzero(chosen == e)
+        phi[tok, e * H:(e + 1) * H] = ae[tok, e * H:(e + 1) * H] * weights[tok, slot, None]
+    gram = (phi.T @ phi).astype(np.float64)
+    lam = ridge * np.trace(gram) / N
+    rhs = (phi.T @ y).astype(np.float64) + lam * start
+    new = np.linalg.solve(gram + lam * np.eye(N), rhs).astype(np.float32)
+    return new, float(np.linalg.norm(new - start) / np.linalg.norm(start))
 
 
 def relative_error(y: np.ndarray, dense_y: np.ndarray, r: np.ndarray) -> tuple[float, float]:
@@ -323,7 +357,8 @@ class MoEModel:
 
 
 def build_moe(dense: smollm2.Llama, fit: np.ndarray, held: np.ndarray, layers: int, experts: int, k: int,
-              rng: np.random.Generator, router_iters: int, log=print) -> tuple[MoEModel, list, np.ndarray]:
+              rng: np.random.Generator, router_iters: int, down_ridge: float | None,
+              log=print) -> tuple[MoEModel, list, np.ndarray]:
     """The MoE fitted layer by layer on the `fit` sequences; its figures per
     layer, and the last layer's output on the `held` sequences."""
     model = MoEModel(dense, layers)
@@ -336,9 +371,12 @@ def build_moe(dense: smollm2.Llama, fit: np.ndarray, held: np.ndarray, layers: i
         ffn = [base.wt[f"{g}.{n}"] for n in ("ffn_gate", "ffn_up", "ffn_down")]
         rs, hs = zip(*(model.ffn_input(i, x_fit[b]) for b in batches(fit)))
         r, h = np.concatenate(rs), np.concatenate(hs)
-        layer, fig = build_layer(h, r.reshape(h.shape), *ffn, experts, k, rng, router_iters)
+        layer, fig = build_layer(h, r.reshape(h.shape), *ffn, experts, k, rng, router_iters, down_ridge)
         model.moe.append(layer)
-        x_fit = r + layer(h)[0].reshape(r.shape)
+        y = layer(h)[0]
+        err = relative_error(y, (silu(h @ ffn[0]) * (h @ ffn[1])) @ ffn[2], r.reshape(h.shape))
+        fig["fit_error"] = err[0] / err[1]
+        x_fit = r + y.reshape(r.shape)
         # Held out: the layer's error against the dense FFN on the same inputs, and its routing.
         outs, chosen, err = [], [], np.zeros(2)
         for b in batches(held):
@@ -352,7 +390,8 @@ def build_moe(dense: smollm2.Llama, fit: np.ndarray, held: np.ndarray, layers: i
         fig["held_out_error"] = err[0] / err[1]
         per_layer.append(fig)
         log(f"layer {i:2d}: FFN relative squared error: fit tokens, target routing {fig['target_error']:.3f}, "
-            f"router {fig['fit_error']:.3f}; held out {fig['held_out_error']:.3f}; router picks "
+            f"router with scaled experts {fig['scaled_error']:.3f}, refitted {fig['fit_error']:.3f} (down moved "
+            f"{100 * fig['down_change']:.0f}%); held out {fig['held_out_error']:.3f}; router picks "
             f"{100 * fig['router_agreement']:.1f}% of the target's; pairwise overlap {fig['pairwise_overlap']:.3f}; "
             f"{time.perf_counter() - t0:.0f} s ({time.process_time() - c0:.0f} s CPU)", flush=True)
     return model, per_layer, x_held
@@ -526,6 +565,11 @@ def main(argv=None) -> None:
     p.add_argument("--held-out-tokens", type=int, default=8192, help="the next tokens, only measured on")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--router-iters", type=int, default=150, help="router fitting steps per layer")
+    p.add_argument("--down-ridge", type=float, default=1.0,
+                   help="ridge of the down projections' refit, relative to the activations' mean square "
+                        "(default 1.0)")
+    p.add_argument("--no-down-refit", action="store_true",
+                   help="keep the down projections pretrained (one least-squares scale per expert)")
     args = p.parse_args(argv)
     if args.text is None:
         sys.exit("make_test_moe: no python3-doc text found; `apt-get install python3-doc` or pass --text")
@@ -561,7 +605,8 @@ def main(argv=None) -> None:
           f"{held.size} held out (the tokens after them), sequences of {args.seq_len}", flush=True)
 
     model, per_layer, x_held = build_moe(dense, fit, held, layers, args.experts, args.top_k,
-                                         np.random.default_rng(args.seed), args.router_iters)
+                                         np.random.default_rng(args.seed), args.router_iters,
+                                         None if args.no_down_refit else args.down_ridge)
 
     # Held-out language-model figures: the dense model (as shipped, float32, same layers) and the MoE.
     sys.path.insert(0, str(Path(__file__).resolve().parent))

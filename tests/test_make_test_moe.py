@@ -124,7 +124,7 @@ def build_and_write(out: Path):
     dense, md = tiny_llama()
     seqs = np.random.default_rng(5).integers(2, VOCAB, size=(12, 32))
     fit, held = seqs[:8], seqs[8:]
-    model, figs, x_held = mt.build_moe(dense, fit, held, LAYERS, 4, 2, np.random.default_rng(0), 50,
+    model, figs, x_held = mt.build_moe(dense, fit, held, LAYERS, 4, 2, np.random.default_rng(0), 50, 1.0,
                                        log=lambda *a, **k: None)
     out.mkdir()
     mt.write_checkpoint(out, model, mt.model_config(dense, md, LAYERS, 4, 2))
