@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 import smollm2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_checkpoints import bf16, raw, write_safetensors  # noqa: E402  (the byte-exact safetensors writer)
+from support.hf_checkpoints import bf16, raw, write_safetensors  # noqa: E402  (the byte-exact safetensors writer)
 
 DEFAULT_TEXT = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/library"))
 REPORT_NAME = "make_test_moe.json"
@@ -85,7 +85,7 @@ def default_out(seed: int) -> Path:
 
 
 def round_bf16(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to bf16 (to nearest even), as `hf_checkpoints.bf16` stores them."""
+    """float32 values rounded to bf16 (to nearest even), as `support.hf_checkpoints.bf16` stores them."""
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
     return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 

@@ -112,7 +112,7 @@ def test_moe_layer_is_minimax_sparse_block():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The tiny Llama made an MoE (4 experts of 64 neurons, top-2) and written."""
-    from minimax_models import build_tokenizer
+    from support.minimax_models import build_tokenizer
 
     out = tmp_path_factory.mktemp("test_moe") / "src"
     dense, model, figs, held, x_held = build_and_write(out)
