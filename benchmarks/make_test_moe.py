@@ -28,7 +28,10 @@ computes them (so each router learns the inputs it will see):
    target's.
 4. Each expert's down projection is scaled by one factor, fitted by least
    squares so that the router's renormalised weights give back the dense
-   FFN's output.
+   FFN's output; then (unless --no-down-refit) all down projections are
+   refitted together by ridge regression toward those scaled ones
+   (--down-ridge), so that the chosen experts also carry part of what the
+   others would have added.
 
 Every weight is rounded to bf16 before it is used, so the numpy model that
 fits the next layer and reports the figures is the checkpoint, value for
