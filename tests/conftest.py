@@ -20,8 +20,9 @@ def metal_emulator(request):
             f"metal_emulator backend not available: no C++ compiler "
             f"({metal_emulator.CXX}) to build tests/tools/metal_emulator"
         )
+    # Kernels are built on their first run and cached here.
     cache = request.config.cache.mkdir("metal_emulator")
-    return metal_emulator.Emulator(metal_emulator.build(cache))
+    return metal_emulator.Emulator(cache)
 
 
 def _backend(request, name):
