@@ -381,8 +381,28 @@ NB_MODULE(_ext, m) {
       "activation"_a = "swiglu", "bias"_a = false, "global_scale"_a = false,
       "x_per_slot"_a = false, "combine"_a = true,
       "Whether the Metal kernels cover this expert-op setting (op: 'gate_up' "
-      "or 'down'); a GPU stream raises 'no Metal kernel for ... yet' where "
-      "not.");
+      "or 'down'); a GPU stream raises 'no Metal kernel for ...' where not.");
+  m.def(
+      "metal_activation_args",
+      [](const std::string& activation, std::optional<float> limit,
+         std::optional<float> alpha, std::optional<float> beta,
+         std::optional<float> linear_beta) {
+        const fm::ActivationParams p = fm::make_activation(
+            "gate_up", activation, limit, alpha, beta, linear_beta);
+        nb::dict d;
+        d["activation"] = std::string(fm::activation_spec(p.kind).name);
+        d["limit"] = p.limit;
+        d["alpha"] = p.alpha;
+        d["beta"] = p.beta;
+        d["linear_beta"] = p.linear_beta;
+        return d;
+      },
+      "activation"_a, "limit"_a = nb::none(), "alpha"_a = nb::none(),
+      "beta"_a = nb::none(), "linear_beta"_a = nb::none(),
+      "The activation and float parameters the Metal kernels get for a "
+      "gate_up call with these arguments (checked as gate_up checks them; "
+      "e.g. deepseek_v41_swiglu with limit <= 0 is swiglu): a dict with "
+      "activation, limit, alpha, beta, linear_beta, for the emulator.");
   m.def(
       "route_metal_inputs",
       &fused_moe::route_metal_inputs,
@@ -407,26 +427,40 @@ NB_MODULE(_ext, m) {
       "metal_launch_plan",
       [](const std::string& op, const std::string& dtype, int bits,
          int group_size, int tokens, int top_k, int hidden, int intermediate,
-         int experts, const std::string& gate_dtype) {
-        namespace fm = fused_moe::metal;
-        const fm::Op o = fm::op_from_name(op);
-        const fm::Dtype t = fm::dtype_from_name(dtype);
-        const auto plan = fm::make_launch_plan(
-            {o, t, bits, group_size, tokens, top_k, hidden, intermediate,
-             experts, fm::dtype_from_name(gate_dtype)});
-        const auto tile = fm::tile_shape(o, plan.variant);
+         int experts, const std::string& gate_dtype, const std::string& mode,
+         const std::string& activation, bool bias, bool global_scale,
+         bool x_per_slot, bool combine, float limit, float alpha, float beta,
+         float linear_beta) {
+        namespace mt = fused_moe::metal;
+        mt::Problem p{mt::op_from_name(op), mt::dtype_from_name(dtype), bits,
+                      group_size, tokens, top_k, hidden, intermediate, experts,
+                      mt::dtype_from_name(gate_dtype)};
+        p.mode = fm::parse_mode("metal_launch_plan", op.c_str(), mode);
+        p.activation = activation_kind(activation);
+        p.bias = bias;
+        p.global_scale = global_scale;
+        p.x_per_slot = x_per_slot;
+        p.combine = combine;
+        p.limit = limit;
+        p.alpha = alpha;
+        p.beta = beta;
+        p.linear_beta = linear_beta;
+        const auto plan = mt::make_launch_plan(p);
+        const auto tile = mt::tile_shape(
+            p.op, plan.variant, fm::activation_spec(p.activation).gated);
         nb::dict d;
         d["kernel"] = plan.kernel;
         // The router has a single kernel per (x dtype, gate form).
-        d["variant"] = o == fm::Op::route
+        d["variant"] = p.op == mt::Op::route
             ? nb::object(nb::none())
-            : nb::object(nb::str(fm::variant_name(plan.variant)));
+            : nb::object(nb::str(mt::variant_name(plan.variant)));
         d["threadgroups"] = plan.threadgroups;
         d["threads_per_threadgroup"] = plan.threads_per_threadgroup;
         nb::list buffers;
         for (const auto& b : plan.buffers) {
-          const char* src = b.source == fm::Source::input ? "input"
-              : b.source == fm::Source::output            ? "output"
+          const char* src = b.source == mt::Source::input ? "input"
+              : b.source == mt::Source::output            ? "output"
+              : b.source == mt::Source::absent            ? "absent"
                                                           : "args";
           buffers.append(nb::make_tuple(b.slot, std::string(b.name),
                                         std::string(src), b.index));
@@ -442,9 +476,14 @@ NB_MODULE(_ext, m) {
       },
       "op"_a, "dtype"_a, "bits"_a, "group_size"_a, "tokens"_a, "top_k"_a,
       "hidden"_a, "intermediate"_a, "experts"_a, "gate_dtype"_a = "float32",
-      "The Metal launch plan for one call, as a dict (for tests). For "
-      "route: dtype is x's, bits 0 an unquantized gate of gate_dtype, "
-      "intermediate unused.");
+      nb::kw_only(), "mode"_a = "affine", "activation"_a = "swiglu",
+      "bias"_a = false, "global_scale"_a = false, "x_per_slot"_a = false,
+      "combine"_a = true, "limit"_a = 0.0f, "alpha"_a = 0.0f, "beta"_a = 0.0f,
+      "linear_beta"_a = 0.0f,
+      "The Metal launch plan for one call, as a dict (for tests and the "
+      "emulator). op: gate_up, down or route. For route: dtype is x's, bits 0 "
+      "an unquantized gate of gate_dtype, intermediate and the expert "
+      "settings unused.");
 
   auto to_list = [](const auto& values) {
     nb::list l;

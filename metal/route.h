@@ -11,7 +11,7 @@
 // against all E (see route_select). No atomics, no host sync.
 //
 // Parameters are declared in slot order, then the position attributes (see
-// gate_up_swiglu.h). Bias, and a quantized gate's scales and biases, arrive
+// gate_up.h). Bias, and a quantized gate's scales and biases, arrive
 // as float32: the op function widens them on the GPU stream (exact).
 #pragma once
 

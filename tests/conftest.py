@@ -20,11 +20,11 @@ def metal_emulator(request, tmp_path_factory):
             f"metal_emulator backend not available: no C++ compiler "
             f"({metal_emulator.CXX}) to build tests/tools/metal_emulator"
         )
-    # pytest's cache keeps the build between runs; without it (-p
-    # no:cacheprovider) it is built once for this session.
+    # Kernels are built on their first run and cached here: pytest's cache
+    # keeps them between runs; without it (-p no:cacheprovider), this session.
     cache_plugin = getattr(request.config, "cache", None)
     cache = cache_plugin.mkdir("metal_emulator") if cache_plugin else tmp_path_factory.mktemp("metal_emulator")
-    return metal_emulator.Emulator(metal_emulator.build(cache))
+    return metal_emulator.Emulator(cache)
 
 
 def _backend(request, name):

@@ -88,20 +88,15 @@ def skip_without_metal_kernel(device, c):
 
 
 def run_gate_up(device, x, g, indices, activation, params):
-    if device.name == "metal_emulator":
-        return device.emulator.gate_up_swiglu(x, g, indices).out
-    return _ext.gate_up(x, *g.args(), indices, g.quant.bits, g.quant.group_size, activation=activation,
-                        stream=device.stream, **params, **g.kwargs())
+    return device.ext_gate_up(x, *g.args(), indices, g.quant.bits, g.quant.group_size, activation=activation,
+                              **params, **g.kwargs())
 
 
 def run_down(device, h, d, indices, weights):
-    if device.name == "metal_emulator":
-        return device.emulator.down_combine(h, d, indices, weights).out
     if weights is None:
-        return _ext.down_slots(h, *d.args(), indices, d.quant.bits, d.quant.group_size,
-                               stream=device.stream, **d.kwargs())
-    return _ext.down_combine(h, *d.args(), indices, weights, d.quant.bits, d.quant.group_size,
-                             stream=device.stream, **d.kwargs())
+        return device.ext_down_slots(h, *d.args(), indices, d.quant.bits, d.quant.group_size, **d.kwargs())
+    return device.ext_down_combine(h, *d.args(), indices, weights, d.quant.bits, d.quant.group_size,
+                                   **d.kwargs())
 
 
 # ---------------------------------------------------------------------------

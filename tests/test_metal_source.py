@@ -14,9 +14,10 @@ import fused_moe as fm
 from fused_moe import _ext
 from support.moe_reference import make_experts, random_routing, reference_h, stock_h
 from support.tolerance import assert_within_tolerance
+from tools import metal_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTANTIATION = re.compile(r"^FM_INSTANTIATE(_ROUTE)?\(", re.M)
+INSTANTIATION = re.compile(r"^FM_INSTANTIATE_(GATE_UP|DOWN|ROUTE)\(", re.M)
 
 
 def test_metal_source_is_the_whole_translation_unit():
@@ -27,12 +28,13 @@ def test_metal_source_is_the_whole_translation_unit():
     assert re.search(r"^#include <metal_stdlib>$", src, re.M)
     assert "#pragma once" not in src
     # The kernel bodies of every header are there.
-    for template in ("gate_up_swiglu_decode", "gate_up_swiglu_prefill", "down_combine_decode",
-                     "down_combine_prefill", "route_float_gate", "route_quantized_gate"):
+    for template in ("gate_up_decode", "gate_up_prefill", "down_decode", "down_prefill",
+                     "route_float_gate", "route_quantized_gate"):
         assert re.search(rf"\]\] void {template}\(", src), template
-    # The block instantiates the allow-list through its two expansions.
+    # The block instantiates the allow-list through its three expansions.
     assert INSTANTIATION.findall(src) == []
-    assert "FM_FOR_EACH_KERNEL(FM_INSTANTIATE)" in src
+    assert "FM_FOR_EACH_GATE_UP_KERNEL(FM_INSTANTIATE_GATE_UP)" in src
+    assert "FM_FOR_EACH_DOWN_KERNEL(FM_INSTANTIATE_DOWN)" in src
     assert "FM_FOR_EACH_ROUTE_KERNEL(FM_INSTANTIATE_ROUTE)" in src
 
 
@@ -58,20 +60,34 @@ def test_embedding_refuses_non_ascii(tmp_path):
 
 
 def test_each_kernel_source_instantiates_only_its_kernel():
+    """Every kernel's source is the head and tail of the whole source around
+    one instantiation line, which names that kernel's own pieces."""
     whole = _ext.metal_source()
     begin = whole.index("// fused_moe:instantiations-begin\n") + len("// fused_moe:instantiations-begin\n")
     end = whole.index("// fused_moe:instantiations-end")
     for name in _ext.metal_kernel_names():
         src = _ext.metal_kernel_source(name)
-        lines = INSTANTIATION.findall(src)
-        assert len(lines) == 1, name
         assert src[:begin] == whole[:begin] and src.endswith(whole[end:]), name
+        block = src[begin : len(src) - len(whole) + end]
+        assert len(INSTANTIATION.findall(block)) == 1 and block.count("\n") == 1, name
+        k = metal_kernels.parse(name)
+        args = [a.strip() for a in block[block.index("(") + 1 : block.rindex(")")].split(",")]
+        if k.op == "gate_up":
+            assert (args[0], args[3], args[4], args[6]) == (k.activation, k.variant, k.dtype, k.quant), name
+            assert (int(args[8]), int(args[9])) == (k.bits, k.group_size), name
+        elif k.op == "down":
+            assert (args[0], args[1], args[3]) == (k.variant, k.dtype, k.quant), name
+            assert (int(args[5]), int(args[6])) == (k.bits, k.group_size), name
 
 
 def test_kernel_source_names_the_supported_set():
     with pytest.raises(ValueError, match=r"'gate_up_swiglu_decode_float64_b3_gs64' is not in the "
-                                         r"allow-list .*supported: gate_up_swiglu_decode_float16_b3_gs32"):
+                                         r"allow-list .*1152 kernels\)$"):
         _ext.metal_kernel_source("gate_up_swiglu_decode_float64_b3_gs64")
+    with pytest.raises(ValueError, match=r"'gate_up_swiglu_decode_float16_b7_gs64' is not in the allow-list "
+                                         r".*; supported gate_up_swiglu_decode_float16_\*: "
+                                         r"gate_up_swiglu_decode_float16_b2_gs32, .*_nvfp4$"):
+        _ext.metal_kernel_source("gate_up_swiglu_decode_float16_b7_gs64")
 
 
 def test_library_names_carry_the_version_and_kernel():
@@ -88,7 +104,7 @@ def test_build_files_have_no_metallib_step():
 
 
 @pytest.mark.parametrize("name", ["gate_up_swiglu_decode_bfloat16_b3_gs64"])
-def test_a_kernel_compiled_alone_runs_in_the_emulator(name, request):
+def test_a_kernel_compiled_alone_runs_in_the_emulator(name, tmp_path):
     """One kernel's own source, as a GPU stream compiles it on first use,
     built into an emulator that then holds that kernel alone and computes
     the op within tolerance."""
@@ -96,8 +112,7 @@ def test_a_kernel_compiled_alone_runs_in_the_emulator(name, request):
 
     if not metal_emulator.compiler_available():
         pytest.skip(f"no C++ compiler ({metal_emulator.CXX}) for the emulator")
-    cache = request.config.cache.mkdir("metal_emulator")
-    emu = metal_emulator.Emulator(metal_emulator.build(cache, source=_ext.metal_kernel_source(name)))
+    emu = metal_emulator.Emulator(tmp_path, source=_ext.metal_kernel_source(name))
     assert emu.kernel_names() == [name]
     E, k, D, H, T = 5, 3, 256, 128, 2
     ex = make_experts(E, D, H, mx.bfloat16, 3, 64, 4, 64, seed=3)

@@ -1,7 +1,7 @@
 """The traffic build of the emulator (tests/tools/metal_emulator/traffic.py): its
 counters must tell a coalesced read from a strided one, see every weight byte
 a kernel reads, and find the expert kernels' weight loads at full sectors,
-each byte read once, on a small shape."""
+each byte read once, on a small shape, for every quantization."""
 
 import os
 
@@ -22,7 +22,7 @@ def tracer(request):
             pytest.fail(f"{missing}; .ci/run installs it")  # never skipped silently in CI
         pytest.skip(missing)
     cache = request.config.cache.mkdir("metal_traffic")
-    return traffic.Tracer(metal_emulator.build(cache, trace=True))
+    return traffic.Tracer(cache)
 
 
 def by_name(buffers):
@@ -56,9 +56,30 @@ def test_a_broadcast_read_counts_as_rereads(tracer):
     assert arg.load.bytes_requested == 4 * 32 * 4 and arg.load.bytes_used == 16
 
 
+def check_weight_buffers(case, result):
+    """Every weight byte of the touched experts seen (so no load escapes the
+    tracer), at full sectors, read once (decode) or reused across pairs
+    (prefill); returns the weight buffers checked."""
+    buffers = by_name(result.buffers)
+    checked = []
+    for name, b in buffers.items():
+        if not name.endswith(WEIGHT_BUFFERS):
+            continue
+        per_expert = case.weight_bytes_per_expert(name)
+        assert b.distinct_read == result.experts_touched * per_expert, name
+        assert b.load.divergent_accesses == 0, name
+        assert b.load.efficiency >= 0.9, (name, b.load.efficiency)
+        if case.T == 1:
+            assert b.reread <= 1.05, (name, b.reread)
+        else:
+            assert traffic.tile_reuse(case, result, b) > 1.0, name
+        checked.append(name)
+    return checked
+
+
 @pytest.mark.parametrize(
     "op,T,bits",
-    [("gate_up_swiglu", 1, 4), ("down_combine", 1, 3), ("gate_up_swiglu", 40, 3), ("down_combine", 40, 4)],
+    [("gate_up", 1, 4), ("down", 1, 3), ("gate_up", 40, 3), ("down", 40, 4)],
     ids=["A-decode-b4", "B-decode-b3", "A-prefill-b3", "B-prefill-b4"],
 )
 def test_expert_kernels_read_weights_in_full_sectors_once(tracer, op, T, bits):
@@ -72,27 +93,33 @@ def test_expert_kernels_read_weights_in_full_sectors_once(tracer, op, T, bits):
     case = traffic.Case(op, T, bits, d=512, h=512, k=2, experts=6)
     result = traffic.run_case(tracer, case, with_sites=False)
     assert result.variant == ("decode" if T == 1 else "prefill")
+    assert len(check_weight_buffers(case, result)) == 3
     buffers = by_name(result.buffers)
-    for name, b in buffers.items():
-        if not name.endswith(WEIGHT_BUFFERS):
-            continue
-        per_expert = case.weight_bytes_per_expert(name)
-        assert b.distinct_read == result.experts_touched * per_expert, name
-        assert b.load.divergent_accesses == 0, name
-        assert b.load.efficiency >= 0.9, (name, b.load.efficiency)
-        if T == 1:
-            assert b.reread <= 1.05, (name, b.reread)
-        else:
-            assert traffic.tile_reuse(case, result, b) > 1.0, name
-    out = buffers["h" if op == "gate_up_swiglu" else "y"]
-    rows = case.h if op == "gate_up_swiglu" else case.d
-    pairs_or_tokens = T * case.k if op == "gate_up_swiglu" else T
-    # bfloat16, each element once (kernel A prefill's masked h stores, lanes
-    # 0-1 only, come between two syncs and may count as divergent).
+    out = buffers["h" if op == "gate_up" else "y"]
+    rows = case.h if op == "gate_up" else case.d
+    pairs_or_tokens = T * case.k if op == "gate_up" else T
+    # bfloat16, each element once (the gate/up prefill's masked h stores,
+    # lanes 0-1 only, come between two syncs and may count as divergent).
     assert out.store.bytes_used + out.store.divergent_bytes == pairs_or_tokens * rows * 2
 
 
-@pytest.mark.parametrize("op", ["gate_up_swiglu", "down_combine"])
+@pytest.mark.parametrize("quant", list(traffic.QUANTS))
+@pytest.mark.parametrize("op", ["gate_up", "down"])
+def test_decode_reads_every_quantization_in_full_sectors_once(tracer, op, quant):
+    """Decode for every quantization of the traffic report (affine 2 to 8
+    bits, mxfp4, mxfp8, nvfp4): weights, scales and (affine) biases at
+    sector efficiency >= 0.9, each byte read once, on the small shape. The
+    fp modes have no biases: their slot is bound absent, and never read."""
+    mode, bits, group = traffic.QUANTS[quant]
+    case = traffic.Case(op, 1, bits, d=512, h=512, k=2, experts=6, group=group, mode=mode)
+    result = traffic.run_case(tracer, case, with_sites=False)
+    assert len(check_weight_buffers(case, result)) == (3 if mode == "affine" else 2)
+    if mode != "affine":
+        absent = by_name(result.buffers)[f"{op}_biases (absent)"]
+        assert absent.size == 0 and absent.load.instructions == 0
+
+
+@pytest.mark.parametrize("op", ["gate_up", "down"])
 def test_sampled_row_blocks_scale_to_the_full_run(tracer, op):
     """traffic.py traces every S-th row block at T=512 and scales: on a
     small prefill case the scaled counts equal the full run's."""
@@ -105,13 +132,13 @@ def test_sampled_row_blocks_scale_to_the_full_run(tracer, op):
         assert s.store.bytes_used + s.store.divergent_bytes == b.store.bytes_used + b.store.divergent_bytes, name
 
 
-def test_kernel_a_prefill_reads_each_expert_once_per_pass(tracer):
-    """Kernel A prefill: a run of one expert in the sorted order belongs to
+def test_gate_up_prefill_reads_each_expert_once_per_pass(tracer):
+    """Gate/up prefill: a run of one expert in the sorted order belongs to
     the block of kGateUpPrefillPairs entries it starts in, which reads the
     expert's rows once per kGateUpPrefillPairs pairs of it. 80 pairs over 6
     experts make runs of about 13 that cross block boundaries: the weight
     bytes read must be exactly sum over experts of ceil(run / 8) reads."""
-    case = traffic.Case("gate_up_swiglu", 40, 3, d=512, h=512, k=2, experts=6)
+    case = traffic.Case("gate_up", 40, 3, d=512, h=512, k=2, experts=6)
     per_pass = traffic.tile_constant("kGateUpPrefillPairs")
     runs = np.bincount(np.array(case.routing()[0]).reshape(-1), minlength=case.experts)
     passes = int(sum(-(-n // per_pass) for n in runs if n))

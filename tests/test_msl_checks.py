@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tools import msl_checks
+from tools.metal_kernels import covering_kernels
 from tools.msl_checks import CheckFailed
 from fused_moe import _ext
 
@@ -46,12 +47,38 @@ def bodies(source):
     return source[:begin] + source[end:]
 
 
+@pytest.fixture(scope="module")
+def subset():
+    """A covering subset of the allow-list (every activation, variant, dtype
+    and quantization) and its source: the AST of all 1152 kernels would be
+    gigabytes."""
+    kernels = covering_kernels()
+    return kernels, msl_checks.subset_source(kernels)
+
+
 # ---- a and b: the strict compile and the lint, on the shipped source.
 
 
-def test_shipped_source_passes_strict_compile_and_lint(clang, source, tmp_path):
-    compiled = msl_checks.check_source(source, tmp_path)
-    assert compiled.host_names == list(_ext.metal_kernel_names())
+def test_covering_subset_passes_strict_compile_and_lint(clang, subset, tmp_path):
+    kernels, src = subset
+    compiled = msl_checks.check_source(src, tmp_path, kernels)
+    assert compiled.host_names == kernels
+    for piece in ("gate_up_situ_", "gate_up_relu2_", "_nvfp4", "_mxfp8", "_b5_gs", "down_prefill_"):
+        assert any(piece in k for k in kernels), piece
+
+
+def test_every_kernel_passes_strict_compile(clang, source, tmp_path):
+    """Check a on the whole allow-list as shipped, in chunks side by side
+    (about 20 s)."""
+    assert msl_checks.strict_compile_all(source, tmp_path) == list(_ext.metal_kernel_names())
+
+
+@pytest.mark.slow
+def test_every_kernel_passes_strict_compile_and_lint(clang, source, tmp_path):
+    """Checks a and b with every kernel of the allow-list instantiated, the
+    lint on each chunk's AST (minutes: CI runs it, and python -m
+    tests.tools.msl_checks)."""
+    assert msl_checks.check_shipped(tmp_path, source) == list(_ext.metal_kernel_names())
 
 
 # Planted errors: appended to the shipped source, each must fail the checks
@@ -85,12 +112,13 @@ def test_strict_compile_fails_on_planted_error(plant, clang, bodies, tmp_path):
     assert message in str(e.value)
 
 
-def test_strict_compile_fails_when_a_kernel_is_not_instantiated(clang, source, tmp_path):
+def test_strict_compile_fails_when_a_kernel_is_not_instantiated(clang, subset, source, tmp_path):
+    kernels, src = subset
     with pytest.raises(CheckFailed, match=r"missing \['an_extra_kernel'\]"):
-        msl_checks.strict_compile(source, tmp_path, [*_ext.metal_kernel_names(), "an_extra_kernel"])
+        msl_checks.strict_compile(src, tmp_path, [*kernels, "an_extra_kernel"])
     cut = source.replace("FM_FOR_EACH_ROUTE_KERNEL(FM_INSTANTIATE_ROUTE)\n", "")
     with pytest.raises(CheckFailed, match=r"missing \['route_float16_gate_float16'"):
-        msl_checks.strict_compile(cut, tmp_path)
+        msl_checks.strict_compile_all(cut, tmp_path)
 
 
 # name: (snippet, the rule the lint must report)
@@ -135,9 +163,27 @@ def test_lint_fails_on_planted_construct(plant, clang, bodies, tmp_path):
     assert rule in {v.rule for v in violations if v.line >= first_planted}, violations
 
 
-def test_check_source_raises_on_a_lint_violation(clang, source, tmp_path):
+def test_check_source_raises_on_a_lint_violation(clang, subset, tmp_path):
+    kernels, src = subset
     with pytest.raises(CheckFailed, match=r"MSL lint: 1 violation\(s\):\n.*: goto: GotoStmt"):
-        msl_checks.check_source(source + LINT_PLANTS["goto"][0], tmp_path)
+        msl_checks.check_source(src + LINT_PLANTS["goto"][0], tmp_path, kernels)
+
+
+def test_strict_compile_all_fails_on_a_planted_error(clang, subset, tmp_path):
+    """The chunked compile (strict_compile_all, which checks the whole
+    allow-list) compiles the subset clean and reports a planted error (a
+    device pointer passed as a thread one)."""
+    kernels, src = subset
+    assert msl_checks.strict_compile_all(src, tmp_path, kernels, chunks=2) == kernels
+    planted = src.replace("// fused_moe:instantiations-begin", STRICT_PLANTS["device_to_thread"][0]
+                          + "// fused_moe:instantiations-begin")
+    with pytest.raises(CheckFailed, match="address-space-strict compile failed(.|\n)*cannot pass pointer"):
+        msl_checks.strict_compile_all(planted, tmp_path, kernels, chunks=2)
+    # and, with the lint, a lint violation (found in each chunk, told once)
+    planted = src.replace("// fused_moe:instantiations-begin", LINT_PLANTS["goto"][0]
+                          + "// fused_moe:instantiations-begin")
+    with pytest.raises(CheckFailed, match=r"MSL lint: 1 violation\(s\):\n.*: goto: GotoStmt"):
+        msl_checks.strict_compile_all(planted, tmp_path, kernels, chunks=2, with_lint=True)
 
 
 @pytest.mark.parametrize("rule", sorted(EXCEPTION_PLANTS))

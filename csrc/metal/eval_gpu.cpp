@@ -64,6 +64,9 @@ void encode(
         encoder.set_output_array(outputs[b.index], b.slot);
         break;
       case Source::args:
+      case Source::absent:
+        // An absent input's slot is never read (its flag is off in the
+        // arguments), but Metal wants every argument bound.
         encoder.set_bytes(plan.args.data(), int(plan.args.size()), b.slot);
         break;
     }

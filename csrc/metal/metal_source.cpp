@@ -2,6 +2,7 @@
 #include "metal/metal_source.h"
 
 #include <algorithm>
+#include <unordered_map>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -28,12 +29,18 @@ namespace {
 // translation unit does for that name.
 const std::vector<std::pair<std::string, std::string>>& instantiation_lines() {
   static const std::vector<std::pair<std::string, std::string>> lines = {
-#define FM_EXPERT_LINE(op, variant, dn, mt, bits, gs)                   \
-  {FM_KERNEL_NAME(op, variant, dn, bits, gs),                           \
-   "FM_INSTANTIATE(" #op ", " #variant ", " #dn ", " #mt ", " #bits ", " \
-   #gs ")\n"},
-      FM_FOR_EACH_KERNEL(FM_EXPERT_LINE)
-#undef FM_EXPERT_LINE
+#define FM_GATE_UP_LINE(an, act, gated, variant, dn, mt, qn, mode, bits, gs) \
+  {FM_GATE_UP_KERNEL_NAME(an, variant, dn, qn),                            \
+   "FM_INSTANTIATE_GATE_UP(" #an ", " #act ", " #gated ", " #variant ", "  \
+   #dn ", " #mt ", " #qn ", " #mode ", " #bits ", " #gs ")\n"},
+      FM_FOR_EACH_GATE_UP_KERNEL(FM_GATE_UP_LINE)
+#undef FM_GATE_UP_LINE
+#define FM_DOWN_LINE(variant, dn, mt, qn, mode, bits, gs)                    \
+  {FM_DOWN_KERNEL_NAME(variant, dn, qn),                                     \
+   "FM_INSTANTIATE_DOWN(" #variant ", " #dn ", " #mt ", " #qn ", " #mode \
+   ", " #bits ", " #gs ")\n"},
+      FM_FOR_EACH_DOWN_KERNEL(FM_DOWN_LINE)
+#undef FM_DOWN_LINE
 #define FM_ROUTE_LINE(dn, mt, gate_name, family, gate_arg)                  \
   {FM_ROUTE_KERNEL_NAME(dn, gate_name),                                     \
    "FM_INSTANTIATE_ROUTE(" #dn ", " #mt ", " #gate_name ", " #family ", "  \
@@ -53,19 +60,38 @@ const std::string& metal_source() {
 }
 
 std::string kernel_source(const std::string& kernel) {
-  const auto& lines = instantiation_lines();
-  const auto it = std::find_if(lines.begin(), lines.end(),
-                               [&](const auto& l) { return l.first == kernel; });
-  if (it == lines.end()) {
-    std::string all;
-    for (const auto& n : instantiated_kernels()) {
-      all += (all.empty() ? "" : ", ") + n;
+  static const std::unordered_map<std::string, const std::string*> by_name = [] {
+    std::unordered_map<std::string, const std::string*> m;
+    for (const auto& [name, line] : instantiation_lines()) {
+      m.emplace(name, &line);
     }
-    throw std::invalid_argument("fused_moe: Metal kernel '" + kernel +
-                                "' is not in the allow-list "
-                                "(metal/allow_list.h); supported: " + all);
+    return m;
+  }();
+  const auto it = by_name.find(kernel);
+  if (it == by_name.end()) {
+    // The whole list is over a thousand names: name the kernels of the
+    // closest family (the name up to its dtype) and the grammar.
+    std::string family = kernel;
+    for (const std::string dtype : {"_float16_", "_bfloat16_", "_float32_"}) {
+      const auto at = kernel.find(dtype);
+      if (at != std::string::npos) {
+        family = kernel.substr(0, at + dtype.size());
+      }
+    }
+    std::string same;
+    for (const auto& n : instantiated_kernels()) {
+      if (n.rfind(family, 0) == 0) {
+        same += (same.empty() ? "" : ", ") + n;
+      }
+    }
+    throw std::invalid_argument(
+        "fused_moe: Metal kernel '" + kernel + "' is not in the allow-list "
+        "(metal/allow_list.h: gate_up_<activation>_<variant>_<dtype>_<quant>, "
+        "down_<variant>_<dtype>_<quant>, route_<dtype>_gate_<form>; " +
+        std::to_string(instantiated_kernels().size()) + " kernels)" +
+        (same.empty() ? std::string() : "; supported " + family + "*: " + same));
   }
-  return std::string(kSourceHead) + it->second + kSourceTail;
+  return std::string(kSourceHead) + *it->second + kSourceTail;
 }
 
 std::string library_name(const std::string& kernel) {

@@ -318,50 +318,21 @@ bool ExpertPrimitive::is_equivalent(const mx::Primitive& other) const {
   return settings_ == static_cast<const ExpertPrimitive&>(other).settings_;
 }
 
-namespace {
-
-// The affine bits and group sizes metal/allow_list.h instantiates.
-#define FM_LIST_ITEM(v, ...) v,
-constexpr int kMetalBits[] = {FM_FOR_EACH_BITS(FM_LIST_ITEM)};
-constexpr int kMetalGroupSizes[] = {FM_FOR_EACH_GROUP_SIZE(FM_LIST_ITEM)};
-#undef FM_LIST_ITEM
-
-template <size_t N>
-bool contains(const int (&values)[N], int v) {
-  return std::find(std::begin(values), std::end(values), v) != std::end(values);
-}
-
-} // namespace
-
 bool metal_has_kernel(bool down, const ExpertSettings& s) {
-  return s.quant.mode == QuantMode::affine && contains(kMetalBits, s.quant.bits) &&
-      contains(kMetalGroupSizes, s.quant.group_size) &&
-      (down || s.activation.kind == Activation::swiglu) && !s.bias &&
-      !s.global_scale && !s.x_per_slot && (!down || s.combine);
+  // metal/allow_list.h has every activation for each quantization it has,
+  // and the rest of the settings are run-time arguments of those kernels.
+  (void)down;
+  return metal::has_expert_kernels(s.quant.mode, s.quant.bits, s.quant.group_size);
 }
 
 void check_metal_has_kernel(const char* op, bool down, const ExpertSettings& s) {
   if (metal_has_kernel(down, s)) {
     return;
   }
-  std::string what;
   const QuantSpec& q = s.quant;
-  if (q.mode != QuantMode::affine) {
-    what = std::string("mode ") + mode_name(q.mode);
-  } else if (!contains(kMetalBits, q.bits) ||
-             !contains(kMetalGroupSizes, q.group_size)) {
-    what = "affine bits=" + std::to_string(q.bits) +
-        " group_size=" + std::to_string(q.group_size);
-  } else if (!down && s.activation.kind != Activation::swiglu) {
-    what = std::string("activation ") + activation_spec(s.activation.kind).name;
-  } else if (s.bias) {
-    what = "expert biases";
-  } else if (s.x_per_slot) {
-    what = "x per slot ([..., k, D])";
-  } else {
-    what = "the per-slot down projection (down_slots)";
-  }
-  fail(op, "no Metal kernel for " + what + " yet");
+  fail(op, std::string("no Metal kernel for mode ") + mode_name(q.mode) +
+           " bits=" + std::to_string(q.bits) + " group_size=" +
+           std::to_string(q.group_size) + " (metal/allow_list.h)");
 }
 
 std::string expert_id_error(

@@ -274,13 +274,13 @@ class ExpertPrimitive : public mx::UnaryPrimitive {
   ExpertSettings settings_;
 };
 
-// Whether the Metal kernels cover `s` (down: the down op, else gate/up): for
-// now the affine bits and group sizes of metal/allow_list.h, with swiglu, no
-// expert bias, x shared by the slots and the down op's combine. The one
+// Whether the Metal kernels cover `s` (down: the down op, else gate/up): the
+// quantizations of metal/allow_list.h, with every activation, expert bias,
+// global scale, x per slot and down with or without the combine. The one
 // place that says so; a GPU stream raises for anything else.
 bool metal_has_kernel(bool down, const ExpertSettings& s);
 
-// On a GPU stream: "fused_moe.<op>: no Metal kernel for <setting> yet"
+// On a GPU stream: "fused_moe.<op>: no Metal kernel for <setting>"
 // (ValueError) where metal_has_kernel is false. Never a silent fallback.
 void check_metal_has_kernel(const char* op, bool down, const ExpertSettings& s);
 

@@ -118,7 +118,9 @@ PreparedCall prepare_down(
     inputs.push_back(metal_inputs ? mx::astype(w, mx::float32, stream) : w);
   }
   if (bias.has_value()) {
-    inputs.push_back(row_contiguous(*bias, stream));
+    // The Metal kernels read the expert bias as float32 (exact).
+    inputs.push_back(row_contiguous(
+        metal_inputs ? mx::astype(*bias, mx::float32, stream) : *bias, stream));
   }
   if (global_scale.has_value()) {
     inputs.push_back(row_contiguous(*global_scale, stream));
@@ -245,11 +247,15 @@ std::vector<mx::Shape> Down::output_shapes(
 void Down::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   check_metal_has_kernel(
       settings_.combine ? "down_combine" : "down_slots", /*down=*/true, settings_);
-  const metal::Problem problem = {
-      metal::Op::down_combine, metal_dtype(out.dtype()), settings_.quant.bits,
+  metal::Problem problem = {
+      metal::Op::down, metal_dtype(out.dtype()), settings_.quant.bits,
       settings_.quant.group_size, static_cast<int>(inputs[0].shape(0)),
       static_cast<int>(inputs[0].shape(1)), static_cast<int>(inputs[1].shape(1)),
       static_cast<int>(inputs[0].shape(2)), static_cast<int>(inputs[1].shape(0))};
+  problem.mode = settings_.quant.mode;
+  problem.bias = settings_.bias;
+  problem.global_scale = settings_.global_scale;
+  problem.combine = settings_.combine;
 #if defined(FUSED_MOE_METAL)
   metal::encode(metal::make_launch_plan(problem), stream(), inputs, out);
 #else

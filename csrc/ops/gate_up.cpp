@@ -112,7 +112,9 @@ PreparedCall prepare_gate_up(
   }
   inputs.push_back(flatten_rows(indices, k, stream));
   if (bias.has_value()) {
-    inputs.push_back(row_contiguous(*bias, stream));
+    // The Metal kernels read the expert bias as float32 (exact).
+    inputs.push_back(row_contiguous(
+        metal_inputs ? mx::astype(*bias, mx::float32, stream) : *bias, stream));
   }
   if (global_scale.has_value()) {
     inputs.push_back(row_contiguous(*global_scale, stream));
@@ -197,12 +199,23 @@ std::vector<mx::Shape> GateUp::output_shapes(
 // when MLX has Metal). The op has already refused settings Metal lacks.
 void GateUp::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   check_metal_has_kernel(kOp, /*down=*/false, settings_);
-  const metal::Problem problem = {
-      metal::Op::gate_up_swiglu, metal_dtype(out.dtype()), settings_.quant.bits,
-      settings_.quant.group_size, static_cast<int>(inputs[0].shape(0)),
-      static_cast<int>(inputs[4].shape(1)), static_cast<int>(inputs[0].shape(1)),
-      static_cast<int>(inputs[1].shape(1) / 2),
-      static_cast<int>(inputs[1].shape(0))};
+  const ExpertSlots slots = expert_slots(settings_, false);
+  const bool gated = activation_spec(settings_.activation.kind).gated;
+  const int rows = static_cast<int>(inputs[slots.weight].shape(1));
+  metal::Problem problem = {
+      metal::Op::gate_up, metal_dtype(out.dtype()), settings_.quant.bits,
+      settings_.quant.group_size, static_cast<int>(out.shape(0)),
+      static_cast<int>(out.shape(1)), static_cast<int>(inputs[slots.x].shape(1)),
+      gated ? rows / 2 : rows, static_cast<int>(inputs[slots.weight].shape(0))};
+  problem.mode = settings_.quant.mode;
+  problem.activation = settings_.activation.kind;
+  problem.bias = settings_.bias;
+  problem.global_scale = settings_.global_scale;
+  problem.x_per_slot = settings_.x_per_slot;
+  problem.limit = settings_.activation.limit;
+  problem.alpha = settings_.activation.alpha;
+  problem.beta = settings_.activation.beta;
+  problem.linear_beta = settings_.activation.linear_beta;
 #if defined(FUSED_MOE_METAL)
   metal::encode(metal::make_launch_plan(problem), stream(), inputs, out);
 #else

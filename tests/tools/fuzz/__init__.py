@@ -1010,5 +1010,5 @@ def backends(names) -> list:
 
             if metal_emulator.compiler_available():
                 cache = TESTS.parent / ".pytest_cache" / "d" / "metal_emulator"
-                out.append(EmulatorBackend(metal_emulator.Emulator(metal_emulator.build(cache))))
+                out.append(EmulatorBackend(metal_emulator.Emulator(cache)))
     return out

@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -508,6 +509,53 @@ int launch(const std::string& kernel_name, const Kernel& kernel, const uint32_t*
 
 } // namespace
 
+// The Problem (csrc/metal/launch_plan.h) as the C API passes it.
+struct FmEmuProblem {
+  const char* op;
+  const char* dtype;
+  const char* mode;
+  const char* activation;
+  const char* gate_dtype; // the router's unquantized gate
+  int bits, group_size, tokens, top_k, hidden, intermediate, experts;
+  int bias, global_scale, x_per_slot, combine;
+  float limit, alpha, beta, linear_beta;
+};
+
+namespace {
+
+template <typename Enum, size_t N>
+Enum by_name(const char* name, const std::array<const char*, N>& names, const char* what) {
+  for (size_t i = 0; i < N; ++i) {
+    if (std::strcmp(name, names[i]) == 0) {
+      return static_cast<Enum>(i);
+    }
+  }
+  throw std::invalid_argument(std::string("unknown ") + what + " '" + name + "'");
+}
+
+plan_ns::Problem to_problem(const FmEmuProblem& q) {
+  plan_ns::Problem p{plan_ns::op_from_name(q.op), plan_ns::dtype_from_name(q.dtype),
+                     q.bits, q.group_size, q.tokens, q.top_k, q.hidden,
+                     q.intermediate, q.experts, plan_ns::dtype_from_name(q.gate_dtype)};
+  p.mode = by_name<fused_moe::QuantMode>(q.mode, fused_moe::kModeNames, "mode");
+  std::array<const char*, fused_moe::kActivations.size()> activations{};
+  for (size_t i = 0; i < activations.size(); ++i) {
+    activations[i] = fused_moe::kActivations[i].name;
+  }
+  p.activation = by_name<fused_moe::Activation>(q.activation, activations, "activation");
+  p.bias = q.bias != 0;
+  p.global_scale = q.global_scale != 0;
+  p.x_per_slot = q.x_per_slot != 0;
+  p.combine = q.combine != 0;
+  p.limit = q.limit;
+  p.alpha = q.alpha;
+  p.beta = q.beta;
+  p.linear_beta = q.linear_beta;
+  return p;
+}
+
+} // namespace
+
 extern "C" {
 
 // A buffer of `bytes` between guard pages; its last byte touches the
@@ -551,23 +599,23 @@ const char* fm_emu_kernel_name(int i) {
   return it->first.c_str();
 }
 
+// Whether a kernel of this name is registered (its library is loaded).
+int fm_emu_has_kernel(const char* name) {
+  return registry().count(name) ? 1 : 0;
+}
+
 // Runs one op call: builds the launch plan with the host code, binds the
 // Primitive's inputs and outputs (guarded buffers from fm_emu_buffer_alloc)
 // by the plan's bindings, and runs every threadgroup. Returns 0, or
 // non-zero with a message in `err`. The kernel's name goes to `kernel_out`.
-// gate_dtype: the router's unquantized gate (Problem::gate_dtype).
-int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int tokens,
-               int top_k, int hidden, int intermediate, int experts,
-               const char* gate_dtype, void* const* inputs, int n_inputs,
+// An absent input's slot gets a buffer of no bytes: any read of it faults.
+int fm_emu_run(const FmEmuProblem* problem, void* const* inputs, int n_inputs,
                void* const* outputs, int n_outputs, int workers,
                char* kernel_out, size_t kernel_out_len, char* err,
                size_t err_len) {
   plan_ns::LaunchPlan plan;
   try {
-    plan = plan_ns::make_launch_plan(
-        {plan_ns::op_from_name(op), plan_ns::dtype_from_name(dtype), bits,
-         group_size, tokens, top_k, hidden, intermediate, experts,
-         plan_ns::dtype_from_name(gate_dtype)});
+    plan = plan_ns::make_launch_plan(to_problem(*problem));
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return 1;
@@ -577,8 +625,8 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
   if (found == registry().end()) {
     set_error(err, err_len,
               "Metal kernel '" + plan.kernel +
-                  "' is in the launch plan but the emulator build of "
-                  "metal/fused_moe.metal did not register it");
+                  "' is in the launch plan but no loaded emulator build of "
+                  "metal/fused_moe.metal registered it");
     return 1;
   }
   if (found->second.buffer_params != int(plan.buffers.size())) {
@@ -590,7 +638,7 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
     return 1;
   }
 
-  void* args_buffer = nullptr;
+  std::vector<void*> own; // args and absent buffers, freed after the run
   std::vector<std::pair<std::string, void*>> bound;
   for (const auto& b : plan.buffers) {
     void* p = nullptr;
@@ -599,6 +647,9 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
       const int given = input ? n_inputs : n_outputs;
       const std::string what = input ? "input" : "output";
       if (b.index >= given) {
+        for (void* o : own) {
+          fm_emu_buffer_free(o);
+        }
         set_error(err, err_len,
                   "kernel " + plan.kernel + " binds " + what + " " +
                       std::to_string(b.index) + " ('" + b.name + "') but " +
@@ -606,18 +657,25 @@ int fm_emu_run(const char* op, const char* dtype, int bits, int group_size, int 
         return 1;
       }
       p = (input ? inputs : outputs)[b.index];
-    } else {
+    } else if (b.source == plan_ns::Source::args) {
       p = fm_emu_buffer_alloc(plan.args.size());
       std::memcpy(p, plan.args.data(), plan.args.size());
-      args_buffer = p;
+      own.push_back(p);
+    } else {
+      p = fm_emu_buffer_alloc(0);
+      own.push_back(p);
     }
-    bound.emplace_back(b.name, p);
+    bound.emplace_back(std::string(b.name) +
+                           (b.source == plan_ns::Source::absent ? " (absent)" : ""),
+                       p);
   }
   const uint32_t threads = plan.threads_per_threadgroup[0] *
       plan.threads_per_threadgroup[1] * plan.threads_per_threadgroup[2];
   const int rc = launch(plan.kernel, found->second, plan.threadgroups.data(),
                         threads, bound, workers, err, err_len);
-  fm_emu_buffer_free(args_buffer);
+  for (void* o : own) {
+    fm_emu_buffer_free(o);
+  }
   return rc;
 }
 

@@ -376,11 +376,6 @@ void fm_trace_run_end() {
   if (!g_trace.workers) {
     return;
   }
-  Dl_info info{};
-  uintptr_t base = 0;
-  if (dladdr(reinterpret_cast<void*>(&fm_trace_run_end), &info)) {
-    base = reinterpret_cast<uintptr_t>(info.dli_fbase);
-  }
   g_overflowed_lanes = g_lost_sites = 0;
   for (int b = 0; b < g_trace.n_buffers; ++b) {
     BufferResult r{};
@@ -414,6 +409,13 @@ void fm_trace_run_end() {
     for (const Site& s : slot.sites) {
       if (s.pc == 0) {
         continue;
+      }
+      // Offsets in the library holding the site (a kernel's own library,
+      // which traffic.py symbolizes).
+      Dl_info info{};
+      uintptr_t base = 0;
+      if (dladdr(reinterpret_cast<void*>(s.pc), &info)) {
+        base = reinterpret_cast<uintptr_t>(info.dli_fbase);
       }
       Site rel = s;
       rel.pc = s.pc - base;
@@ -464,7 +466,7 @@ int fm_trace_site_count() {
   return int(g_sites.size());
 }
 
-// out: pc (offset in this library), buffer, store, then the 7 Stats fields.
+// out: pc (offset in the library holding the site), buffer, store, then the 7 Stats fields.
 void fm_trace_site(int i, uint64_t* out) {
   const Site& s = g_sites.at(size_t(i));
   out[0] = s.pc;

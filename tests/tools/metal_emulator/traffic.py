@@ -1,11 +1,13 @@
 """The Metal kernels' device-memory traffic, measured in the emulator.
 
-    python -m tests.tools.metal_emulator.traffic [--json PATH] [--tokens 1 8 512] [--bits 3 4]
+    python -m tests.tools.metal_emulator.traffic [--json PATH] [--tokens 1 8 512]
+        [--quants b2 b3 b4 b5 b6 b8 mxfp4 mxfp8 nvfp4] [--markdown]
 
-runs kernel A (gate_up_swiglu) and kernel B (down_combine) at the MiniMax
-shapes in the traffic build of the emulator (``build(..., trace=True)``:
-every device load and store of the kernels is traced, trace_hooks.cpp) and
-prints, per kernel and buffer, the sector efficiency, the re-read factor, the
+runs the gate/up kernels (swiglu) and the down kernels (with the combine) at
+the MiniMax shapes for each quantization (affine at group size 64, the fp
+modes at theirs) in the traffic build of the emulator (``Tracer``: every
+device load and store of the kernels is traced, trace_hooks.cpp) and prints,
+per kernel and buffer, the sector efficiency, the re-read factor, the
 prefill tile reuse and a roofline estimate. ASSUMPTIONS below is printed as
 the report's header; metal/README.md carries the table and what it cannot
 tell.
@@ -28,7 +30,7 @@ import numpy as np
 
 from fused_moe import _ext
 
-from . import ROOT, TRACE_CXX, Emulator, build, compiler_available
+from . import PROBE_SOURCE, ROOT, TRACE_CXX, Emulator, build_kernels, compiler_available
 
 SECTOR = 32
 # The MiniMax-M2.5-REAP expert shapes (issue 17).
@@ -43,17 +45,23 @@ MACHINES = {
 # Rows of one expert in flight per SIMD group, for the ALU estimate: the
 # activation preparation (3 ops per input) is shared by these rows.
 ROWS_IN_FLIGHT = {
-    ("gate_up_swiglu", "decode"): "2 * kGateUpDecodeRowPairs",
-    ("gate_up_swiglu", "prefill"): "2 * kGateUpPrefillRowPairs",
-    ("down_combine", "decode"): "kDownDecodeRows",
-    ("down_combine", "prefill"): "kDownPrefillRows",
+    ("gate_up", "decode"): "kGateUpDecodeRows",
+    ("gate_up", "prefill"): "kGateUpPrefillRows",
+    ("down", "decode"): "kDownDecodeRows",
+    ("down", "prefill"): "kDownPrefillRows",
 }
-# Output rows per threadgroup (the grid's x is out_rows / this), for sampling.
+# Output rows per threadgroup (the grid's x is out_rows / this), for sampling
+# (gate/up with swiglu: two packed rows per row of h).
 ROWS_PER_THREADGROUP = {
-    ("gate_up_swiglu", "decode"): "kGateUpDecodeRowPairs * kGateUpDecodeSimdgroups",
-    ("gate_up_swiglu", "prefill"): "kGateUpPrefillRowPairs * kGateUpPrefillSimdgroups",
-    ("down_combine", "decode"): "kDownDecodeRows * kDownDecodeSimdgroups",
-    ("down_combine", "prefill"): "kDownPrefillRows * kDownPrefillSimdgroups",
+    ("gate_up", "decode"): "kGateUpDecodeRows // 2 * kGateUpDecodeSimdgroups",
+    ("gate_up", "prefill"): "kGateUpPrefillRows // 2 * kGateUpPrefillSimdgroups",
+    ("down", "decode"): "kDownDecodeRows * kDownDecodeSimdgroups",
+    ("down", "prefill"): "kDownPrefillRows * kDownPrefillSimdgroups",
+}
+# The quantizations of the report: name -> (mode, bits, group size).
+QUANTS = {
+    **{f"b{b}": ("affine", b, GROUP) for b in (2, 3, 4, 5, 6, 8)},
+    "mxfp4": ("mxfp4", 4, 32), "mxfp8": ("mxfp8", 8, 32), "nvfp4": ("nvfp4", 4, 16),
 }
 # Buffers whose every byte is read by every row block: under sampling their
 # distinct bytes are measured, not scaled (see ASSUMPTIONS).
@@ -62,7 +70,10 @@ SHARED_ACROSS_ROW_BLOCKS = {"x", "h", "indices", "order", "weights", "args"}
 ASSUMPTIONS = f"""\
 Traffic of the fused MoE Metal kernels, traced in the Linux emulator
 (tests/tools/metal_emulator/traffic.py). Assumptions:
-- Shapes: D={D}, H={H}, k={K}, E={E}, group size {GROUP}, bfloat16, 3 and 4 bits.
+- Shapes: D={D}, H={H}, k={K}, E={E}, bfloat16; affine 2, 3, 4, 5, 6 and 8 bits at
+  group size {GROUP}, mxfp4 and mxfp8 (group size 32, uint8 scales), nvfp4 (16).
+  gate/up with swiglu, down with the combine: the activation, the expert bias
+  and the per-slot down change no weight access.
   Routing: distinct experts per token from a seeded permutation; the number of
   distinct experts touched is printed per case (8 at T=1, ~53 at T=8, 154 at T=512).
   Weight values are zeros: no address depends on them.
@@ -91,8 +102,11 @@ Traffic of the fused MoE Metal kernels, traced in the Linux emulator
   340 achievable; M3 Ultra 819 spec, 692 achievable. Issue rate: M2 Max 38 cores,
   M3 Ultra 80 cores, 128 fp32 lanes each at ~1.4 GHz, one op per lane per clock.
 - ALU ops: a per-lane estimate, not a count: per code, row and pair 3 ops (mask,
-  convert, FMA); per 16 codes 5 (scale, bias, convert x2, add); per input and
-  pair 3 (convert, scale, sum) shared by the rows in flight per SIMD group.
+  convert, FMA) for affine codes, 2 for fp codes (convert, FMA), and 9 per fp
+  code loaded (extract, decode by integer operations, sign, scale, convert to
+  half: once per row and pass, whatever the pairs); per 16 codes 5 (scale,
+  bias, convert x2, add); per input and pair 3 (convert, scale, sum) shared
+  by the rows in flight per SIMD group.
   Address arithmetic, loop control and the epilogue are not counted.
 - Sampling: where a run traces every S-th row block only (column "S"), bytes are
   scaled by S; distinct bytes are scaled by S for buffers partitioned by row
@@ -175,10 +189,9 @@ class Site:
 class Tracer(Emulator):
     """The emulator's traffic build: every run leaves its trace behind."""
 
-    def __init__(self, library: Path):
-        super().__init__(library)
+    def __init__(self, cache_dir: Path):
+        super().__init__(cache_dir, trace=True)
         lib = self.lib
-        self.library = Path(library)
         lib.fm_trace_buffer_name.restype = ctypes.c_char_p
         lib.fm_trace_buffer_name.argtypes = [ctypes.c_int]
         lib.fm_trace_buffer_stats.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
@@ -187,11 +200,12 @@ class Tracer(Emulator):
         lib.fm_trace_overflowed_lanes.restype = ctypes.c_uint64
         lib.fm_trace_lost_sites.restype = ctypes.c_uint64
         lib.fm_trace_set_sample_stride.argtypes = [ctypes.c_uint32]
-        lib.fm_emu_run_kernel.argtypes = [
-            ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32,
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_char_p), ctypes.c_int,
-            ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
-        ]
+        self.probes = build_kernels(self.cache_dir, PROBE_SOURCE.read_text(), self.runtime, trace=True)
+        self._load(self.probes)
+        self.last_library = self.probes  # the library of the last run's kernel
+
+    def _after_run(self, kernel: str) -> None:
+        self.last_library = self.library_of.get(kernel, self.last_library)
 
     def set_sample_stride(self, stride: int) -> None:
         """Runs (and traces) only row blocks x with x % stride == 0."""
@@ -237,7 +251,7 @@ class Tracer(Emulator):
             return
         # The return address is the instruction after the hook's call.
         query = "\n".join(hex(s.pc - 1) for s in sites) + "\n"
-        proc = subprocess.run([tool, f"--obj={self.library}", "--relative-address"],
+        proc = subprocess.run([tool, f"--obj={self.last_library}", "--relative-address"],
                               input=query, capture_output=True, text=True)
         blocks = proc.stdout.strip().split("\n\n")
         for s, block in zip(sites, blocks):
@@ -262,6 +276,7 @@ class Tracer(Emulator):
             err = ctypes.create_string_buffer(4096)
             rc = lib.fm_emu_run_kernel(b"trace_probe_strided_copy", grid, 32,
                                        (ctypes.c_void_p * 3)(*ptrs), names, 3, 2, err, 4096)
+            self.last_library = self.probes
             if rc:
                 raise RuntimeError(err.value.decode())
             return self.trace()
@@ -283,16 +298,17 @@ def routing(T: int, seed: int = 17) -> tuple[mx.array, mx.array]:
     return mx.array(idx), mx.array(w / w.sum(axis=1, keepdims=True))
 
 
-def projection(rows: int, inputs: int, bits: int, group: int, experts: int = E):
-    """Zero codes, scales and biases of one stacked projection [E, rows, inputs]."""
+def projection(rows: int, inputs: int, mode: str, bits: int, group: int, experts: int = E):
+    """Zero codes, scales and (affine) biases of one stacked projection
+    [E, rows, inputs]."""
     w = mx.zeros((experts, rows, inputs * bits // 32), dtype=mx.uint32)
-    s = mx.zeros((experts, rows, inputs // group), dtype=DTYPE)
-    return w, s, mx.zeros_like(s)
+    s = mx.zeros((experts, rows, inputs // group), dtype=DTYPE if mode == "affine" else mx.uint8)
+    return w, s, (mx.zeros_like(s) if mode == "affine" else None)
 
 
 @dataclass
 class Case:
-    op: str
+    op: str  # gate_up (swiglu) or down (with the combine)
     T: int
     bits: int
     d: int = D
@@ -300,6 +316,11 @@ class Case:
     k: int = K
     experts: int = E
     group: int = GROUP
+    mode: str = "affine"
+
+    @property
+    def quant(self) -> str:
+        return f"b{self.bits}" if self.mode == "affine" else self.mode
 
     def routing(self) -> tuple[mx.array, mx.array]:
         if self.experts == E and self.k == K:
@@ -308,34 +329,40 @@ class Case:
         idx = np.argsort(rng.random((self.T, self.experts)), axis=1)[:, : self.k].astype(np.uint32)
         return mx.array(idx), mx.full((self.T, self.k), 1.0 / self.k)
 
+    def problem(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group, tokens=self.T, top_k=self.k, hidden=self.d,
+                    intermediate=self.h, experts=self.experts, mode=self.mode)
+
     def inputs(self):
         indices, weights = self.routing()
-        if self.op == "gate_up_swiglu":
-            w, s, b = projection(2 * self.h, self.d, self.bits, self.group, self.experts)
+        if self.op == "gate_up":
+            w, s, b = projection(2 * self.h, self.d, self.mode, self.bits, self.group, self.experts)
             x = mx.zeros((self.T, self.d), dtype=DTYPE)
-            inputs = _ext.gate_up_swiglu_metal_inputs(x, w, s, b, indices, self.bits, self.group, stream=mx.cpu)
+            inputs = _ext.gate_up_metal_inputs(x, w, s, b, indices, self.bits, self.group, mode=self.mode,
+                                               stream=mx.cpu)
             out_shape = (self.T, self.k, self.h)
         else:
-            w, s, b = projection(self.d, self.h, self.bits, self.group, self.experts)
+            w, s, b = projection(self.d, self.h, self.mode, self.bits, self.group, self.experts)
             hh = mx.zeros((self.T, self.k, self.h), dtype=DTYPE)
-            inputs = _ext.down_combine_metal_inputs(hh, w, s, b, indices, weights, self.bits, self.group,
-                                                    stream=mx.cpu)
+            inputs = _ext.down_metal_inputs(hh, w, s, b, indices, weights, self.bits, self.group,
+                                            mode=self.mode, stream=mx.cpu)
             out_shape = (self.T, self.d)
         mx.eval(inputs)
-        problem = dict(bits=self.bits, group_size=self.group, tokens=self.T, top_k=self.k,
-                       hidden=self.d, intermediate=self.h, experts=self.experts)
-        return problem, list(inputs), out_shape, len(np.unique(np.array(indices)))
+        return self.problem(), list(inputs), out_shape, len(np.unique(np.array(indices)))
 
     def weight_bytes_per_expert(self, buffer: str) -> int:
-        rows, inputs = (2 * self.h, self.d) if self.op == "gate_up_swiglu" else (self.d, self.h)
+        rows, inputs = (2 * self.h, self.d) if self.op == "gate_up" else (self.d, self.h)
         if buffer.endswith("_weight"):
             return rows * inputs * self.bits // 8
-        return rows * inputs // self.group * DTYPE.size
+        return rows * inputs // self.group * (DTYPE.size if self.mode == "affine" else 1)
 
-    def alu_ops(self, rows_in_flight: int) -> float:
-        rows, inputs = (2 * self.h, self.d) if self.op == "gate_up_swiglu" else (self.d, self.h)
-        per_code = 3 + 5 / 16 + 3 / rows_in_flight
-        return self.T * self.k * rows * inputs * per_code
+    def alu_ops(self, rows_in_flight: int, codes_loaded: float) -> float:
+        """Per (code, row, pair): affine 3 (mask, convert, FMA), fp 2
+        (convert, FMA); fp codes decoded once per load (9 each)."""
+        rows, inputs = (2 * self.h, self.d) if self.op == "gate_up" else (self.d, self.h)
+        affine = self.mode == "affine"
+        per_code = (3 if affine else 2) + 5 / 16 + 3 / rows_in_flight
+        return self.T * self.k * rows * inputs * per_code + (0 if affine else 9 * codes_loaded)
 
 
 def tile_constant(expr: str) -> int:
@@ -353,6 +380,7 @@ class CaseResult:
     variant: str
     T: int
     bits: int
+    quant: str
     experts_touched: int
     sample_stride: int
     seconds: float
@@ -367,7 +395,7 @@ class CaseResult:
 def run_case(tracer: Tracer, case: Case, sample_stride: int = 1, with_sites: bool = True) -> CaseResult:
     if sample_stride > 1:
         variant = "prefill" if case.T * case.k >= tile_constant("kPrefillMinPairs") else "decode"
-        out_rows = case.h if case.op == "gate_up_swiglu" else case.d
+        out_rows = case.h if case.op == "gate_up" else case.d
         blocks = out_rows // tile_constant(ROWS_PER_THREADGROUP[(case.op, variant)])
         if blocks % sample_stride:
             raise ValueError(f"{case.op}: {blocks} row blocks are not a multiple of the sample stride "
@@ -382,15 +410,17 @@ def run_case(tracer: Tracer, case: Case, sample_stride: int = 1, with_sites: boo
     seconds = time.perf_counter() - start
     buffers = tracer.trace()
     sites = tracer.sites() if with_sites else []
-    variant = r.kernel.split("_")[-4]
+    variant = "decode" if "_decode_" in r.kernel else "prefill"
     if sample_stride > 1:
         for b in buffers:
             b.load, b.store = b.load.scaled(sample_stride), b.store.scaled(sample_stride)
             if b.name not in SHARED_ACROSS_ROW_BLOCKS:
                 b.distinct_read *= sample_stride
     rows = tile_constant(ROWS_IN_FLIGHT[(case.op, variant)])
-    return CaseResult(r.kernel, variant, case.T, case.bits, touched, sample_stride, seconds, buffers,
-                      case.alu_ops(rows), sites)
+    weight = next(b for b in buffers if b.name.endswith("_weight"))
+    codes_loaded = weight.bytes_read * 8 / case.bits
+    return CaseResult(r.kernel, variant, case.T, case.bits, case.quant, touched, sample_stride, seconds,
+                      buffers, case.alu_ops(rows, codes_loaded), sites)
 
 
 def tile_reuse(case: Case, result: CaseResult, b: BufferTraffic) -> float | None:
@@ -405,7 +435,7 @@ def records(case: Case, result: CaseResult) -> list[dict]:
     out = []
     for b in result.buffers:
         out.append(dict(
-            kernel=result.kernel, variant=result.variant, T=result.T, bits=result.bits,
+            kernel=result.kernel, variant=result.variant, T=result.T, bits=result.bits, quant=result.quant,
             buffer=b.name, sector_efficiency=b.efficiency, reread=b.reread,
             bytes=b.sector_bytes, bytes_used=b.load.bytes_used + b.store.bytes_used,
             distinct_bytes=b.distinct_bytes, bytes_read=b.bytes_read, distinct_read=b.distinct_read,
@@ -476,17 +506,19 @@ def print_case(case: Case, result: CaseResult, file=sys.stdout, sites: int = 0) 
 def markdown(results: list[tuple[Case, CaseResult]]) -> str:
     """The summary table of metal/README.md: weights, activations, reuse and
     the streamed roofline per case."""
-    head = ("| kernel | T | bits | experts | codes eff / reread | scales eff / reread | biases eff / reread "
+    head = ("| kernel | T | quant | experts | codes eff / reread | scales eff / reread | biases eff / reread "
             "| x or h eff / reread | tile reuse | streamed MB | M2 Max us | M3 Ultra us | S |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case, r in results:
-        b = {x.name.split("_")[-1] if is_weight(x.name) else x.name: x for x in r.buffers}
-        act = b["x" if case.op == "gate_up_swiglu" else "h"]
+        b = {x.name.split("_")[-1]: x for x in r.buffers if is_weight(x.name)}
+        b.update({x.name: x for x in r.buffers if not is_weight(x.name)})
+        act = b["x" if case.op == "gate_up" else "h"]
         rf = roofline(r)
-        cells = [f"{fmt(b[n].load.efficiency, '.2f')} / {fmt(b[n].reread, '.2f')}" for n in ("weight", "scales", "biases")]
+        cells = [f"{fmt(b[n].load.efficiency, '.2f')} / {fmt(b[n].reread, '.2f')}" if n in b else "- (none)"
+                 for n in ("weight", "scales", "biases")]
         reuse = tile_reuse(case, r, b["weight"]) if r.variant == "prefill" else None
         lines.append(
-            f"| {r.kernel.rsplit('_', 3)[0]} | {r.T} | {r.bits} | {r.experts_touched} | " + " | ".join(cells)
+            f"| {r.kernel} | {r.T} | {r.quant} | {r.experts_touched} | " + " | ".join(cells)
             + f" | {fmt(act.load.efficiency, '.3f')} / {fmt(act.reread, '.0f')} | {fmt(reuse, '.2f')} "
             f"| {rf['streamed_bytes'] / 1e6:.1f} | {rf['M2 Max achievable us (streamed)']:.0f} "
             f"| {rf['M3 Ultra achievable us (streamed)']:.0f} | {r.sample_stride} |"
@@ -498,8 +530,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the per-buffer records here")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512])
-    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--ops", nargs="+", default=["gate_up_swiglu", "down_combine"])
+    ap.add_argument("--quants", nargs="+", default=list(QUANTS), choices=list(QUANTS),
+                    help="affine b<bits> at group size 64, or an fp mode (default: all)")
+    ap.add_argument("--ops", nargs="+", default=["gate_up", "down"], choices=["gate_up", "down"])
     ap.add_argument("--sample-512", type=int, default=64,
                     help="at T >= 512 trace every S-th row block only (default 64)")
     ap.add_argument("--sites", type=int, default=0, help="list the top N load/store sites per case")
@@ -509,13 +542,14 @@ def main(argv=None) -> int:
     if not compiler_available(trace=True):
         print(f"traffic: {TRACE_CXX} not found (the traffic build needs clang 19)", file=sys.stderr)
         return 2
-    tracer = Tracer(build(args.cache, trace=True))
+    tracer = Tracer(args.cache)
     print(ASSUMPTIONS)
     all_records, results = [], []
     for T in args.tokens:
-        for bits in args.bits:
+        for quant in args.quants:
+            mode, bits, group = QUANTS[quant]
             for op in args.ops:
-                case = Case(op, T, bits)
+                case = Case(op, T, bits, group=group, mode=mode)
                 result = run_case(tracer, case, args.sample_512 if T >= 512 else 1)
                 print_case(case, result, sites=args.sites)
                 results.append((case, result))

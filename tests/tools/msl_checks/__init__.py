@@ -6,10 +6,17 @@ a. ``strict_compile``: the embedded Metal source (``_ext.metal_source()``)
    ``threadgroup`` are distinct address spaces. ``-pedantic-errors``,
    ``-fno-exceptions``, ``-fno-rtti``, C++17 extensions and warnings are
    errors, and every kernel of the allow-list must be instantiated.
-b. ``lint``: reads the clang AST of the same compile and rejects what MSL
+   ``strict_compile_all`` does it for the whole allow-list (over a thousand
+   kernels) in chunks compiled side by side, without the AST.
+b. ``lint``: reads the clang AST of a strict compile and rejects what MSL
    forbids: lambdas, goto, new/delete, throw/try, double, virtual,
    thread_local, recursion; and member functions without the ``thread``
-   qualifier that MSL 4.1 needs (``this`` is generic there).
+   qualifier that MSL 4.1 needs (``this`` is generic there). The AST of
+   every kernel at once would be gigabytes of JSON: ``check_shipped`` lints
+   the chunks of ``strict_compile_all`` one by one (CI and
+   ``python -m tests.tools.msl_checks``), the everyday tests a covering
+   subset (``tools.metal_kernels.covering_kernels``: every activation,
+   variant, dtype and quantization).
 c. ``check_host_code``: the Metal host code (``csrc/metal/*.cpp`` and every
    csrc file built only with Metal) type-checked with
    ``clang++ -fsyntax-only -fblocks`` against MLX's real macOS headers from
@@ -35,9 +42,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from ..metal_kernels import source_of as subset_source  # noqa: F401 (the tests' name for it)
+from ..metal_kernels import split_source
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -103,8 +114,9 @@ class StrictCompile:
 
 
 def strict_compile(source: str, workdir: Path, expected_kernels: list[str] | None = None) -> StrictCompile:
-    """Check a. `expected_kernels` (default: the extension's allow-list)
-    must be exactly the kernels the source instantiates."""
+    """Check a, with the AST for the lint. `expected_kernels` (default: the
+    extension's allow-list) must be exactly the kernels the source
+    instantiates."""
     cc = clang()
     if cc is None:
         raise CheckFailed("no clang++ found (install clang-19, or set FUSED_MOE_CLANG)")
@@ -122,14 +134,76 @@ def strict_compile(source: str, workdir: Path, expected_kernels: list[str] | Non
         from fused_moe import _ext
 
         expected_kernels = list(_ext.metal_kernel_names())
-    missing = [k for k in expected_kernels if k not in names]
-    extra = [k for k in names if k not in expected_kernels]
+    _check_instantiated(names, expected_kernels)
+    return StrictCompile(source, ast, names)
+
+
+def _check_instantiated(names: list[str], expected_kernels: list[str]) -> None:
+    missing = [k for k in expected_kernels if k not in set(names)]
+    extra = [k for k in names if k not in set(expected_kernels)]
     if missing or extra:
         raise CheckFailed(
             "the source does not instantiate exactly the allow-list: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"not in the allow-list {extra[:8]} ({len(extra)})")
-    return StrictCompile(source, ast, names)
+
+
+# A host-name constant in preprocessed output: adjacent string literals
+# (FM_STR pieces), joined by the compiler later.
+HOST_NAME = re.compile(r'fm_msl_host_name_\d+\[\]\s*=\s*((?:"[^"]*"\s*)+);')
+
+
+def strict_compile_all(source: str, workdir: Path, expected_kernels: list[str] | None = None,
+                       chunks: int = 16, jobs: int | None = None, with_lint: bool = False) -> list[str]:
+    """Check a (and with `with_lint` check b) on a source whose instantiation
+    block expands to many kernels: the block's expansion is split into
+    `chunks` sources compiled `jobs` at a time, each with the whole head,
+    so each chunk's AST (when linted) holds the templates and its share of
+    the instantiations; the AST of the whole allow-list at once would be
+    gigabytes. The host names come from the preprocessor's output. Returns
+    them."""
+    cc = clang()
+    if cc is None:
+        raise CheckFailed("no clang++ found (install clang-19, or set FUSED_MOE_CLANG)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    head, block, tail = split_source(source)
+    # The block's macros expanded, one instantiation per line, in order.
+    probe = workdir / "expand.metal"
+    probe.write_text(head + "fm_msl_block_begin\n" + block + "fm_msl_block_end\n" + tail)
+    flags = [f for f in STRICT_FLAGS if f != "-fsyntax-only"]
+    proc = _run([cc, *flags, "-isystem", str(STRICT_INCLUDE), "-x", "c++", "-E", "-P", str(probe)])
+    if proc.returncode != 0:
+        raise CheckFailed(f"preprocessing the embedded source failed:\n{proc.stderr[-12000:]}")
+    expanded = proc.stdout.split("fm_msl_block_begin", 1)[1].split("fm_msl_block_end", 1)[0]
+    names = ["".join(re.findall(r'"([^"]*)"', m)) for m in HOST_NAME.findall(expanded)]
+    if expected_kernels is None:
+        from fused_moe import _ext
+
+        expected_kernels = list(_ext.metal_kernel_names())
+    _check_instantiated(names, expected_kernels)
+    # One instantiation (and its host-name constant) per `template` statement.
+    items = [i for i in re.split(r"(?=\btemplate decltype\()", expanded) if i.strip()]
+    size = -(-len(items) // max(1, chunks))
+    parts = ["".join(items[i:i + size]) for i in range(0, len(items), size)]
+
+    def check_part(i: int) -> list[Violation]:
+        path = workdir / f"part{i}_{SOURCE_NAME}"
+        text = head + parts[i] + tail
+        path.write_text(text)
+        cmd = [cc, *STRICT_FLAGS, "-isystem", str(STRICT_INCLUDE), "-x", "c++", str(path)]
+        proc = _run(cmd + (["-Xclang", "-ast-dump=json"] if with_lint else []))
+        if proc.returncode != 0:
+            raise CheckFailed(f"address-space-strict compile failed ({' '.join(cmd)}):\n{proc.stderr[-12000:]}")
+        if not with_lint:
+            return []
+        ast = json.loads(proc.stdout)
+        return lint(StrictCompile(text, ast, _host_names(ast)))
+
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+        violations = sorted({v for found in pool.map(check_part, range(len(parts))) for v in found},
+                            key=lambda v: (v.line, v.rule))
+    raise_on_violations(violations)
+    return names
 
 
 def _host_names(ast: dict) -> list[str]:
@@ -306,14 +380,26 @@ def _cycles(calls: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def check_source(source: str, workdir: Path) -> StrictCompile:
-    """Checks a and b on one source string; raises CheckFailed."""
-    compiled = strict_compile(source, workdir)
-    violations = lint(compiled)
+def check_source(source: str, workdir: Path, expected_kernels: list[str] | None = None) -> StrictCompile:
+    """Checks a and b on one source string (instantiating exactly
+    `expected_kernels`, default the allow-list); raises CheckFailed."""
+    compiled = strict_compile(source, workdir, expected_kernels)
+    raise_on_violations(lint(compiled))
+    return compiled
+
+
+def raise_on_violations(violations: list[Violation]) -> None:
     if violations:
         raise CheckFailed("MSL lint: " + str(len(violations)) + " violation(s):\n"
                           + "\n".join(map(str, violations)))
-    return compiled
+
+
+def check_shipped(workdir: Path, source: str | None = None) -> list[str]:
+    """Checks a and b on the shipped source, every kernel of the allow-list
+    instantiated (strict_compile_all with the lint, in chunks); returns the
+    kernels checked."""
+    source = embedded_source() if source is None else source
+    return strict_compile_all(source, workdir, with_lint=True)
 
 
 # ---------------------------------------------------------------- check c
