@@ -113,6 +113,8 @@ PRESETS = {
     "deepseek-v3": Preset(7168, 2048, 256, 8, "affine", 4, 64),
 }
 DEFAULT_PRESET = "minimax-m2.5-reap"
+# The seed model's expert shapes (D, H, E, k), for the end-to-end benchmarks.
+MINIMAX_M25_REAP = tuple(getattr(PRESETS[DEFAULT_PRESET], f) for f in ("D", "H", "E", "k"))
 
 # A warm-up call at least this long is kept as a sample: its one-time costs
 # are noise at that length, and repeating it would only cost time.

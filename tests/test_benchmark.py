@@ -156,3 +156,12 @@ def test_an_fp_mode_refuses_affine_bits():
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0 and "mxfp4 has 4 bits and group size 32" in result.stderr
+
+
+def test_every_benchmark_script_imports():
+    # The scripts import each other's helpers (shapes, probes, the synthetic
+    # model): a renamed name breaks one that no other test runs.
+    modules = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+    out = subprocess.run([sys.executable, "-c", f"import {', '.join(modules)}"], cwd=BENCHMARKS,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
