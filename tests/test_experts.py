@@ -388,24 +388,36 @@ def test_bad_expert_ids_raise_on_the_cpu(mx4, computed):
     mx.eval(_ext.down_slots(h, d.weight, d.scales, None, indices, 4, 32, mode="mxfp4"))
 
 
-def test_gpu_streams_refuse_settings_without_a_metal_kernel(mx4):
-    # The Metal inputs (what a GPU stream gets, and the emulator runs) refuse
-    # them with the setting named; so does a real GPU stream where MLX has one.
+def test_every_setting_of_the_grid_has_a_metal_kernel(mx4):
+    # metal/allow_list.h covers the whole supported grid: every quantization
+    # with every activation and flag, so a GPU stream never meets a setting
+    # the CPU runs but Metal refuses.
+    quants = [("affine", b, gs) for b in _ext.SUPPORTED_BITS for gs in _ext.SUPPORTED_GROUP_SIZES]
+    quants += [(mode, layout["bits"], layout["group_size"]) for mode, layout in _ext.FP_MODES.items()]
+    for mode, bits, gs in quants:
+        for activation in _ext.SUPPORTED_ACTIVATIONS:
+            for bias in (False, True):
+                for x_per_slot in (False, True):
+                    assert _ext.metal_has_expert_kernel(
+                        "gate_up", mode, bits, gs, activation=activation, bias=bias,
+                        global_scale=mode == "nvfp4", x_per_slot=x_per_slot), (mode, bits, gs, activation)
+        for combine in (False, True):
+            assert _ext.metal_has_expert_kernel("down", mode, bits, gs, bias=False, global_scale=False,
+                                                combine=combine), (mode, bits, gs, combine)
+    # The Metal inputs (what a GPU stream gets, and the emulator runs) take
+    # the settings the first Metal kernels lacked: an fp mode, another
+    # activation, x per slot, down per slot.
     g, d = mx4
     x = mx.random.normal((2, D)).astype(mx.bfloat16)
-    indices, weights = random_routing(2, E, 2)
-    with pytest.raises(ValueError, match=r"fused_moe.gate_up: no Metal kernel for mode mxfp4 yet"):
-        _ext.gate_up_metal_inputs(x, g.weight, g.scales, None, indices, 4, 32, mode="mxfp4", stream=mx.cpu)
+    indices, _ = random_routing(2, E, 2)
     h = mx.random.normal((2, 2, H)).astype(mx.bfloat16)
-    with pytest.raises(ValueError, match=r"fused_moe.down_slots: no Metal kernel for mode mxfp4 yet"):
-        _ext.down_metal_inputs(h, d.weight, d.scales, None, indices, None, 4, 32, mode="mxfp4", stream=mx.cpu)
     q = Quant("affine", 4, 64)
     gate, up = (make_projection(E, D, H, q, mx.bfloat16, s) for s in (0, 1))
     a = raw_gate_up(gate, up, q)
-    with pytest.raises(ValueError, match=r"no Metal kernel for activation geglu yet"):
-        _ext.gate_up_metal_inputs(x, *a.args(), indices, 4, 64, activation="geglu", stream=mx.cpu)
-    with pytest.raises(ValueError, match=r"no Metal kernel for x per slot"):
-        _ext.gate_up_metal_inputs(mx.zeros((2, 2, D), dtype=mx.bfloat16), *a.args(), indices, 4, 64, stream=mx.cpu)
-    if mx.metal.is_available():
-        with pytest.raises(ValueError, match=r"no Metal kernel for mode mxfp4 yet"):
-            _ext.gate_up(x, g.weight, g.scales, None, indices, 4, 32, mode="mxfp4", stream=mx.gpu)
+    mx.eval(
+        _ext.gate_up_metal_inputs(x, g.weight, g.scales, None, indices, 4, 32, mode="mxfp4", stream=mx.cpu),
+        _ext.down_metal_inputs(h, d.weight, d.scales, None, indices, None, 4, 32, mode="mxfp4", stream=mx.cpu),
+        _ext.gate_up_metal_inputs(x, *a.args(), indices, 4, 64, activation="geglu", stream=mx.cpu),
+        _ext.gate_up_metal_inputs(mx.zeros((2, 2, D), dtype=mx.bfloat16), *a.args(), indices, 4, 64,
+                                  stream=mx.cpu),
+    )

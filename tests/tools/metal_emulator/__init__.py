@@ -457,9 +457,11 @@ class Emulator:
     # The ops on a PackedExperts (affine, swiglu), as fused_moe has them.
 
     def gate_up_swiglu(self, x, packed, indices) -> Result:
-        w, s, b, bits, gs = packed.projection("gate_up")
-        return self.gate_up(x, w, s, b, indices, bits, gs)
+        p = packed.projection(packed.projection_names[0])
+        return self.gate_up(x, p.weight, p.scales, p.biases, indices, p.bits, p.group_size, mode=p.mode,
+                            bias=p.bias, global_scale=p.global_scale)
 
     def down_combine_packed(self, h, packed, indices, weights) -> Result:
-        w, s, b, bits, gs = packed.projection("down")
-        return self.down_combine(h, w, s, b, indices, weights, bits, gs)
+        p = packed.projection("down")
+        return self.down_combine(h, p.weight, p.scales, p.biases, indices, weights, p.bits, p.group_size,
+                                 mode=p.mode, bias=p.bias, global_scale=p.global_scale)
