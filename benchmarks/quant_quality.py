@@ -344,7 +344,9 @@ def run_minimax(args) -> None:
                   num_hidden_layers=args.minimax_layers)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False, seed=args.minimax_seed)
+        down_scale = {int(a): float(b) for a, b in (p.split(":") for p in args.minimax_down_scale.split(",") if p)}
+        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False, seed=args.minimax_seed,
+                                  down_scale=down_scale)
         kw = dict(recipe="seed-3.7bit", to="stock")
         t0 = time.perf_counter()
         summaries = {"RTN": fm.convert(src, tmp / "rtn", **kw)}
@@ -377,7 +379,9 @@ def run_minimax(args) -> None:
                 o[1] += count
     print("conversion: " + ", ".join(f"{n} {t:.1f} s" for n, t in times.items()))
     print_table(
-        f"synthetic MiniMax (random weights, seed {args.minimax_seed}; D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"synthetic MiniMax (random weights, seed {args.minimax_seed}"
+        + (f", experts' down projections scaled {args.minimax_down_scale}" if args.minimax_down_scale else "")
+        + f"; D={config['hidden_size']}, H={config['intermediate_size']}, "
         f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
         f"fused-moe convert --recipe seed-3.7bit [--calibrate ...] ({held[:, 1:].size} held-out tokens); "
         f"calibrated rows: the experts' STATS[/s shrinkage tokens][/m near-miss top-up tokens][/b bits budget, "
@@ -712,6 +716,8 @@ def main(argv=None) -> None:
     p.add_argument("--minimax-top-k", type=int, default=4, help="minimax: experts per token")
     p.add_argument("--minimax-layers", type=int, default=4, help="minimax: decoder layers")
     p.add_argument("--minimax-seed", type=int, default=0, help="minimax: seed of the random weights")
+    p.add_argument("--minimax-down-scale", default="", metavar="LAYER:FACTOR,...",
+                   help="minimax: scale these layers' expert down projections (layers whose experts matter more)")
     p.add_argument("--variants", default="diagonal,full",
                    help="minimax: calibrated conversions, comma-separated STATS[/sTOKENS][/mTOKENS][/b[BPW]]: the "
                    "experts' statistics (full: per-expert hessians, GPTQ; diagonal: the weighted search, the converter "
