@@ -272,7 +272,7 @@ def convert(
     if budget is not None:
         # The widths decide the tensors' shapes, which the writer needs up front.
         budget_report = budget_mod.choose_widths(
-            budget, calibration_mod.CalibratedLayers(source, recipe_obj, data, Path(calibrate)), units,
+            budget, calibration_mod.CalibratedLayers(source, recipe_obj, data, Path(calibrate), calib_experts), units,
             data.calibration)
         recipe_obj = recipe_obj.with_expert_bits(budget_report.expert_bits)
         units = from_recipe(checkpoint.model, recipe_obj)

@@ -20,8 +20,10 @@ So both groups' errors are in the same units (the output's squared error),
 and so are all layers' (the residual stream they all add to reaches the head
 the same way, to first order): absolute errors are comparable, relative ones
 are not. Round to nearest under these statistics is cheap (one pass of the
-float layer; the calibrated conversion then quantizes the chosen widths by
-GPTQ), and orders the widths and layers as the weighted error does.
+float layer), but the conversion quantizes with GPTQ, which lowers gate/up's
+error far more than down's; so each layer's estimates are multiplied by the
+calibrated quantizer's error over round to nearest's, per group and width,
+measured on one expert (`quantizer_gain`).
 
 Allocation. Widths are chosen per (layer, group) to minimise the summed
 error within a byte budget, a multiple-choice knapsack, solved exactly by
@@ -107,6 +109,40 @@ def expert_errors(x: np.ndarray, routed: np.ndarray, weights: np.ndarray, gate: 
             dn = mx.sum(_rtn_squared_error(Dn, b, group_size, dtype) * q, axis=1)
             out[GATE_UP][k] += np.array(gu, np.float64).sum()
             out[DOWN][k] += np.array(dn, np.float64).sum()
+    return out
+
+
+def quantizer_gain(x: np.ndarray, gate: mx.array, up: mx.array, down: mx.array, bits: Sequence[int],
+                   group_size: int, dtype: mx.Dtype = mx.bfloat16, full: bool = True) -> dict[str, np.ndarray]:
+    """The calibrated quantizer's error over round to nearest's, per group
+    and width ({GATE_UP: [len(bits)], DOWN: [...]}), on one expert (`gate`,
+    `up` [H, D], `down` [D, H], float) and the inputs `x` [T, D] routed to
+    it: each measured as tr(dW S dW^T) under the expert's own statistics S
+    (gate/up: E[x x^T]; down: E[h h^T]), the full ones (`full`: GPTQ, as
+    the conversion's default) or their diagonals (the weighted search)."""
+    from fused_moe.quant.quantizer import quantize_weight
+
+    xs = x.astype(np.float64)
+    g = xs @ np.array(gate, np.float64).T
+    with np.errstate(over="ignore"):
+        h = g / (1 + np.exp(-g)) * (xs @ np.array(up, np.float64).T)
+    stats = {GATE_UP: xs.T @ xs / len(xs), DOWN: h.T @ h / len(xs)}
+    if not full:
+        stats = {k: np.diag(v).copy() for k, v in stats.items()}
+    weights = {GATE_UP: mx.concatenate([gate, up]).astype(dtype), DOWN: down.astype(dtype)}
+    out = {k: np.ones(len(bits), np.float64) for k in GROUPS}
+    for k, b in enumerate(bits):
+        for grp in GROUPS:
+            w, s = weights[grp], stats[grp]
+            errors = []
+            for method in ("rtn", "auto"):
+                q = quantize_weight(w, b, group_size, hessian=s.astype(np.float32), method=method)
+                d = np.array(w.astype(mx.float32) - mx.dequantize(q[0], q[1].astype(mx.float32),
+                                                                   q[2].astype(mx.float32), group_size=group_size,
+                                                                   bits=b), np.float64)
+                errors.append(float(((d @ s) * d).sum()) if s.ndim == 2 else float((d * d * s).sum()))
+            if errors[0] > 0:
+                out[grp][k] = errors[1] / errors[0]
     return out
 
 
