@@ -402,9 +402,7 @@ def run_minimax(args) -> None:
               f"experts below the shrinkage strength {[r.fallback_experts for r in layers]}, "
               f"topped up {[r.topped_up_experts for r in layers]}")
         if summaries[n].budget:
-            b = summaries[n].budget
-            print(f"{n}: bits budget {b.budget:.4f}, reached {b.bits_per_weight:.4f}; expert widths per layer "
-                  f"(gate/up, down) {[tuple(p) for p in b.expert_bits]}")
+            print(f"{n}: " + "\n".join(summaries[n].budget.lines()))
 
 
 # ---------------------------------------------------------------- the test MoE (make_test_moe.py)

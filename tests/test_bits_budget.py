@@ -90,7 +90,7 @@ def test_output_config_and_tensors_follow_the_widths(budgeted):
     lines = "\n".join(summary.lines())
     assert re.search(rf"bits budget {summary.budget.budget:g}: {summary.bits_per_weight:.4f} bits per weight", lines)
     for layer, (gu, d) in enumerate(summary.budget.expert_bits):
-        assert f"  layer {layer}: {gu}, {d}" in lines
+        assert f"  layer {layer}: {gu}, {d} (calibrated / RTN error " in lines
 
 
 def test_stock_and_fused_loads_agree_and_packed_matches(budgeted, hf_bf16, text, seed_bpw, tmp_path):

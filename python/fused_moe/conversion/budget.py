@@ -27,7 +27,8 @@ from fused_moe.checkpoint.storage import Stored, bits_per_weight, unit_experts, 
 from fused_moe.conversion.plan import from_recipe
 from fused_moe.conversion.recipes import EXPERT_GROUP_SIZE, Recipe
 from fused_moe.errors import ConversionError
-from fused_moe.quant.budget import CANDIDATE_BITS, GATE_UP, GROUPS, allocate, expert_errors, quantizer_gain
+from fused_moe.quant.budget import (CANDIDATE_BITS, GAIN_TOKENS, GATE_UP, GROUPS, allocate, expert_errors,
+                                    quantizer_gain)
 from fused_moe.quant.calibrate import BATCH_SEQUENCES, _RecordedExperts
 from fused_moe.supported import SUPPORTED_BITS, width_unsupported
 
@@ -56,7 +57,9 @@ def candidate_bits(model: MiniMaxShapes) -> tuple[int, ...]:
 @dataclass
 class BudgetReport:
     """What --bits-budget chose: per decoder layer (gate/up bits, down
-    bits), the bits per weight reached, and the range the widths allow."""
+    bits), the bits per weight reached, the range the widths allow, and per
+    layer the calibrated quantizer's error over round to nearest's at the
+    chosen widths (gate/up, down), as measured for the choice."""
 
     budget: float
     expert_bits: tuple
@@ -64,12 +67,14 @@ class BudgetReport:
     smallest: float
     largest: float
     seconds: float
+    gains: tuple = ()
 
     def lines(self) -> list[str]:
         out = [f"bits budget {self.budget:g}: {self.bits_per_weight:.4f} bits per weight (the widths allow "
                f"{self.smallest:.3f} to {self.largest:.3f}); expert widths chosen on the calibration text in "
                f"{self.seconds:.1f} s, per layer (gate/up, down):"]
-        out += [f"  layer {i}: {gu}, {d}" for i, (gu, d) in enumerate(self.expert_bits)]
+        out += [f"  layer {i}: {gu}, {d}" + (f" (calibrated / RTN error {self.gains[i][0]:.3f}, {self.gains[i][1]:.3f})"
+                                             if self.gains else "") for i, (gu, d) in enumerate(self.expert_bits)]
         return out
 
 
@@ -136,12 +141,12 @@ def _run(layer, states: mx.array) -> mx.array:
     return mx.concatenate(out) if out else states
 
 
-def layer_errors(layer, states: mx.array, bits, dtype, full: bool = True) -> tuple[dict, mx.array]:
+def layer_errors(layer, states: mx.array, bits, dtype, full: bool = True) -> tuple[dict, dict, mx.array]:
     """One float decoder layer's errors at each width on the calibration
     states (fused_moe.quant.budget: round to nearest's, times the calibrated
     quantizer's gain measured on the expert the most tokens reach; `full`:
-    GPTQ on full statistics, else the weighted search), and its output
-    states."""
+    GPTQ on full statistics, else the weighted search), that gain, and its
+    output states."""
     moe = layer[BLOCK_ATTR]
     sw = moe.switch_mlp
     recorder = _RecordedExperts(sw, moe, 0)
@@ -161,10 +166,10 @@ def layer_errors(layer, states: mx.array, bits, dtype, full: bool = True) -> tup
     # correlated): on the synthetic MiniMax to about 0.13 of round to
     # nearest's against 0.37, so round to nearest alone would misprice them.
     e = int(np.argmax(np.bincount(routed.reshape(-1), minlength=sw.gate_proj.weight.shape[0])))
-    tokens = np.flatnonzero((routed == e).any(-1))
+    tokens = np.flatnonzero((routed == e).any(-1))[:GAIN_TOKENS]
     gain = quantizer_gain(x[tokens], *(p.weight[e].astype(dtype).astype(mx.float32) for p in
                                        (sw.gate_proj, sw.up_proj, sw.down_proj)), bits, EXPERT_GROUP_SIZE, dtype, full)
-    return {g: errors[g] * gain[g] for g in GROUPS}, out
+    return {g: errors[g] * gain[g] for g in GROUPS}, gain, out
 
 
 def choose_widths(budget: Budget, layers, units: list[list[Stored]], calibration: np.ndarray) -> BudgetReport:
@@ -182,18 +187,21 @@ def choose_widths(budget: Budget, layers, units: list[list[Stored]], calibration
                               group_size=q.group_size, bits=q.bits, mode=q.mode)
     states = table.astype(mx.float32)[mx.array(calibration)]
     del table
-    errors = []
+    errors, gains = [], []
     with_experts = [stored for stored in units if unit_experts(stored)]
     bar = tqdm(with_experts, desc="choosing widths", unit="layer", file=sys.stderr)
     for stored in bar:
         layer, _, prefix = layers.float_layer(stored)
         bar.set_postfix_str(prefix.rstrip("."))
-        e, states = layer_errors(layer, states, budget.bits, layers.recipe.dtype,
-                                 layers.experts.statistics == "full")
+        e, gain, states = layer_errors(layer, states, budget.bits, layers.recipe.dtype,
+                                       layers.experts.statistics == "full")
         errors.append(e)
+        gains.append(gain)
         del layer
     bar.close()
     del states
     chosen = budget.choose(errors)
+    at_chosen = tuple(tuple(float(g[grp][budget.bits.index(b)]) for grp, b in zip(GROUPS, widths))
+                      for g, widths in zip(gains, chosen))
     return BudgetReport(budget.bpw, chosen, budget.bits_per_weight(chosen), budget.smallest, budget.largest,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, at_chosen)

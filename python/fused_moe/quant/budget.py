@@ -47,6 +47,9 @@ GATE_UP, DOWN = "gate_up", "down"
 GROUPS = (GATE_UP, DOWN)
 # Tokens per product while an expert's statistics are built.
 CHUNK = 4096
+# Tokens at most that the quantizer's gain is measured on (bounds its
+# float64 copies: 4096 x 3072 x 8 bytes = 100 MB at REAP's shapes).
+GAIN_TOKENS = 4096
 # The allocation's table (items x budget units) at most.
 MAX_TABLE = 1 << 26
 
