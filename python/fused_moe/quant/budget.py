@@ -39,6 +39,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from fused_moe.quant.quantizer import quantize_weight
+
 # The widths --bits-budget chooses among (those the kernels hold, read from
 # the grid where it is used).
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)
@@ -123,8 +125,6 @@ def quantizer_gain(x: np.ndarray, gate: mx.array, up: mx.array, down: mx.array, 
     it: each measured as tr(dW S dW^T) under the expert's own statistics S
     (gate/up: E[x x^T]; down: E[h h^T]), the full ones (`full`: GPTQ, as
     the conversion's default) or their diagonals (the weighted search)."""
-    from fused_moe.quant.quantizer import quantize_weight
-
     xs = x.astype(np.float64)
     g = xs @ np.array(gate, np.float64).T
     with np.errstate(over="ignore"):
