@@ -296,25 +296,29 @@ def _logits_and_routing(model, inp: mx.array) -> tuple[np.ndarray, list[np.ndarr
     return logits, chosen
 
 
-def parse_variants(spec: str) -> list[tuple[str, object]]:
-    """--variants: comma-separated STATS[/sTOKENS][/mTOKENS], e.g.
-    "diagonal,full,full/m256": the experts' statistics (full or diagonal),
-    the shrinkage strength and the near-miss top-up target."""
+def parse_variants(spec: str) -> list[tuple[str, object, object]]:
+    """--variants: comma-separated STATS[/sTOKENS][/mTOKENS][/b[BPW]], e.g.
+    "diagonal,full,full/m256,full/b": the experts' statistics (full or
+    diagonal), the shrinkage strength, the near-miss top-up target and
+    --bits-budget ("b" alone: the seed recipe's own bits per weight for the
+    model). Returns (name, ExpertCalibration, budget: None, "seed" or BPW)."""
     from fused_moe.quant.calibrate import ExpertCalibration
 
     out = []
     for name in spec.split(","):
         stats, *rest = name.split("/")
-        kw = {"statistics": stats}
+        kw, budget = {"statistics": stats}, None
         for part in rest:
             if part[:1] == "s":
                 kw["shrinkage"] = float(part[1:])
             elif part[:1] == "m":
                 kw["min_tokens"] = int(part[1:])
+            elif part[:1] == "b":
+                budget = float(part[1:]) if part[1:] else "seed"
             else:
-                sys.exit(f"quant_quality: --variants {name!r}: expected STATS[/sTOKENS][/mTOKENS]")
+                sys.exit(f"quant_quality: --variants {name!r}: expected STATS[/sTOKENS][/mTOKENS][/b[BPW]]")
         try:
-            out.append((name, ExpertCalibration(**kw)))
+            out.append((name, ExpertCalibration(**kw), budget))
         except ValueError as e:
             sys.exit(f"quant_quality: --variants {name!r}: {e}")
     return out
@@ -328,6 +332,7 @@ def run_minimax(args) -> None:
     from mlx_lm.utils import load_model
 
     import fused_moe as fm
+    from fused_moe.conversion import bits_per_weight_of
     from fused_moe.conversion.calibration import prepare
     from fused_moe.checkpoint.sources import open_checkpoint
 
@@ -339,16 +344,20 @@ def run_minimax(args) -> None:
                   num_hidden_layers=args.minimax_layers)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False, seed=args.minimax_seed)
+        down_scale = {int(a): float(b) for a, b in (p.split(":") for p in args.minimax_down_scale.split(",") if p)}
+        src = write_hf_checkpoint(tmp / "src", config, fp8=False, mtp=False, seed=args.minimax_seed,
+                                  down_scale=down_scale)
         kw = dict(recipe="seed-3.7bit", to="stock")
         t0 = time.perf_counter()
         summaries = {"RTN": fm.convert(src, tmp / "rtn", **kw)}
         times = {"RTN": time.perf_counter() - t0}
-        for name, options in variants:
+        for name, options, budget in variants:
             t0 = time.perf_counter()
+            if budget == "seed":
+                budget = bits_per_weight_of(config, "seed-3.7bit")
             summaries[name] = fm.convert(src, tmp / f"cal-{len(times)}", calibrate=args.text,
                                          calib_tokens=args.minimax_tokens, calib_seq_len=args.seq_len,
-                                         calib_experts=options, **kw)
+                                         calib_experts=options, bits_budget=budget, **kw)
             times[name] = time.perf_counter() - t0
         held = prepare(open_checkpoint(src), Path(args.text), args.minimax_tokens, args.seq_len, False).held_out
         reference, _ = load_model(src, strict=False)
@@ -370,10 +379,13 @@ def run_minimax(args) -> None:
                 o[1] += count
     print("conversion: " + ", ".join(f"{n} {t:.1f} s" for n, t in times.items()))
     print_table(
-        f"synthetic MiniMax (random weights, seed {args.minimax_seed}; D={config['hidden_size']}, H={config['intermediate_size']}, "
+        f"synthetic MiniMax (random weights, seed {args.minimax_seed}"
+        + (f", experts' down projections scaled {args.minimax_down_scale}" if args.minimax_down_scale else "")
+        + f"; D={config['hidden_size']}, H={config['intermediate_size']}, "
         f"E={config['num_local_experts']}, k={config['num_experts_per_tok']}, {config['num_hidden_layers']} layers), "
         f"fused-moe convert --recipe seed-3.7bit [--calibrate ...] ({held[:, 1:].size} held-out tokens); "
-        f"calibrated rows: the experts' STATS[/s shrinkage tokens][/m near-miss top-up tokens]",
+        f"calibrated rows: the experts' STATS[/s shrinkage tokens][/m near-miss top-up tokens][/b bits budget, "
+        f"alone: the seed's]",
         [(name, {**m.row(), "routing": o[0] / max(o[1], 1)}, bpw) for name, m, o, bpw in zip(
             ["reference"] + names, ms, overlap, [16.0] + [summaries[n].bits_per_weight for n in names])],
     )
@@ -389,6 +401,8 @@ def run_minimax(args) -> None:
         print(f"{n}: fewest tokens routed to an expert per layer {[r.min_expert_tokens for r in layers]}, "
               f"experts below the shrinkage strength {[r.fallback_experts for r in layers]}, "
               f"topped up {[r.topped_up_experts for r in layers]}")
+        if summaries[n].budget:
+            print(f"{n}: " + "\n".join(summaries[n].budget.lines()))
 
 
 # ---------------------------------------------------------------- the test MoE (make_test_moe.py)
@@ -398,13 +412,21 @@ def test_moe_rows(args) -> list[tuple[str, dict]]:
     """The conversions of --case test-moe: (label, `fused_moe.convert` keyword
     arguments besides src, dst, recipe="seed-3.7bit" and to="stock"). A new
     converter option is measured by adding one row here."""
+    import json
+
+    from fused_moe.conversion import bits_per_weight_of
+
     calibrated = dict(calibrate=str(args.text), calib_tokens=args.calib_tokens, calib_seq_len=args.seq_len)
+    seed_bpw = bits_per_weight_of(json.loads((Path(args.checkpoint) / "config.json").read_text()), "seed-3.7bit")
     return [
         ("RTN", {}),
         # The experts on E[x^2] and the weighted search, the converter before per-expert hessians.
         ("cal-diagonal", dict(calibrated, calib_experts=dict(statistics="diagonal"))),
         # The default: per-expert hessians and GPTQ.
         ("calibrated", calibrated),
+        # --bits-budget at the seed recipe's own bits per weight: the experts'
+        # widths chosen per layer by their error on the calibration text.
+        ("cal-budget", dict(calibrated, bits_budget=seed_bpw)),
     ]
 
 
@@ -692,10 +714,13 @@ def main(argv=None) -> None:
     p.add_argument("--minimax-top-k", type=int, default=4, help="minimax: experts per token")
     p.add_argument("--minimax-layers", type=int, default=4, help="minimax: decoder layers")
     p.add_argument("--minimax-seed", type=int, default=0, help="minimax: seed of the random weights")
+    p.add_argument("--minimax-down-scale", default="", metavar="LAYER:FACTOR,...",
+                   help="minimax: scale these layers' expert down projections (layers whose experts matter more)")
     p.add_argument("--variants", default="diagonal,full",
-                   help="minimax: calibrated conversions, comma-separated STATS[/sTOKENS][/mTOKENS]: the experts' "
-                   "statistics (full: per-expert hessians, GPTQ; diagonal: the weighted search, the converter "
-                   "before per-expert hessians), shrinkage strength, near-miss top-up target (default diagonal,full)")
+                   help="minimax: calibrated conversions, comma-separated STATS[/sTOKENS][/mTOKENS][/b[BPW]]: the "
+                   "experts' statistics (full: per-expert hessians, GPTQ; diagonal: the weighted search, the converter "
+                   "before per-expert hessians), shrinkage strength, near-miss top-up target, --bits-budget (b alone: "
+                   "the seed recipe's bits per weight) (default diagonal,full)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)

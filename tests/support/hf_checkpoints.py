@@ -98,17 +98,18 @@ def fp8_codes(rng: np.random.Generator, shape) -> np.ndarray:
     return rng.integers(0, 256, size=shape, dtype=np.uint8) & np.uint8(0xBF)
 
 
-def _matrix(rng, name: str, shape, fp8: bool, out: dict) -> None:
+def _matrix(rng, name: str, shape, fp8: bool, out: dict, scale: float = 1.0) -> None:
     if fp8:
         out[name] = raw(fp8_codes(rng, shape), "F8_E4M3")
         blocks = (ceil(shape[0] / 128), ceil(shape[1] / 128))
-        scale = rng.uniform(0.005, 0.02, size=blocks).astype(np.float32)
-        out[name.replace(".weight", ".weight_scale_inv")] = raw(scale)
+        block_scale = scale * rng.uniform(0.005, 0.02, size=blocks).astype(np.float32)
+        out[name.replace(".weight", ".weight_scale_inv")] = raw(block_scale.astype(np.float32))
     else:
-        out[name] = bf16(rng.normal(0, 0.02, size=shape).astype(np.float32))
+        out[name] = bf16(scale * rng.normal(0, 0.02, size=shape).astype(np.float32))
 
 
-def layer_tensors(config: dict, layer: int, rng: np.random.Generator, fp8: bool) -> dict[str, Tensor]:
+def layer_tensors(config: dict, layer: int, rng: np.random.Generator, fp8: bool,
+                  down_scale: float = 1.0) -> dict[str, Tensor]:
     D, H, E = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
     q = config["num_attention_heads"] * config["head_dim"]
     kv = config["num_key_value_heads"] * config["head_dim"]
@@ -125,7 +126,7 @@ def layer_tensors(config: dict, layer: int, rng: np.random.Generator, fp8: bool)
     t[f"{moe}.e_score_correction_bias"] = raw(rng.normal(0, 0.05, size=E).astype(np.float32))
     for e in range(E):
         for w, shape in (("w1", (H, D)), ("w2", (D, H)), ("w3", (H, D))):
-            _matrix(rng, f"{moe}.experts.{e}.{w}.weight", shape, fp8, t)
+            _matrix(rng, f"{moe}.experts.{e}.{w}.weight", shape, fp8, t, down_scale if w == "w2" else 1.0)
     return t
 
 
@@ -148,10 +149,13 @@ def write_hf_checkpoint(
     seed: int = 0,
     shard_names=None,
     tokenizer: bool = True,
+    down_scale: dict | None = None,
 ) -> Path:
     """Writes a checkpoint with one shard per layer (plus one for the
     embedding, norm and head), listed in model.safetensors.index.json.
-    `shard_names(i, n)` names shard i of n (default: Hugging Face's names)."""
+    `shard_names(i, n)` names shard i of n (default: Hugging Face's names).
+    `down_scale` {layer: factor} scales those layers' expert down
+    projections (a layer whose experts matter more)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -170,7 +174,7 @@ def write_hf_checkpoint(
     for i in range(n):
         tensors = groups[0] if i == 0 else {}
         if i > 0:
-            tensors = layer_tensors(config, i - 1, rng, fp8)
+            tensors = layer_tensors(config, i - 1, rng, fp8, (down_scale or {}).get(i - 1, 1.0))
             if i == n - 1 and mtp:
                 tensors.update(mtp_tensors(config, rng, fp8))
         write_safetensors(path / name_of(i, n), tensors, {"format": "pt"})

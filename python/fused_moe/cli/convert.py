@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib-min-expert-tokens", type=int, metavar="N",
         help=f"with --calibrate: experts routed fewer tokens get samples from near misses (tokens that ranked "
         f"them just below their top k) up to N, for their statistics only (default {cal.MIN_EXPERT_TOKENS})")
+    parser.add_argument(
+        "--bits-budget", metavar="BPW",
+        help="with --calibrate (the seed-3.7bit recipe outside the experts): choose each layer's expert widths, "
+        "gate/up and down, among 2, 3, 4, 5, 6 and 8 bits by their error on the calibration text, so that the "
+        "checkpoint's bits per weight is at most BPW and as close as the widths allow (seed-3.7bit itself is "
+        "3.676 on MiniMax-M2.5-REAP; docs/calibration.md)")
 
 
 def _expert_calibration(args: argparse.Namespace):
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             args.src, args.dst, recipe=args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode,
             to=args.to, overwrite=args.overwrite, verify=args.verify, calibrate=args.calibrate,
             calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-            calib_experts=_expert_calibration(args),
+            calib_experts=_expert_calibration(args), bits_budget=args.bits_budget,
         )
     except KeyboardInterrupt:
         print(f"fused-moe convert: interrupted; {args.dst} was not written", file=sys.stderr)

@@ -101,7 +101,10 @@ class CalibratedLayers:
         self.calibrator = Calibrator.from_embedding(table.astype(mx.float32), self.data.calibration,
                                                     self.data.held_out, experts=self.experts)
 
-    def layer(self, stored: list[Stored]) -> dict[str, tuple]:
+    def float_layer(self, stored: list[Stored]):
+        """(mlx-lm's MiniMaxDecoderLayer holding this unit's source weights
+        in float32, (bits, group size) by module path relative to the layer,
+        the layer's path prefix)."""
         from mlx_lm.models import minimax
 
         layer_index = stored[0].module.layer
@@ -125,6 +128,10 @@ class CalibratedLayers:
         # Computed in float32 (MLX's CPU gather_mm has no bf16) on the source values.
         layer.update(tree_unflatten([(k, w.astype(mx.float32)) for k, w in params]))
         mx.eval(layer.parameters())
+        return layer, quants, prefix
+
+    def layer(self, stored: list[Stored]) -> dict[str, tuple]:
+        layer, quants, prefix = self.float_layer(stored)
         triples, _ = self.calibrator.layer(layer, quants, self.recipe.dtype)
         return {prefix + rel: t for rel, t in triples.items()}
 

@@ -21,6 +21,7 @@ from fused_moe.checkpoint.modules import EMBED, EXPERTS
 from fused_moe.checkpoint.safetensors import CheckpointWriter
 from fused_moe.checkpoint.sources import open_checkpoint
 from fused_moe.checkpoint.storage import Stored, bits_per_weight, stack_of, unit_experts, unit_tensors
+from fused_moe.conversion import budget as budget_mod
 from fused_moe.conversion import calibration as calibration_mod
 from fused_moe.conversion import recipes as recipes_mod
 from fused_moe.conversion.plan import from_recipe
@@ -54,6 +55,7 @@ class Summary:
     dropped: list
     verified_experts: int
     calibration: Optional[calibration_mod.CalibrationSummary] = None
+    budget: Optional[budget_mod.BudgetReport] = None
 
     def lines(self) -> list[str]:
         out = [
@@ -62,6 +64,8 @@ class Summary:
             f"bits per weight: {self.bits_per_weight:.3f}",
             f"time: {self.seconds:.1f} s",
         ]
+        if self.budget:
+            out += self.budget.lines()
         if self.verified_experts:
             out.append(f"verified: {self.verified_experts} experts bit for bit")
         if self.calibration:
@@ -97,6 +101,22 @@ def _check_options(recipe: Optional[str], bits: Optional[int], group_size: Optio
         raise ConversionError("--group-size needs --bits or --mode")
     if recipe is not None and (bits is not None or mode is not None):
         raise ConversionError("give either --recipe or --bits/--mode, not both")
+
+
+def _bits_budget(bits_budget, recipe: Optional[str], bits: Optional[int], mode: Optional[str], calibrate,
+                 source: SourceConverter) -> tuple[Optional[float], Optional[str]]:
+    """(--bits-budget's value, or None, and the recipe it implies), checked
+    before anything is read or written."""
+    if bits_budget is None:
+        return None, recipe
+    bpw = budget_mod.parse(bits_budget)
+    if calibrate is None:
+        raise ConversionError("--bits-budget chooses the experts' widths on the calibration text: it needs --calibrate")
+    if bits is not None or mode is not None or recipe not in (None, budget_mod.BASE_RECIPE):
+        raise ConversionError(f"--bits-budget keeps the {budget_mod.BASE_RECIPE} recipe outside the experts; it "
+                              f"does not combine with --bits, --mode or another --recipe")
+    source.require_original_weights("measure the experts' widths for --bits-budget on")
+    return bpw, budget_mod.BASE_RECIPE
 
 
 def _check_target(units: list[list[Stored]], to: str) -> None:
@@ -201,6 +221,7 @@ def convert(
     calib_tokens: int = calibration_mod.DEFAULT_CALIB_TOKENS,
     calib_seq_len: int = calibration_mod.DEFAULT_CALIB_SEQ_LEN,
     calib_experts: Optional[calibration_mod.ExpertCalibration] = None,
+    bits_budget: Optional[float] = None,
 ) -> Summary:
     """Converts a MiniMax checkpoint to a packed fused_moe checkpoint (or,
     with ``to="stock"``, to a plain mlx-lm one).
@@ -221,6 +242,10 @@ def convert(
     per-layer error report. Same bits per weight as without.
     ``calib_experts`` (a ``fused_moe.quant.calibrate.ExpertCalibration``)
     overrides how the experts are calibrated.
+    ``bits_budget`` (with ``calibrate``; the seed-3.7bit recipe) chooses the
+    experts' widths per layer, gate/up and down, among 2, 3, 4, 5, 6 and 8
+    bits by their error on the calibration text, so that the output's bits
+    per weight is at most ``bits_budget`` and as close as the widths allow.
     Raises :class:`ConversionError` for bad input.
     """
     from tqdm import tqdm
@@ -231,7 +256,9 @@ def convert(
     checkpoint = open_checkpoint(src)
     source = for_checkpoint(checkpoint)
     _check_options(recipe, bits, group_size, mode, to)
+    budget_bpw, recipe = _bits_budget(bits_budget, recipe, bits, mode, calibrate, source)
     recipe_obj, units = source.target(recipe, bits, group_size, mode)
+    budget = None if budget_bpw is None else budget_mod.Budget(checkpoint.model, recipe_obj, to, budget_bpw)
     _check_target(units, to)
     data = None
     if calib_experts is not None and calibrate is None:
@@ -241,6 +268,15 @@ def convert(
         if recipe_obj.default.mode != "affine":
             raise ConversionError(f"--calibrate quantizes to the affine mode, not {recipe_obj.default.mode}")
         data = calibration_mod.prepare(checkpoint, Path(calibrate), calib_tokens, calib_seq_len, verify)
+    budget_report = None
+    if budget is not None:
+        # The widths decide the tensors' shapes, which the writer needs up front.
+        budget_report = budget_mod.choose_widths(
+            budget, calibration_mod.CalibratedLayers(source, recipe_obj, data, Path(calibrate), calib_experts), units,
+            data.calibration)
+        recipe_obj = recipe_obj.with_expert_bits(budget_report.expert_bits)
+        units = from_recipe(checkpoint.model, recipe_obj)
+        _check_target(units, to)
     tensors = [t for stored in units for t in unit_tensors(stored, to, checkpoint.model.packed_path)]
     bpw = bits_per_weight(tensors)
     target = f"{to}" + (f", format version {spec.FORMAT_VERSION}" if to == "packed" else "")
@@ -279,7 +315,7 @@ def convert(
     summary = Summary(
         dst, checkpoint.kind, to, recipe_obj.name if recipe_obj else None, len(tensors), writer.total_bytes,
         len(writer.files), bpw, time.perf_counter() - start, checkpoint.dropped, verified,
-        calibrated.summary() if calibrated else None,
+        calibrated.summary() if calibrated else None, budget_report,
     )
     for line in summary.lines():
         print(line, flush=True)

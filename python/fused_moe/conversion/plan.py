@@ -19,7 +19,8 @@ def from_recipe(model: MiniMaxShapes, recipe: Recipe) -> list[list[Stored]]:
     float_dtype = dtype_name(recipe.dtype)
     return [
         [
-            Stored(m, recipe.quant(m.role, m.layer, model.layers), "F32" if m.role == ROUTING_BIAS else float_dtype)
+            Stored(m, recipe.quant(m.role, m.layer, model.layers, m.name),
+                   "F32" if m.role == ROUTING_BIAS else float_dtype)
             for m in modules
         ]
         for _, modules in model.units()

@@ -7,7 +7,7 @@ alone (see `plan.from_recipe` and `storage.bits_per_weight`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -16,6 +16,14 @@ from fused_moe.checkpoint.modules import EXPERTS, QUANTIZABLE, ROUTER
 from fused_moe.checkpoint.storage import Quant
 from fused_moe.errors import ConversionError
 from fused_moe.supported import AFFINE_BITS, AFFINE_GROUP_SIZES, FP_MODES
+
+# The experts' group size under --bits-budget (the seed recipe's), and the
+# suffix its recipe's name gets in the output's config.
+EXPERT_GROUP_SIZE = 64
+BUDGET_SUFFIX = "+bits-budget"
+# Expert projections that read the expert's hidden activation (the rest
+# read the layer's input).
+DOWN_PROJECTIONS = ("down_proj", "fc2")
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,23 @@ class Recipe:
     # Floating-point tensors (norms, unquantized weights, scales and biases) are
     # stored in this dtype; the routing bias stays float32, as in mlx-lm.
     dtype: mx.Dtype = mx.bfloat16
+    # Per decoder layer, (gate/up bits, down bits) of its experts at
+    # EXPERT_GROUP_SIZE, replacing the rule's (--bits-budget); None: the rule.
+    expert_bits: Optional[tuple[tuple[int, int], ...]] = None
 
-    def quant(self, role: str, layer: Optional[int], num_layers: int) -> Optional[Quant]:
+    def quant(self, role: str, layer: Optional[int], num_layers: int, name: Optional[str] = None) -> Optional[Quant]:
+        """How a module of this role (and layer; `name` is an expert
+        projection's, "gate_proj", "down_proj", ...) is stored."""
         if role not in QUANTIZABLE:
             return None
+        if role == EXPERTS and self.expert_bits is not None:
+            gate_up, down = self.expert_bits[layer]
+            return Quant(down if name in DOWN_PROJECTIONS else gate_up, EXPERT_GROUP_SIZE)
         return self.rule(role, layer, num_layers)
+
+    def with_expert_bits(self, expert_bits) -> "Recipe":
+        """This recipe with per-layer (gate/up bits, down bits) experts."""
+        return replace(self, name=f"{self.name}{BUDGET_SUFFIX}", expert_bits=tuple(map(tuple, expert_bits)))
 
 
 def _seed_3_7bit(role: str, layer: Optional[int], num_layers: int) -> Optional[Quant]:
